@@ -1,0 +1,1545 @@
+//! The stampede engine: `get_or_fill` and the lease protocol of DESIGN.md.
+//!
+//! ```text
+//! lookup -> fresh                     : hit (XFetch may start one background refresh)
+//!        -> stale inside its swr window: serve stale now; one background refresh under the lease
+//!        -> pass marker                : call the source without the lease (may store: hit-for-miss)
+//!        -> missing / beyond policy    : join the local flight, which runs try_acquire:
+//!             Refreshed -> read again
+//!             Acquired  -> fill detached, extend the lease, fenced write, signal
+//!             Held      -> in-policy stale copy: serve it; else wait (signal + backoff polling)
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::backend::{
+    Acquire, Backend, BackendError, BackendResult, BoxFuture, FencedWrite, Signal, Subscription,
+    Token, WriteOutcome,
+};
+use crate::backoff::jitter;
+use crate::clock::now_ms;
+use crate::coalesce::{outcome, Aborted, Flights, Join};
+use crate::entry::{Header, Kind, Meta, Record, Ttl};
+use crate::error::{BoxError, ConfigError, Error};
+use crate::key::Digest;
+use crate::policy::Config;
+
+/// Maps a stored selector (HTTP: the `Vary` header names) to this caller's variant digest, or
+/// `None` when this caller can never match a stored variant (HTTP: `Vary: *`).
+pub type Selector = Arc<dyn Fn(&[u8]) -> Option<Digest> + Send + Sync>;
+
+/// What a call is about: the slot (the logical key) and, for values that vary by request, how
+/// to pick this caller's variant.
+#[derive(Clone)]
+pub struct CacheKey {
+    slot: Digest,
+    select: Option<Selector>,
+}
+
+impl CacheKey {
+    /// A plain application key.
+    pub fn new(key: impl AsRef<[u8]>) -> Self {
+        CacheKey {
+            slot: Digest::of_key(key),
+            select: None,
+        }
+    }
+
+    /// A key from an already computed digest.
+    pub fn from_digest(slot: Digest) -> Self {
+        CacheKey { slot, select: None }
+    }
+
+    /// Adds a variant selector (see [`Selector`]).
+    pub fn with_selector(mut self, select: Selector) -> Self {
+        self.select = Some(select);
+        self
+    }
+
+    /// The slot digest.
+    pub fn slot(&self) -> &Digest {
+        &self.slot
+    }
+
+    fn variant_for(&self, selector: &[u8]) -> Option<Digest> {
+        self.select.as_ref().and_then(|s| s(selector))
+    }
+}
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheKey")
+            .field("slot", &self.slot)
+            .field("varies", &self.select.is_some())
+            .finish()
+    }
+}
+
+/// What a fill produced.
+#[derive(Clone, Debug)]
+pub enum Fill {
+    /// A cacheable value: store it and hand it to every waiter.
+    Store {
+        /// The value.
+        value: Bytes,
+        /// Its freshness windows.
+        ttl: Ttl,
+        /// For a value that varies by request: the selector that names what it varies on.
+        selector: Option<Bytes>,
+    },
+    /// Not cacheable by its nature (HTTP: `private`, `no-store`, `Set-Cookie`): a short pass
+    /// marker sends callers to the source in parallel until it expires. Never handed to another
+    /// caller.
+    Pass {
+        /// The value, for this caller alone.
+        value: Bytes,
+    },
+    /// Not cacheable because of this caller (HTTP: its `Authorization`): returned to this caller
+    /// alone; no pass marker, so one odd caller cannot turn caching off for everyone.
+    Unshared {
+        /// The value, for this caller alone.
+        value: Bytes,
+    },
+}
+
+impl Fill {
+    /// A cacheable value.
+    pub fn store(value: impl Into<Bytes>, ttl: Ttl) -> Self {
+        Fill::Store {
+            value: value.into(),
+            ttl,
+            selector: None,
+        }
+    }
+
+    /// A value that must not be cached for anyone.
+    pub fn pass(value: impl Into<Bytes>) -> Self {
+        Fill::Pass {
+            value: value.into(),
+        }
+    }
+}
+
+/// The previous value, handed to a fill so it can revalidate (HTTP: conditional request).
+#[derive(Clone, Debug)]
+pub struct Prev {
+    /// The stored value.
+    pub value: Bytes,
+    /// Its metadata.
+    pub meta: Meta,
+}
+
+/// How a call was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// A fresh stored value.
+    Hit,
+    /// A stale stored value, inside its policy.
+    Stale(StaleReason),
+    /// This call's fill ran, and its value was stored.
+    Stored,
+    /// This call's fill ran; the value was cacheable but not stored (a newer fence had landed, or
+    /// the store refused its size).
+    NotStored,
+    /// Another call's fill, in this process or another instance.
+    Collapsed,
+    /// This call's fill ran, and its value was not cacheable.
+    Passed,
+    /// The backend was unavailable: served from this process's fill, not cached.
+    Bypass,
+}
+
+/// Why a stale value was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StaleReason {
+    /// Inside stale-while-revalidate; a refresh runs in the background.
+    Revalidating,
+    /// Inside stale-if-error; the fill failed.
+    Error,
+    /// The call's deadline passed while another caller's fill was still running.
+    Deadline,
+}
+
+/// A served value.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The value.
+    pub value: Bytes,
+    /// Its metadata, when it came from (or went to) the store.
+    pub meta: Option<Meta>,
+    /// How it was served.
+    pub status: Status,
+}
+
+/// The stampede engine. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Stampede {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Stampede {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stampede")
+            .field("backend", &self.inner.backend.name())
+            .field("config", &self.inner.cfg)
+            .finish()
+    }
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    cfg: Config,
+    flights: Arc<Flights<(Digest, Option<Digest>), Shared>>,
+    breaker: Breaker,
+    memo: Mutex<HashMap<Digest, Bytes>>,
+}
+
+const MEMO_CAP: usize = 16_384;
+
+/// A flight's outcome, shared by every caller that joined it.
+#[derive(Clone, Debug)]
+enum Shared {
+    Value {
+        value: Bytes,
+        meta: Option<Meta>,
+        selector: Option<Bytes>,
+        variant: Option<Digest>,
+        /// `Some(stored)` when this flight ran the fill.
+        filled: Option<bool>,
+        bypass: bool,
+    },
+    Stale {
+        value: Bytes,
+        meta: Meta,
+        selector: Option<Bytes>,
+        variant: Option<Digest>,
+    },
+    Failed(Failure),
+    Pass,
+    Recompete,
+    TimedOut,
+    GaveUp,
+    Aborted,
+}
+
+impl Aborted for Shared {
+    fn aborted() -> Self {
+        Shared::Aborted
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Failure {
+    Fill(Arc<dyn std::error::Error + Send + Sync>),
+    Elsewhere,
+    Timeout(Duration),
+}
+
+impl Failure {
+    fn into_error(self) -> Error {
+        match self {
+            Failure::Fill(e) => Error::Fill(e),
+            Failure::Elsewhere => Error::FailedElsewhere,
+            Failure::Timeout(d) => Error::FillTimeout(d),
+        }
+    }
+}
+
+/// What the leader of a flight gets beyond the shared outcome.
+enum Own {
+    Value(Bytes),
+    Panicked,
+}
+
+/// A lookup's view of a slot.
+#[derive(Clone, Debug, Default)]
+struct Looked {
+    seen_fence: u64,
+    epoch: u64,
+    variant: Option<Digest>,
+    selector: Option<Bytes>,
+    found: Found,
+}
+
+#[derive(Clone, Debug, Default)]
+enum Found {
+    #[default]
+    Nothing,
+    Pass,
+    Entry {
+        value: Bytes,
+        meta: Meta,
+        fence: u64,
+    },
+}
+
+impl Looked {
+    fn entry(&self) -> Option<(&Bytes, &Meta, u64)> {
+        match &self.found {
+            Found::Entry { value, meta, fence } => Some((value, meta, *fence)),
+            _ => None,
+        }
+    }
+
+    fn prev(&self) -> Option<Prev> {
+        self.entry().map(|(v, m, _)| Prev {
+            value: v.clone(),
+            meta: *m,
+        })
+    }
+
+    fn stale_in(&self, now: u64, any_window: bool) -> Option<(Bytes, Meta)> {
+        self.entry().and_then(|(v, m, _)| {
+            let ok = m.in_swr(now) || (any_window && m.in_sie(now));
+            ok.then(|| (v.clone(), *m))
+        })
+    }
+
+    /// A value that landed after `before` was read, or any fresh one.
+    fn landed_since(&self, before: &Looked, now: u64) -> bool {
+        match self.entry() {
+            Some((_, m, fence)) => m.is_fresh(now) || fence > before.seen_fence,
+            None => false,
+        }
+    }
+}
+
+impl Stampede {
+    /// An engine on `backend` with the default [`Config`].
+    pub fn new(backend: impl Backend) -> Self {
+        Self::with_config(backend, Config::default()).expect("the default config is valid")
+    }
+
+    /// An engine on `backend` with `config`, validated.
+    pub fn with_config(backend: impl Backend, config: Config) -> Result<Self, ConfigError> {
+        Self::from_arc(Arc::new(backend), config)
+    }
+
+    /// An engine on a shared backend.
+    pub fn from_arc(backend: Arc<dyn Backend>, config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Stampede {
+            inner: Arc::new(Inner {
+                backend,
+                breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+                cfg: config,
+                flights: Arc::new(Flights::new()),
+                memo: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// Whether the circuit breaker is open (the backend is being skipped).
+    pub fn breaker_open(&self) -> bool {
+        self.inner.breaker.is_open()
+    }
+
+    /// Returns the value for `key`, calling `fill` at most once across every caller and every
+    /// instance sharing the backend while the value is missing.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// use tower_stampede::{Fill, Stampede, Ttl, backend::memory::MemoryBackend};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let engine = Stampede::new(MemoryBackend::default());
+    /// let served = engine
+    ///     .get_or_fill("user:42", || async {
+    ///         // an expensive query
+    ///         Ok::<_, std::io::Error>(Fill::store("Ada", Ttl::fresh(Duration::from_secs(60))))
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(&served.value[..], b"Ada");
+    /// # }
+    /// ```
+    pub async fn get_or_fill<F, Fut, E>(
+        &self,
+        key: impl AsRef<[u8]>,
+        fill: F,
+    ) -> Result<Served, Error>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        self.get_or_fill_with(CacheKey::new(key), move |_prev| fill())
+            .await
+    }
+
+    /// Like [`get_or_fill`](Self::get_or_fill), with a [`CacheKey`] (variants) and a fill that
+    /// sees the previous value, if any, so it can revalidate instead of rebuilding.
+    pub async fn get_or_fill_with<F, Fut, E>(&self, key: CacheKey, fill: F) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let span =
+            tracing::debug_span!("stampede", key = %key.slot, outcome = tracing::field::Empty);
+        let started = Instant::now();
+        let res = self.call(key, fill).instrument(span.clone()).await;
+        let outcome = match &res {
+            Ok(s) => status_label(s.status),
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        metrics::counter!("stampede_requests_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("stampede_call_seconds").record(started.elapsed().as_secs_f64());
+        res
+    }
+
+    /// Invalidates `key` everywhere: bumps its fence and writes a tombstone, so a fill that
+    /// started before this cannot write old content back.
+    pub async fn invalidate(&self, key: impl AsRef<[u8]>) -> Result<(), BackendError> {
+        self.invalidate_slot(&Digest::of_key(key)).await
+    }
+
+    /// Invalidates a slot by digest (see [`invalidate`](Self::invalidate)).
+    pub async fn invalidate_slot(&self, slot: &Digest) -> Result<(), BackendError> {
+        self.memo_forget(slot);
+        let ttl = self.inner.cfg.tombstone_ttl;
+        self.bcall(self.inner.backend.invalidate(slot, ttl))
+            .await
+            .map(|_| ())
+    }
+
+    async fn call<F, Fut, E>(&self, key: CacheKey, fill: F) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let cfg = &self.inner.cfg;
+        let deadline = Instant::now() + cfg.wait_timeout;
+        let mut fill = Some(fill);
+        let mut last_stale: Option<(Bytes, Meta)> = None;
+        loop {
+            if Instant::now() >= deadline {
+                return self.fallback(&key, last_stale, fill).await;
+            }
+            let looked = match self.lookup(&key).await {
+                Ok(l) => l,
+                Err(_) => {
+                    let Some(fill) = fill.take() else {
+                        return Err(Error::FillPanicked);
+                    };
+                    return self.fail_open(key, fill, deadline, None).await;
+                }
+            };
+            let now = now_ms();
+            if let Some(st) = looked.stale_in(now, true) {
+                last_stale = Some(st);
+            }
+            match &looked.found {
+                Found::Entry { value, meta, .. } if meta.is_fresh(now) => {
+                    metrics::counter!("stampede_hits_total").increment(1);
+                    if self.xfetch_due(meta, now) {
+                        if let Some(f) = fill.take() {
+                            metrics::counter!("stampede_early_refresh_total").increment(1);
+                            self.spawn_refresh(key.clone(), looked.clone(), f);
+                        }
+                    }
+                    return Ok(Served {
+                        value: value.clone(),
+                        meta: Some(*meta),
+                        status: Status::Hit,
+                    });
+                }
+                Found::Entry { value, meta, .. } if meta.in_swr(now) => {
+                    metrics::counter!("stampede_stale_served_total", "reason" => "swr")
+                        .increment(1);
+                    if let Some(f) = fill.take() {
+                        self.spawn_refresh(key.clone(), looked.clone(), f);
+                    }
+                    return Ok(Served {
+                        value: value.clone(),
+                        meta: Some(*meta),
+                        status: Status::Stale(StaleReason::Revalidating),
+                    });
+                }
+                Found::Pass => {
+                    let Some(f) = fill.take() else {
+                        return Err(Error::FillPanicked);
+                    };
+                    return self.run_passed(&key, &looked, f, last_stale).await;
+                }
+                _ => {}
+            }
+            metrics::counter!("stampede_misses_total").increment(1);
+
+            let fkey = (key.slot, looked.variant);
+            let (shared, own, leader) = match self.inner.flights.join(&fkey) {
+                Join::Leader(guard) => {
+                    let Some(f) = fill.take() else {
+                        return Err(Error::FillPanicked);
+                    };
+                    let mut rx = guard.subscribe();
+                    let (own_tx, mut own_rx) = oneshot::channel();
+                    let this = self.clone();
+                    let k = key.clone();
+                    tokio::spawn(
+                        async move {
+                            let (shared, own) = this.flight(k, looked, f, deadline).await;
+                            if let Some(o) = own {
+                                let _ = own_tx.send(o);
+                            }
+                            guard.finish(shared);
+                        }
+                        .in_current_span(),
+                    );
+                    let shared = match tokio::time::timeout_at(deadline, outcome(&mut rx)).await {
+                        Ok(s) => s,
+                        Err(_) => return self.fallback(&key, last_stale, fill).await,
+                    };
+                    (shared, own_rx.try_recv().ok(), true)
+                }
+                Join::Follower(mut rx) => {
+                    match tokio::time::timeout_at(deadline, outcome(&mut rx)).await {
+                        Ok(s) => (s, None, false),
+                        Err(_) => return self.fallback(&key, last_stale, fill).await,
+                    }
+                }
+            };
+
+            match shared {
+                Shared::Value {
+                    value,
+                    meta,
+                    selector,
+                    variant,
+                    filled,
+                    bypass,
+                } => {
+                    if !self.matches(&key, selector.as_deref(), variant) {
+                        // Another variant's value: re-read, now with the selector memoised.
+                        continue;
+                    }
+                    let status = match (leader, filled, bypass) {
+                        (_, _, true) => Status::Bypass,
+                        (true, Some(true), _) => Status::Stored,
+                        (true, Some(false), _) => Status::NotStored,
+                        _ => Status::Collapsed,
+                    };
+                    if status == Status::Collapsed {
+                        metrics::counter!("stampede_collapsed_total").increment(1);
+                    }
+                    return Ok(Served {
+                        value,
+                        meta,
+                        status,
+                    });
+                }
+                Shared::Stale {
+                    value,
+                    meta,
+                    selector,
+                    variant,
+                } => {
+                    if !self.matches(&key, selector.as_deref(), variant) {
+                        continue;
+                    }
+                    metrics::counter!("stampede_stale_served_total", "reason" => "held")
+                        .increment(1);
+                    return Ok(Served {
+                        value,
+                        meta: Some(meta),
+                        status: Status::Stale(StaleReason::Revalidating),
+                    });
+                }
+                Shared::Failed(f) => {
+                    return match fresh_stale(last_stale, true) {
+                        Some((value, meta)) => {
+                            metrics::counter!("stampede_stale_served_total", "reason" => "error")
+                                .increment(1);
+                            Ok(Served {
+                                value,
+                                meta: Some(meta),
+                                status: Status::Stale(StaleReason::Error),
+                            })
+                        }
+                        None => Err(f.into_error()),
+                    };
+                }
+                Shared::Pass => {
+                    if leader {
+                        return match own {
+                            Some(Own::Value(value)) => Ok(Served {
+                                value,
+                                meta: None,
+                                status: Status::Passed,
+                            }),
+                            _ => Err(Error::FillPanicked),
+                        };
+                    }
+                    let Some(f) = fill.take() else {
+                        return Err(Error::FillPanicked);
+                    };
+                    let looked = Looked {
+                        found: Found::Pass,
+                        ..Looked::default()
+                    };
+                    return self.run_passed(&key, &looked, f, last_stale).await;
+                }
+                Shared::Recompete => {
+                    if leader {
+                        return match own {
+                            Some(Own::Value(value)) => Ok(Served {
+                                value,
+                                meta: None,
+                                status: Status::Passed,
+                            }),
+                            _ => Err(Error::FillPanicked),
+                        };
+                    }
+                    continue;
+                }
+                Shared::TimedOut => return self.fallback(&key, last_stale, fill).await,
+                Shared::GaveUp | Shared::Aborted => {
+                    if fill.is_none() {
+                        return Err(Error::FillPanicked);
+                    }
+                    // A background refresh that could not take the lease, or a vanished
+                    // flight: compete ourselves, one backoff step later.
+                    tokio::time::sleep(jitter(cfg.backoff.min)).await;
+                    continue;
+                }
+            }
+        }
+    }
+
+    fn matches(&self, key: &CacheKey, selector: Option<&[u8]>, variant: Option<Digest>) -> bool {
+        match selector {
+            None => true,
+            Some(sel) => key.variant_for(sel) == variant && variant.is_some(),
+        }
+    }
+
+    /// The deadline passed: an in-policy stale copy, else the opt-in direct call, else the error.
+    async fn fallback<F, Fut, E>(
+        &self,
+        key: &CacheKey,
+        last_stale: Option<(Bytes, Meta)>,
+        fill: Option<F>,
+    ) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        metrics::counter!("stampede_deadline_total").increment(1);
+        if let Some((value, meta)) = fresh_stale(last_stale, true) {
+            return Ok(Served {
+                value,
+                meta: Some(meta),
+                status: Status::Stale(StaleReason::Deadline),
+            });
+        }
+        match fill {
+            Some(f) if self.inner.cfg.source_after_deadline => {
+                // Not stored: the lease holder may still be filling.
+                tracing::debug!(key = %key.slot, "deadline passed: calling the source (opt-in)");
+                match call_fill(f, None, self.inner.cfg.fill_timeout).await {
+                    FillRun::Done(Ok(fill)) => Ok(Served {
+                        value: fill_value(fill),
+                        meta: None,
+                        status: Status::Passed,
+                    }),
+                    FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
+                    FillRun::Panicked => Err(Error::FillPanicked),
+                    FillRun::TimedOut => Err(Error::FillTimeout(self.inner.cfg.fill_timeout)),
+                }
+            }
+            _ => Err(Error::Timeout(self.inner.cfg.wait_timeout)),
+        }
+    }
+
+    /// A pass marker is stored (or a flight ended in one): call the source ourselves, without
+    /// the lease. A cacheable result may be stored if the lease is free (hit-for-miss).
+    async fn run_passed<F, Fut, E>(
+        &self,
+        key: &CacheKey,
+        looked: &Looked,
+        fill: F,
+        last_stale: Option<(Bytes, Meta)>,
+    ) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        metrics::counter!("stampede_pass_total").increment(1);
+        let started = Instant::now();
+        match call_fill(fill, None, self.inner.cfg.fill_timeout).await {
+            FillRun::Done(Ok(Fill::Store {
+                value,
+                ttl,
+                selector,
+            })) if ttl.physical() > Duration::ZERO => {
+                // Hit-for-miss: the URL turned cacheable. Store it only under a fresh lease, so
+                // the fence still orders the write.
+                let mut status = Status::Passed;
+                let mut meta_out = None;
+                if let Ok(Acquire::Acquired { token, fence }) = self
+                    .bcall(self.inner.backend.try_acquire(
+                        &key.slot,
+                        self.inner.cfg.lease,
+                        looked.seen_fence,
+                    ))
+                    .await
+                {
+                    let (w, meta) = self.build_write(
+                        key,
+                        looked,
+                        token,
+                        fence,
+                        &value,
+                        &ttl,
+                        selector.as_ref(),
+                        started.elapsed(),
+                    );
+                    match w {
+                        Some(w) => {
+                            if let Ok(WriteOutcome::Stored) =
+                                self.bcall(self.inner.backend.write(w)).await
+                            {
+                                status = Status::Stored;
+                                meta_out = Some(meta);
+                            }
+                        }
+                        None => {
+                            let _ = self
+                                .bcall(self.inner.backend.release(
+                                    &key.slot,
+                                    token,
+                                    Signal::Released,
+                                ))
+                                .await;
+                        }
+                    }
+                }
+                Ok(Served {
+                    value,
+                    meta: meta_out,
+                    status,
+                })
+            }
+            FillRun::Done(Ok(fill)) => Ok(Served {
+                value: fill_value(fill),
+                meta: None,
+                status: Status::Passed,
+            }),
+            FillRun::Done(Err(e)) => stale_or(last_stale, Error::Fill(Arc::from(e))),
+            FillRun::Panicked => Err(Error::FillPanicked),
+            FillRun::TimedOut => {
+                stale_or(last_stale, Error::FillTimeout(self.inner.cfg.fill_timeout))
+            }
+        }
+    }
+
+    /// The backend is unavailable: fill without caching, still coalesced in process.
+    async fn fail_open<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        fill: F,
+        deadline: Instant,
+        _looked: Option<Looked>,
+    ) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        metrics::counter!("stampede_bypass_total", "reason" => "backend").increment(1);
+        let variant = self.memo_variant(&key);
+        let fkey = (key.slot, variant);
+        let (shared, own, leader, fill) = match self.inner.flights.join(&fkey) {
+            Join::Leader(guard) => {
+                let mut rx = guard.subscribe();
+                let (own_tx, mut own_rx) = oneshot::channel();
+                let this = self.clone();
+                let k = key.clone();
+                tokio::spawn(async move {
+                    let (shared, own) = this.fill_uncached(&k, variant, fill).await;
+                    if let Some(o) = own {
+                        let _ = own_tx.send(o);
+                    }
+                    guard.finish(shared);
+                });
+                let shared = tokio::time::timeout_at(deadline, outcome(&mut rx))
+                    .await
+                    .unwrap_or(Shared::TimedOut);
+                (shared, own_rx.try_recv().ok(), true, None)
+            }
+            Join::Follower(mut rx) => {
+                let shared = tokio::time::timeout_at(deadline, outcome(&mut rx))
+                    .await
+                    .unwrap_or(Shared::TimedOut);
+                (shared, None, false, Some(fill))
+            }
+        };
+        match shared {
+            Shared::Value {
+                value,
+                meta,
+                selector,
+                variant,
+                ..
+            } if self.matches(&key, selector.as_deref(), variant) => Ok(Served {
+                value,
+                meta,
+                status: Status::Bypass,
+            }),
+            Shared::Failed(f) => Err(f.into_error()),
+            Shared::TimedOut => Err(Error::Timeout(self.inner.cfg.wait_timeout)),
+            _ if leader => match own {
+                Some(Own::Value(value)) => Ok(Served {
+                    value,
+                    meta: None,
+                    status: Status::Bypass,
+                }),
+                _ => Err(Error::FillPanicked),
+            },
+            _ => {
+                // Not shareable (a pass, another variant): run our own fill.
+                let Some(fill) = fill else {
+                    return Err(Error::FillPanicked);
+                };
+                match call_fill(fill, None, self.inner.cfg.fill_timeout).await {
+                    FillRun::Done(Ok(fill)) => Ok(Served {
+                        value: fill_value(fill),
+                        meta: None,
+                        status: Status::Bypass,
+                    }),
+                    FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
+                    FillRun::Panicked => Err(Error::FillPanicked),
+                    FillRun::TimedOut => Err(Error::FillTimeout(self.inner.cfg.fill_timeout)),
+                }
+            }
+        }
+    }
+
+    async fn fill_uncached<F, Fut, E>(
+        &self,
+        key: &CacheKey,
+        variant: Option<Digest>,
+        fill: F,
+    ) -> (Shared, Option<Own>)
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        metrics::counter!("stampede_fills_total", "outcome" => "uncached").increment(1);
+        match call_fill(fill, None, self.inner.cfg.fill_timeout).await {
+            FillRun::Done(Ok(Fill::Store {
+                value, selector, ..
+            })) => {
+                let variant = match &selector {
+                    Some(sel) => key.variant_for(sel),
+                    None => variant,
+                };
+                (
+                    Shared::Value {
+                        value,
+                        meta: None,
+                        selector,
+                        variant,
+                        filled: Some(false),
+                        bypass: true,
+                    },
+                    None,
+                )
+            }
+            FillRun::Done(Ok(Fill::Pass { value })) => (Shared::Pass, Some(Own::Value(value))),
+            FillRun::Done(Ok(Fill::Unshared { value })) => {
+                (Shared::Recompete, Some(Own::Value(value)))
+            }
+            FillRun::Done(Err(e)) => (Shared::Failed(Failure::Fill(Arc::from(e))), None),
+            FillRun::Panicked => (Shared::Recompete, Some(Own::Panicked)),
+            FillRun::TimedOut => (
+                Shared::Failed(Failure::Timeout(self.inner.cfg.fill_timeout)),
+                None,
+            ),
+        }
+    }
+
+    /// One local flight: compete for the lease, fill or wait. Runs in an engine-owned task.
+    async fn flight<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        mut looked: Looked,
+        fill: F,
+        deadline: Instant,
+    ) -> (Shared, Option<Own>)
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let cfg = &self.inner.cfg;
+        let mut backoff = cfg.backoff.iter();
+        let mut sub: Option<Subscription> = None;
+        let mut subscribed_once = false;
+        let wait_started = Instant::now();
+        let mut waited = false;
+        loop {
+            if Instant::now() >= deadline {
+                return (Shared::TimedOut, None);
+            }
+            let acq = match self
+                .bcall(
+                    self.inner
+                        .backend
+                        .try_acquire(&key.slot, cfg.lease, looked.seen_fence),
+                )
+                .await
+            {
+                Ok(a) => a,
+                Err(_) => {
+                    let v = looked.variant;
+                    return self.fill_uncached(&key, v, fill).await;
+                }
+            };
+            match acq {
+                Acquire::Refreshed => {
+                    metrics::counter!("stampede_lease_total", "outcome" => "refreshed")
+                        .increment(1);
+                    let before = looked;
+                    looked = match self.lookup(&key).await {
+                        Ok(l) => l,
+                        Err(_) => return self.fill_uncached(&key, before.variant, fill).await,
+                    };
+                    if let Some(s) = self.settled(&looked, &before) {
+                        return (s, None);
+                    }
+                }
+                Acquire::Acquired { token, fence } => {
+                    metrics::counter!("stampede_lease_total", "outcome" => "won").increment(1);
+                    if waited {
+                        metrics::histogram!("stampede_wait_seconds")
+                            .record(wait_started.elapsed().as_secs_f64());
+                    }
+                    return self.run_fill(&key, &looked, fill, token, fence).await;
+                }
+                Acquire::Held { remaining } => {
+                    metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
+                    waited = true;
+                    if let Some((value, meta)) = looked.stale_in(now_ms(), false) {
+                        return (
+                            Shared::Stale {
+                                value,
+                                meta,
+                                selector: looked.selector.clone(),
+                                variant: looked.variant,
+                            },
+                            None,
+                        );
+                    }
+                    if sub.is_none() {
+                        // Subscribe before the last re-check, so a signal sent after the re-read
+                        // cannot be missed.
+                        sub = self
+                            .bcall(self.inner.backend.subscribe(&key.slot))
+                            .await
+                            .ok()
+                            .flatten();
+                        if sub.is_some() || !subscribed_once {
+                            subscribed_once = true;
+                            let before = looked.clone();
+                            if let Ok(l) = self.lookup(&key).await {
+                                looked = l;
+                                if let Some(s) = self.settled(&looked, &before) {
+                                    return (s, None);
+                                }
+                            }
+                        }
+                    }
+                    let step = backoff.next_step().min(remaining + jitter(cfg.backoff.min));
+                    let wake = (Instant::now() + step).min(deadline);
+                    let signal = match sub.as_mut() {
+                        Some(s) => tokio::select! {
+                            sig = s.recv() => Some(sig),
+                            _ = tokio::time::sleep_until(wake) => None,
+                        },
+                        None => {
+                            tokio::time::sleep_until(wake).await;
+                            None
+                        }
+                    };
+                    match signal {
+                        Some(Some(sig)) => {
+                            metrics::counter!("stampede_signals_total", "signal" => sig.as_str())
+                                .increment(1);
+                            if sig == Signal::Failed {
+                                return (Shared::Failed(Failure::Elsewhere), None);
+                            }
+                        }
+                        // The subscription broke (reconnect, lag): re-read, and subscribe again.
+                        Some(None) => sub = None,
+                        None => {}
+                    }
+                    let before = looked;
+                    looked = match self.lookup(&key).await {
+                        Ok(l) => l,
+                        Err(_) => return self.fill_uncached(&key, before.variant, fill).await,
+                    };
+                    if let Some(s) = self.settled(&looked, &before) {
+                        return (s, None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a re-read: has something landed that ends the wait?
+    fn settled(&self, looked: &Looked, before: &Looked) -> Option<Shared> {
+        match &looked.found {
+            Found::Pass => Some(Shared::Pass),
+            Found::Entry { value, meta, .. } if looked.landed_since(before, now_ms()) => {
+                Some(Shared::Value {
+                    value: value.clone(),
+                    meta: Some(*meta),
+                    selector: looked.selector.clone(),
+                    variant: looked.variant,
+                    filled: None,
+                    bypass: false,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// We hold the lease: run the fill detached, extend the lease meanwhile, write fenced.
+    async fn run_fill<F, Fut, E>(
+        &self,
+        key: &CacheKey,
+        looked: &Looked,
+        fill: F,
+        token: Token,
+        fence: u64,
+    ) -> (Shared, Option<Own>)
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let cfg = &self.inner.cfg;
+        let started = Instant::now();
+        let extender = cfg.extend_lease.then(|| {
+            let this = self.clone();
+            let slot = key.slot;
+            tokio::spawn(async move {
+                let every = (this.inner.cfg.lease / 3).max(Duration::from_millis(1));
+                loop {
+                    tokio::time::sleep(every).await;
+                    let ok = this
+                        .bcall(
+                            this.inner
+                                .backend
+                                .extend(&slot, token, this.inner.cfg.lease),
+                        )
+                        .await;
+                    match ok {
+                        Ok(true) => metrics::counter!("stampede_lease_extended_total").increment(1),
+                        // Keep filling: the fence decides whether the write lands.
+                        _ => metrics::counter!("stampede_lease_extend_failed_total").increment(1),
+                    }
+                }
+            })
+        });
+        let run = call_fill(fill, looked.prev(), cfg.fill_timeout).await;
+        if let Some(e) = extender {
+            e.abort();
+        }
+        let fill_time = started.elapsed();
+        metrics::histogram!("stampede_fill_seconds").record(fill_time.as_secs_f64());
+        let backend = &self.inner.backend;
+        match run {
+            FillRun::Panicked => {
+                metrics::counter!("stampede_fills_total", "outcome" => "panicked").increment(1);
+                let _ = self
+                    .bcall(backend.release(&key.slot, token, Signal::Released))
+                    .await;
+                (Shared::Recompete, Some(Own::Panicked))
+            }
+            FillRun::TimedOut => {
+                metrics::counter!("stampede_fills_total", "outcome" => "timeout").increment(1);
+                // Keep the lease until it expires: the source sees at most one call per lease.
+                let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
+                (Shared::Failed(Failure::Timeout(cfg.fill_timeout)), None)
+            }
+            FillRun::Done(Err(e)) => {
+                metrics::counter!("stampede_fills_total", "outcome" => "error").increment(1);
+                let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
+                (Shared::Failed(Failure::Fill(Arc::from(e))), None)
+            }
+            FillRun::Done(Ok(Fill::Unshared { value })) => {
+                metrics::counter!("stampede_fills_total", "outcome" => "unshared").increment(1);
+                let _ = self
+                    .bcall(backend.release(&key.slot, token, Signal::Released))
+                    .await;
+                (Shared::Recompete, Some(Own::Value(value)))
+            }
+            FillRun::Done(Ok(Fill::Store {
+                value,
+                ttl,
+                selector,
+            })) if ttl.physical() > Duration::ZERO => {
+                let (w, meta) = self.build_write(
+                    key,
+                    looked,
+                    token,
+                    fence,
+                    &value,
+                    &ttl,
+                    selector.as_ref(),
+                    fill_time,
+                );
+                let Some(w) = w else {
+                    // The value varies in a way this caller cannot key (HTTP `Vary: *`).
+                    return self.pass(key, looked, token, fence, value).await;
+                };
+                let variant = w.variant.as_ref().map(|(d, _)| *d);
+                let stored = match self.bcall(backend.write(w)).await {
+                    Ok(WriteOutcome::Stored) => {
+                        metrics::counter!("stampede_fills_total", "outcome" => "stored")
+                            .increment(1);
+                        if let Some(sel) = &selector {
+                            self.memo_set(&key.slot, sel.clone());
+                        }
+                        true
+                    }
+                    Ok(WriteOutcome::Fenced) => {
+                        metrics::counter!("stampede_fence_rejections_total").increment(1);
+                        false
+                    }
+                    Ok(WriteOutcome::TooLarge) => {
+                        metrics::counter!("stampede_fills_total", "outcome" => "too_large")
+                            .increment(1);
+                        self.write_pass_marker(key, looked, token, fence).await;
+                        false
+                    }
+                    Err(_) => false,
+                };
+                (
+                    Shared::Value {
+                        value,
+                        meta: Some(meta),
+                        selector,
+                        variant,
+                        filled: Some(stored),
+                        bypass: false,
+                    },
+                    None,
+                )
+            }
+            FillRun::Done(Ok(fill)) => {
+                let value = fill_value(fill);
+                self.pass(key, looked, token, fence, value).await
+            }
+        }
+    }
+
+    /// The fill was not cacheable: a pass marker, unless an in-policy stale copy is stored.
+    async fn pass(
+        &self,
+        key: &CacheKey,
+        looked: &Looked,
+        token: Token,
+        fence: u64,
+        value: Bytes,
+    ) -> (Shared, Option<Own>) {
+        metrics::counter!("stampede_fills_total", "outcome" => "pass").increment(1);
+        if looked.stale_in(now_ms(), true).is_some() {
+            // Never replace a copy that may still be served; just let others compete.
+            let _ = self
+                .bcall(
+                    self.inner
+                        .backend
+                        .release(&key.slot, token, Signal::Released),
+                )
+                .await;
+            return (Shared::Recompete, Some(Own::Value(value)));
+        }
+        self.write_pass_marker(key, looked, token, fence).await;
+        (Shared::Pass, Some(Own::Value(value)))
+    }
+
+    async fn write_pass_marker(&self, key: &CacheKey, looked: &Looked, token: Token, fence: u64) {
+        let marker = Record::encode_marker(Header {
+            kind: Kind::Pass,
+            fence,
+            token,
+            epoch: looked.epoch,
+        });
+        let w = FencedWrite {
+            slot: key.slot,
+            token,
+            fence,
+            entry: marker,
+            entry_ttl: self.inner.cfg.pass_ttl,
+            variant: None,
+            variant_ttl: Duration::ZERO,
+            release: true,
+            signal: Signal::Pass,
+        };
+        if !matches!(
+            self.bcall(self.inner.backend.write(w)).await,
+            Ok(WriteOutcome::Stored)
+        ) {
+            let _ = self
+                .bcall(
+                    self.inner
+                        .backend
+                        .release(&key.slot, token, Signal::Released),
+                )
+                .await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_write(
+        &self,
+        key: &CacheKey,
+        looked: &Looked,
+        token: Token,
+        fence: u64,
+        value: &Bytes,
+        ttl: &Ttl,
+        selector: Option<&Bytes>,
+        fill_time: Duration,
+    ) -> (Option<FencedWrite>, Meta) {
+        let meta = Meta::new(now_ms(), ttl, fill_time);
+        let header = Header {
+            kind: Kind::Entry,
+            fence,
+            token,
+            epoch: looked.epoch,
+        };
+        let physical = ttl.physical();
+        let w = match selector.filter(|_| key.select.is_some()) {
+            None => Some(FencedWrite {
+                slot: key.slot,
+                token,
+                fence,
+                entry: Record::encode_entry(header, &meta, value),
+                entry_ttl: physical,
+                variant: None,
+                variant_ttl: Duration::ZERO,
+                release: true,
+                signal: Signal::Filled,
+            }),
+            Some(sel) => key.variant_for(sel).map(|vd| FencedWrite {
+                slot: key.slot,
+                token,
+                fence,
+                entry: Record::encode_vary_head(header, sel),
+                entry_ttl: physical,
+                variant: Some((vd, Record::encode_entry(header, &meta, value))),
+                variant_ttl: physical,
+                release: true,
+                signal: Signal::Filled,
+            }),
+        };
+        (w, meta)
+    }
+
+    /// A background refresh (stale-while-revalidate, XFetch): one per key per process, and only
+    /// under the lease; it gives up when someone else holds it.
+    fn spawn_refresh<F, Fut, E>(&self, key: CacheKey, looked: Looked, fill: F)
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let fkey = (key.slot, looked.variant);
+        let Join::Leader(guard) = self.inner.flights.join(&fkey) else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                metrics::counter!("stampede_refresh_total").increment(1);
+                let acq = this
+                    .bcall(this.inner.backend.try_acquire(
+                        &key.slot,
+                        this.inner.cfg.lease,
+                        looked.seen_fence,
+                    ))
+                    .await;
+                let shared = match acq {
+                    Ok(Acquire::Acquired { token, fence }) => {
+                        this.run_fill(&key, &looked, fill, token, fence).await.0
+                    }
+                    _ => Shared::GaveUp,
+                };
+                guard.finish(shared);
+            }
+            .in_current_span(),
+        );
+    }
+
+    fn xfetch_due(&self, meta: &Meta, now: u64) -> bool {
+        let beta = self.inner.cfg.xfetch_beta;
+        if beta <= 0.0 || meta.fill_ms == 0 {
+            return false;
+        }
+        // XFetch: now - delta * beta * ln(rand) >= expiry; ln(rand) <= 0.
+        let r = fastrand::f64().max(f64::MIN_POSITIVE);
+        let early = -(meta.fill_ms as f64) * beta * r.ln();
+        now as f64 + early >= meta.fresh_until_ms as f64
+    }
+
+    async fn lookup(&self, key: &CacheKey) -> BackendResult<Looked> {
+        let backend = &self.inner.backend;
+        let v0 = self.memo_variant(key);
+        let fetched = self.bcall(backend.fetch(&key.slot, v0.as_ref())).await?;
+        let Some(bytes) = fetched.entry else {
+            return Ok(Looked {
+                variant: v0,
+                ..Looked::default()
+            });
+        };
+        let header = Header::parse(&bytes);
+        let mut looked = Looked {
+            seen_fence: header.map_or(0, |h| h.fence),
+            epoch: header.map_or(0, |h| h.epoch),
+            variant: v0,
+            selector: None,
+            found: Found::Nothing,
+        };
+        match Record::decode(&bytes) {
+            None => {
+                metrics::counter!("stampede_undecodable_total").increment(1);
+            }
+            Some(Record::Entry {
+                header,
+                meta,
+                value,
+            }) => {
+                looked.variant = None;
+                looked.found = Found::Entry {
+                    value,
+                    meta,
+                    fence: header.fence,
+                };
+            }
+            Some(Record::Pass { .. }) => looked.found = Found::Pass,
+            Some(Record::Tombstone { .. }) => {}
+            Some(Record::VaryHead { header, selector }) => {
+                let v = key.variant_for(&selector);
+                looked.selector = Some(selector.clone());
+                looked.variant = v;
+                let Some(v) = v else {
+                    return Ok(looked);
+                };
+                self.memo_set(&key.slot, selector);
+                let vbytes = if Some(v) == v0 {
+                    fetched.variant
+                } else {
+                    self.bcall(backend.fetch(&key.slot, Some(&v)))
+                        .await?
+                        .variant
+                };
+                match vbytes.as_ref().and_then(Record::decode) {
+                    Some(Record::Entry {
+                        header: vh,
+                        meta,
+                        value,
+                    }) if vh.fence >= header.epoch => {
+                        looked.found = Found::Entry {
+                            value,
+                            meta,
+                            fence: vh.fence,
+                        };
+                    }
+                    Some(_) => {
+                        metrics::counter!("stampede_undecodable_total").increment(1);
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(looked)
+    }
+
+    fn memo_variant(&self, key: &CacheKey) -> Option<Digest> {
+        key.select.as_ref()?;
+        let memo = self.inner.memo.lock().unwrap_or_else(|e| e.into_inner());
+        memo.get(&key.slot).and_then(|sel| key.variant_for(sel))
+    }
+
+    fn memo_set(&self, slot: &Digest, selector: Bytes) {
+        let mut memo = self.inner.memo.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.get(slot) == Some(&selector) {
+            return;
+        }
+        if memo.len() >= MEMO_CAP {
+            memo.clear();
+        }
+        memo.insert(*slot, selector);
+    }
+
+    fn memo_forget(&self, slot: &Digest) {
+        self.inner
+            .memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(slot);
+    }
+
+    /// One backend call: the breaker, the per-call timeout, the error count.
+    async fn bcall<T>(&self, fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
+        let breaker = &self.inner.breaker;
+        if !breaker.allow() {
+            return Err(BackendError::new("circuit breaker open"));
+        }
+        match tokio::time::timeout(self.inner.cfg.backend_timeout, fut).await {
+            Ok(Ok(v)) => {
+                breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("stampede_backend_errors_total").increment(1);
+                tracing::debug!(error = %e, "backend error");
+                breaker.failure();
+                Err(e)
+            }
+            Err(_) => {
+                metrics::counter!("stampede_backend_errors_total").increment(1);
+                breaker.failure();
+                Err(BackendError::new(format!(
+                    "backend call timed out after {:?}",
+                    self.inner.cfg.backend_timeout
+                )))
+            }
+        }
+    }
+}
+
+fn status_label(s: Status) -> &'static str {
+    match s {
+        Status::Hit => "hit",
+        Status::Stale(_) => "stale",
+        Status::Stored => "stored",
+        Status::NotStored => "not_stored",
+        Status::Collapsed => "collapsed",
+        Status::Passed => "passed",
+        Status::Bypass => "bypass",
+    }
+}
+
+fn fill_value(f: Fill) -> Bytes {
+    match f {
+        Fill::Store { value, .. } | Fill::Pass { value } | Fill::Unshared { value } => value,
+    }
+}
+
+/// The stale copy, if it is still inside a window at this moment.
+fn fresh_stale(st: Option<(Bytes, Meta)>, any_window: bool) -> Option<(Bytes, Meta)> {
+    let now = now_ms();
+    st.filter(|(_, m)| m.in_swr(now) || (any_window && m.in_sie(now)))
+}
+
+fn stale_or(st: Option<(Bytes, Meta)>, err: Error) -> Result<Served, Error> {
+    match fresh_stale(st, true) {
+        Some((value, meta)) => Ok(Served {
+            value,
+            meta: Some(meta),
+            status: Status::Stale(StaleReason::Error),
+        }),
+        None => Err(err),
+    }
+}
+
+enum FillRun {
+    Done(Result<Fill, BoxError>),
+    Panicked,
+    TimedOut,
+}
+
+/// Runs a fill in its own task (a panic there cannot take the flight down), bounded by
+/// `fill_timeout`.
+async fn call_fill<F, Fut, E>(fill: F, prev: Option<Prev>, limit: Duration) -> FillRun
+where
+    F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    let mut handle = tokio::spawn(async move { fill(prev).await.map_err(|e| e.into()) });
+    match tokio::time::timeout(limit, &mut handle).await {
+        Ok(Ok(r)) => FillRun::Done(r),
+        Ok(Err(_)) => FillRun::Panicked,
+        Err(_) => {
+            handle.abort();
+            FillRun::TimedOut
+        }
+    }
+}
+
+/// A consecutive-failure circuit breaker. Open: every backend call fails at once, so an outage
+/// adds no latency. After the cooldown, calls go through again; one success closes it.
+struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            threshold,
+            cooldown,
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn allow(&self) -> bool {
+        now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn is_open(&self) -> bool {
+        !self.allow()
+    }
+
+    fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn failure(&self) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.threshold {
+            self.open_until_ms.store(
+                now_ms() + self.cooldown.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            self.failures.store(0, Ordering::Relaxed);
+            metrics::counter!("stampede_breaker_opened_total").increment(1);
+            tracing::warn!(cooldown = ?self.cooldown, "backend circuit breaker opened");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Stored records and their versioned binary encoding.
+//!
+//! Every record starts with a fixed ASCII header that a backend's atomic step can read without
+//! knowing the rest (a Redis Lua script, a memcached CAS loop):
+//!
+//! ```text
+//! offset  0  "TS"        magic
+//! offset  2  '1'         encoding version (also part of every key prefix)
+//! offset  3  kind        'E' entry, 'V' vary head, 'P' pass marker, 'T' tombstone
+//! offset  4  fence       20 ASCII digits, the writer's fencing token
+//! offset 24  token       16 lower-case hex digits, the writer's lease token
+//! offset 40  epoch       20 ASCII digits, the oldest fence a variant may carry and still count
+//! offset 60  body        kind-specific, little-endian binary
+//! ```
+//!
+//! Bytes that do not decode (truncated, foreign, another version) are a miss, never a panic.
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::backend::Token;
+
+/// The encoding version, also written into every key prefix.
+pub const FORMAT_VERSION: u8 = 1;
+/// The length of the fixed header.
+pub const HEADER_LEN: usize = 60;
+const MAGIC: &[u8; 2] = b"TS";
+
+/// What kind of record is stored at an entry key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A value with its metadata.
+    Entry,
+    /// The head of a `Vary`ing entry: it names the selector; the values live at variant keys.
+    VaryHead,
+    /// The pass marker: the last fill was not cacheable, so callers go to the source in
+    /// parallel until it expires.
+    Pass,
+    /// A fenced tombstone written by an invalidation.
+    Tombstone,
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Entry => b'E',
+            Kind::VaryHead => b'V',
+            Kind::Pass => b'P',
+            Kind::Tombstone => b'T',
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            b'E' => Kind::Entry,
+            b'V' => Kind::VaryHead,
+            b'P' => Kind::Pass,
+            b'T' => Kind::Tombstone,
+            _ => return None,
+        })
+    }
+}
+
+/// The fixed header of every stored record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The record's kind.
+    pub kind: Kind,
+    /// The fence of the lease grant that wrote it.
+    pub fence: u64,
+    /// The token of the lease that wrote it.
+    pub token: Token,
+    /// Variants with a fence below this are void (set by invalidation).
+    pub epoch: u64,
+}
+
+impl Header {
+    /// Reads the header; `None` for anything that is not a record of this version.
+    pub fn parse(b: &[u8]) -> Option<Header> {
+        if b.len() < HEADER_LEN || &b[0..2] != MAGIC || b[2] != b'0' + FORMAT_VERSION {
+            return None;
+        }
+        let kind = Kind::from_byte(b[3])?;
+        let fence = parse_digits(&b[4..24])?;
+        let token = Token::from_hex(&b[24..40])?;
+        let epoch = parse_digits(&b[40..60])?;
+        Some(Header {
+            kind,
+            fence,
+            token,
+            epoch,
+        })
+    }
+
+    fn write(&self, out: &mut BytesMut) {
+        out.put_slice(MAGIC);
+        out.put_u8(b'0' + FORMAT_VERSION);
+        out.put_u8(self.kind.byte());
+        out.put_slice(format!("{:020}", self.fence).as_bytes());
+        out.put_slice(&self.token.to_hex());
+        out.put_slice(format!("{:020}", self.epoch).as_bytes());
+    }
+}
+
+fn parse_digits(b: &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(v)
+}
+
+/// Freshness windows of a stored value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ttl {
+    /// How long the value is fresh.
+    pub fresh: Duration,
+    /// After it goes stale, how long it may still be served while one refresh runs (RFC 5861).
+    pub stale_while_revalidate: Duration,
+    /// After it goes stale, how long it may still be served when the refresh fails (RFC 5861).
+    pub stale_if_error: Duration,
+}
+
+impl Ttl {
+    /// A value fresh for `fresh`, with no stale windows.
+    pub fn fresh(fresh: Duration) -> Self {
+        Ttl {
+            fresh,
+            ..Ttl::default()
+        }
+    }
+
+    /// Sets the stale-while-revalidate window.
+    pub fn with_swr(mut self, swr: Duration) -> Self {
+        self.stale_while_revalidate = swr;
+        self
+    }
+
+    /// Sets the stale-if-error window.
+    pub fn with_sie(mut self, sie: Duration) -> Self {
+        self.stale_if_error = sie;
+        self
+    }
+
+    /// How long the store must keep the bytes: fresh + max(swr, sie), or neither stale window
+    /// could ever fire.
+    pub fn physical(&self) -> Duration {
+        self.fresh + self.stale_while_revalidate.max(self.stale_if_error)
+    }
+}
+
+/// The metadata of a stored value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// Unix milliseconds when the value was produced.
+    pub stored_at_ms: u64,
+    /// Unix milliseconds until which the value is fresh.
+    pub fresh_until_ms: u64,
+    /// The stale-while-revalidate window, ms past `fresh_until_ms`.
+    pub swr_ms: u64,
+    /// The stale-if-error window, ms past `fresh_until_ms`.
+    pub sie_ms: u64,
+    /// How long the fill took, ms (the delta of XFetch).
+    pub fill_ms: u32,
+}
+
+impl Meta {
+    /// Builds metadata for a value produced at `now_ms`.
+    pub fn new(now_ms: u64, ttl: &Ttl, fill_time: Duration) -> Self {
+        Meta {
+            stored_at_ms: now_ms,
+            fresh_until_ms: now_ms.saturating_add(ttl.fresh.as_millis() as u64),
+            swr_ms: ttl.stale_while_revalidate.as_millis() as u64,
+            sie_ms: ttl.stale_if_error.as_millis() as u64,
+            fill_ms: fill_time.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+
+    /// Fresh at `now_ms`?
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    /// Stale but inside its stale-while-revalidate window?
+    pub fn in_swr(&self, now_ms: u64) -> bool {
+        !self.is_fresh(now_ms) && now_ms < self.fresh_until_ms.saturating_add(self.swr_ms)
+    }
+
+    /// Stale but inside its stale-if-error window?
+    pub fn in_sie(&self, now_ms: u64) -> bool {
+        !self.is_fresh(now_ms) && now_ms < self.fresh_until_ms.saturating_add(self.sie_ms)
+    }
+
+    /// Age in whole seconds at `now_ms`.
+    pub fn age_secs(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_at_ms) / 1000
+    }
+
+    /// Remaining freshness in ms (negative once stale).
+    pub fn ttl_ms(&self, now_ms: u64) -> i64 {
+        self.fresh_until_ms as i64 - now_ms as i64
+    }
+}
+
+/// A decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// A value.
+    Entry {
+        /// Its header.
+        header: Header,
+        /// Its metadata.
+        meta: Meta,
+        /// The value bytes (shares the stored buffer).
+        value: Bytes,
+    },
+    /// The head of a `Vary`ing entry.
+    VaryHead {
+        /// Its header.
+        header: Header,
+        /// The selector that names what the variant depends on (HTTP: the `Vary` header names).
+        selector: Bytes,
+    },
+    /// The pass marker.
+    Pass {
+        /// Its header.
+        header: Header,
+    },
+    /// A tombstone.
+    Tombstone {
+        /// Its header.
+        header: Header,
+    },
+}
+
+impl Record {
+    /// The header.
+    pub fn header(&self) -> &Header {
+        match self {
+            Record::Entry { header, .. }
+            | Record::VaryHead { header, .. }
+            | Record::Pass { header }
+            | Record::Tombstone { header } => header,
+        }
+    }
+
+    /// Encodes an entry.
+    pub fn encode_entry(header: Header, meta: &Meta, value: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN + 45 + value.len());
+        Header {
+            kind: Kind::Entry,
+            ..header
+        }
+        .write(&mut out);
+        out.put_u64_le(meta.stored_at_ms);
+        out.put_u64_le(meta.fresh_until_ms);
+        out.put_u64_le(meta.swr_ms);
+        out.put_u64_le(meta.sie_ms);
+        out.put_u32_le(meta.fill_ms);
+        out.put_u64_le(value.len() as u64);
+        out.put_slice(value);
+        out.freeze()
+    }
+
+    /// Encodes a vary head.
+    pub fn encode_vary_head(header: Header, selector: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN + 8 + selector.len());
+        Header {
+            kind: Kind::VaryHead,
+            ..header
+        }
+        .write(&mut out);
+        out.put_u64_le(selector.len() as u64);
+        out.put_slice(selector);
+        out.freeze()
+    }
+
+    /// Encodes a marker (pass or tombstone): the header alone.
+    pub fn encode_marker(header: Header) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN);
+        header.write(&mut out);
+        out.freeze()
+    }
+
+    /// Decodes stored bytes; `None` for anything malformed.
+    pub fn decode(bytes: &Bytes) -> Option<Record> {
+        let header = Header::parse(bytes)?;
+        let mut body = bytes.slice(HEADER_LEN..);
+        match header.kind {
+            Kind::Entry => {
+                if body.remaining() < 44 {
+                    return None;
+                }
+                let meta = Meta {
+                    stored_at_ms: body.get_u64_le(),
+                    fresh_until_ms: body.get_u64_le(),
+                    swr_ms: body.get_u64_le(),
+                    sie_ms: body.get_u64_le(),
+                    fill_ms: body.get_u32_le(),
+                };
+                let value = take_exact(&mut body)?;
+                Some(Record::Entry {
+                    header,
+                    meta,
+                    value,
+                })
+            }
+            Kind::VaryHead => {
+                let selector = take_exact(&mut body)?;
+                Some(Record::VaryHead { header, selector })
+            }
+            Kind::Pass if body.is_empty() => Some(Record::Pass { header }),
+            Kind::Tombstone if body.is_empty() => Some(Record::Tombstone { header }),
+            _ => None,
+        }
+    }
+}
+
+/// A length-prefixed field that must end the buffer exactly.
+fn take_exact(body: &mut Bytes) -> Option<Bytes> {
+    if body.remaining() < 8 {
+        return None;
+    }
+    let len = body.get_u64_le();
+    if len != body.remaining() as u64 {
+        return None;
+    }
+    Some(std::mem::take(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            kind: Kind::Entry,
+            fence: 42,
+            token: Token::from_u64(0xdead_beef),
+            epoch: 7,
+        }
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let meta = Meta::new(
+            1000,
+            &Ttl::fresh(Duration::from_secs(1)),
+            Duration::from_millis(5),
+        );
+        let b = Record::encode_entry(header(), &meta, b"hello");
+        match Record::decode(&b).unwrap() {
+            Record::Entry {
+                header: h,
+                meta: m,
+                value,
+            } => {
+                assert_eq!(h, header());
+                assert_eq!(m, meta);
+                assert_eq!(&value[..], b"hello");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn truncation_is_a_miss() {
+        let meta = Meta::new(1000, &Ttl::fresh(Duration::from_secs(1)), Duration::ZERO);
+        let b = Record::encode_entry(header(), &meta, b"hello");
+        for n in 0..b.len() {
+            assert!(
+                Record::decode(&b.slice(..n)).is_none(),
+                "prefix {n} decoded"
+            );
+        }
+        let mut longer = b.to_vec();
+        longer.push(0);
+        assert!(Record::decode(&Bytes::from(longer)).is_none());
+    }
+
+    #[test]
+    fn other_versions_are_a_miss() {
+        let b = Record::encode_marker(Header {
+            kind: Kind::Pass,
+            ..header()
+        });
+        assert!(Record::decode(&b).is_some());
+        let mut v = b.to_vec();
+        v[2] = b'2';
+        assert!(Record::decode(&Bytes::from(v)).is_none());
+    }
+}

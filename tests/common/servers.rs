@@ -1,0 +1,267 @@
+//! Real `redis-server` and `memcached` processes on free ports, one per test, so tests run in
+//! parallel and can kill, pause (SIGSTOP) or restart their own server.
+//!
+//! A missing binary is a test failure with a clear message, never a silent skip.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Memcached,
+}
+
+/// A server process owned by one test. Killed on drop.
+pub struct Server {
+    kind: Kind,
+    port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+impl Server {
+    /// Starts `redis-server` on a free port (no persistence).
+    pub fn redis() -> Server {
+        Self::start(Kind::Redis, Vec::new())
+    }
+
+    /// Starts `redis-server` with extra arguments (e.g. `--maxmemory-policy volatile-lru`).
+    pub fn redis_with(extra: &[&str]) -> Server {
+        Self::start(Kind::Redis, extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Starts `memcached` on a free port.
+    pub fn memcached() -> Server {
+        Self::start(Kind::Memcached, Vec::new())
+    }
+
+    /// Starts `memcached` with extra arguments (e.g. `-I 2m`).
+    pub fn memcached_with(extra: &[&str]) -> Server {
+        Self::start(
+            Kind::Memcached,
+            extra.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    fn start(kind: Kind, extra: Vec<String>) -> Server {
+        let bin = match kind {
+            Kind::Redis => "redis-server",
+            Kind::Memcached => "memcached",
+        };
+        assert!(
+            which(bin),
+            "`{bin}` is not on PATH. The tests start their own {bin} processes; run the README's \
+             test command (`bash .ci/test`), which installs it, or `apt-get install {}`.",
+            if kind == Kind::Redis {
+                "redis-server"
+            } else {
+                "memcached"
+            }
+        );
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let mut s = Server {
+                kind,
+                port: free_port(),
+                child: None,
+                extra: extra.clone(),
+            };
+            match s.spawn() {
+                Ok(()) => return s,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("could not start {bin}: {last_err}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            Kind::Redis => {
+                let mut c = Command::new("redis-server");
+                c.args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                ]);
+                c
+            }
+            Kind::Memcached => {
+                let mut c = Command::new("memcached");
+                c.args([
+                    "-p",
+                    &port,
+                    "-U",
+                    "0",
+                    "-l",
+                    "127.0.0.1",
+                    "-t",
+                    "2",
+                    "-m",
+                    "64",
+                ]);
+                // memcached refuses to run as root without -u.
+                c.args(["-u", "root"]);
+                c
+            }
+        };
+        cmd.args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "exited at start with {status} (port {port} taken?)"
+                    ));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        Err("did not answer within 10 s".into())
+    }
+
+    /// Whether the server answers.
+    pub fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let (req, want): (&[u8], &[u8]) = match self.kind {
+            Kind::Redis => (b"PING\r\n", b"+PONG"),
+            Kind::Memcached => (b"version\r\n", b"VERSION"),
+        };
+        if s.write_all(req).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) => buf[..n].starts_with(want),
+            Err(_) => false,
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT` or `memcache://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        match self.kind {
+            Kind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            Kind::Memcached => format!("memcache://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let ok = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "kill {sig} {pid} failed");
+        }
+    }
+
+    /// `kill -9`: every connection drops, every key is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP: the server hangs (connections stay open, nothing answers).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    /// Starts the server again on the same port (after [`kill`](Self::kill)), empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => panic!("restart failed: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Runs one raw command line and returns the first reply bytes (for poking at the store).
+    pub fn raw(&self, line: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        s.write_all(b"\r\n").unwrap();
+        let mut buf = vec![0u8; 65536];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A paused server would ignore SIGKILL's cleanup until continued; continue first.
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
+        self.kill();
+    }
+}

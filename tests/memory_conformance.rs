@@ -1,0 +1,94 @@
+//! The conformance suite on the in-memory backend.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::conformance::{self, Harness};
+use tower_stampede::backend::memory::MemoryBackend;
+
+fn harness() -> Harness {
+    let mem = MemoryBackend::default();
+    let m2 = mem.clone();
+    Harness {
+        backend: Arc::new(mem),
+        short_lease: Duration::from_millis(100),
+        expiry_slack: Duration::from_millis(50),
+        signals: true,
+        forget_counter: Arc::new(move |d| {
+            m2.forget_fence_counter(&d);
+            Box::pin(async {})
+        }),
+    }
+}
+
+#[tokio::test]
+async fn lease_is_exclusive() {
+    conformance::lease_is_exclusive(&harness()).await;
+}
+
+#[tokio::test]
+async fn lease_expires() {
+    conformance::lease_expires(&harness()).await;
+}
+
+#[tokio::test]
+async fn release_and_extend_need_the_token() {
+    conformance::release_and_extend_need_the_token(&harness()).await;
+}
+
+#[tokio::test]
+async fn fences_grow_also_after_the_counter_is_deleted() {
+    conformance::fences_grow_also_after_the_counter_is_deleted(&harness()).await;
+}
+
+#[tokio::test]
+async fn refreshed_after_a_concurrent_fill() {
+    conformance::refreshed_after_a_concurrent_fill(&harness()).await;
+}
+
+#[tokio::test]
+async fn fenced_fill_refuses_older_and_accepts_same_token() {
+    conformance::fenced_fill_refuses_older_and_accepts_same_token(&harness()).await;
+}
+
+#[tokio::test]
+async fn tombstone_blocks_an_older_fill() {
+    conformance::tombstone_blocks_an_older_fill(&harness()).await;
+}
+
+#[tokio::test]
+async fn put_get_ttl_and_variants() {
+    conformance::put_get_ttl_and_variants(&harness()).await;
+}
+
+#[tokio::test]
+async fn signals_are_delivered() {
+    conformance::signals_are_delivered(&harness()).await;
+}
+
+#[tokio::test]
+async fn budget_evicts_least_recently_used() {
+    use tower_stampede::backend::{Acquire, Backend, Token};
+    let mem = MemoryBackend::new(64 * 1024);
+    let value = vec![7u8; 1024];
+    let ttl = Duration::from_secs(60);
+    for i in 0..500u32 {
+        let s = tower_stampede::Digest::of_key(i.to_le_bytes());
+        let Acquire::Acquired { token, fence } = mem.try_acquire(&s, ttl, 0).await.unwrap() else {
+            panic!("fresh slot must be free")
+        };
+        let w = conformance::write(s, token, fence, &value, ttl);
+        mem.write(w).await.unwrap();
+        let _ = Token::NONE;
+    }
+    let used = mem.used_bytes();
+    assert!(
+        used <= 64 * 1024,
+        "store holds {used} bytes over its 64 KiB budget"
+    );
+    // The most recent write is still there.
+    let last = tower_stampede::Digest::of_key(499u32.to_le_bytes());
+    assert!(mem.fetch(&last, None).await.unwrap().entry.is_some());
+}
