@@ -17,7 +17,11 @@ use bytes::Bytes;
 
 use crate::key::Digest;
 
+#[cfg(feature = "memcached")]
+pub mod memcached;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// A boxed, `Send` future, as returned by [`Backend`] methods (the trait is object safe so one
 /// engine can hold any backend chosen at run time).

@@ -1,0 +1,1 @@
+//! The Memcached backend (work in progress).
