@@ -431,11 +431,11 @@ impl Stampede {
     {
         let cfg = &self.inner.cfg;
         let deadline = Instant::now() + cfg.wait_timeout;
-        let mut fill = Some(fill);
+        let fill = FillCell::new(fill);
         let mut last_stale: Option<(Bytes, Meta)> = None;
         loop {
             if Instant::now() >= deadline {
-                return self.fallback(&key, last_stale, fill).await;
+                return self.fallback(&key, last_stale, fill.take()).await;
             }
             let looked = match self.lookup(&key).await {
                 Ok(l) => l,
@@ -490,9 +490,10 @@ impl Stampede {
             let fkey = (key.slot, looked.variant);
             let (shared, own, leader) = match self.inner.flights.join(&fkey) {
                 Join::Leader(guard) => {
-                    let Some(f) = fill.take() else {
+                    if !fill.is_some() {
                         return Err(Error::FillPanicked);
-                    };
+                    }
+                    let f = fill.clone();
                     let mut rx = guard.subscribe();
                     let (own_tx, mut own_rx) = oneshot::channel();
                     let this = self.clone();
@@ -509,14 +510,14 @@ impl Stampede {
                     );
                     let shared = match tokio::time::timeout_at(deadline, outcome(&mut rx)).await {
                         Ok(s) => s,
-                        Err(_) => return self.fallback(&key, last_stale, fill).await,
+                        Err(_) => return self.fallback(&key, last_stale, fill.take()).await,
                     };
                     (shared, own_rx.try_recv().ok(), true)
                 }
                 Join::Follower(mut rx) => {
                     match tokio::time::timeout_at(deadline, outcome(&mut rx)).await {
                         Ok(s) => (s, None, false),
-                        Err(_) => return self.fallback(&key, last_stale, fill).await,
+                        Err(_) => return self.fallback(&key, last_stale, fill.take()).await,
                     }
                 }
             };
@@ -601,21 +602,23 @@ impl Stampede {
                     return self.run_passed(&key, &looked, f, last_stale).await;
                 }
                 Shared::Recompete => {
-                    if leader {
-                        return match own {
-                            Some(Own::Value(value)) => Ok(Served {
+                    match own {
+                        Some(Own::Value(value)) => {
+                            return Ok(Served {
                                 value,
                                 meta: None,
                                 status: Status::Passed,
-                            }),
-                            _ => Err(Error::FillPanicked),
-                        };
+                            })
+                        }
+                        Some(Own::Panicked) => return Err(Error::FillPanicked),
+                        // Our fill was not used (or we followed): compete again.
+                        None if fill.is_some() => continue,
+                        None => return Err(Error::FillPanicked),
                     }
-                    continue;
                 }
-                Shared::TimedOut => return self.fallback(&key, last_stale, fill).await,
+                Shared::TimedOut => return self.fallback(&key, last_stale, fill.take()).await,
                 Shared::GaveUp | Shared::Aborted => {
-                    if fill.is_none() {
+                    if !fill.is_some() {
                         return Err(Error::FillPanicked);
                     }
                     // A background refresh that could not take the lease, or a vanished
@@ -888,7 +891,7 @@ impl Stampede {
         &self,
         key: CacheKey,
         mut looked: Looked,
-        fill: F,
+        fill: FillCell<F>,
         deadline: Instant,
     ) -> (Shared, Option<Own>)
     where
@@ -916,8 +919,10 @@ impl Stampede {
             {
                 Ok(a) => a,
                 Err(_) => {
-                    let v = looked.variant;
-                    return self.fill_uncached(&key, v, fill).await;
+                    let Some(f) = fill.take() else {
+                        return (Shared::Recompete, None);
+                    };
+                    return self.fill_uncached(&key, looked.variant, f).await;
                 }
             };
             match acq {
@@ -927,7 +932,12 @@ impl Stampede {
                     let before = looked;
                     looked = match self.lookup(&key).await {
                         Ok(l) => l,
-                        Err(_) => return self.fill_uncached(&key, before.variant, fill).await,
+                        Err(_) => {
+                            let Some(f) = fill.take() else {
+                                return (Shared::Recompete, None);
+                            };
+                            return self.fill_uncached(&key, before.variant, f).await;
+                        }
                     };
                     if let Some(s) = self.settled(&looked, &before) {
                         return (s, None);
@@ -939,7 +949,18 @@ impl Stampede {
                         metrics::histogram!("stampede_wait_seconds")
                             .record(wait_started.elapsed().as_secs_f64());
                     }
-                    return self.run_fill(&key, &looked, fill, token, fence).await;
+                    let Some(f) = fill.take() else {
+                        // Our caller gave up and took its fill back: let others compete.
+                        let _ = self
+                            .bcall(
+                                self.inner
+                                    .backend
+                                    .release(&key.slot, token, Signal::Released),
+                            )
+                            .await;
+                        return (Shared::Recompete, None);
+                    };
+                    return self.run_fill(&key, &looked, f, token, fence).await;
                 }
                 Acquire::Held { remaining } => {
                     metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
@@ -1001,7 +1022,12 @@ impl Stampede {
                     let before = looked;
                     looked = match self.lookup(&key).await {
                         Ok(l) => l,
-                        Err(_) => return self.fill_uncached(&key, before.variant, fill).await,
+                        Err(_) => {
+                            let Some(f) = fill.take() else {
+                                return (Shared::Recompete, None);
+                            };
+                            return self.fill_uncached(&key, before.variant, f).await;
+                        }
                     };
                     if let Some(s) = self.settled(&looked, &before) {
                         return (s, None);
@@ -1494,6 +1520,32 @@ where
             handle.abort();
             FillRun::TimedOut
         }
+    }
+}
+
+/// A fill shared by a caller and the flight it leads. The flight takes it only once it holds
+/// the lease (or must fail open), so a caller whose deadline passes while the flight still
+/// waits keeps its fill for the opt-in direct call, and can compete again after a flight that
+/// never used it.
+struct FillCell<F>(Arc<Mutex<Option<F>>>);
+
+impl<F> Clone for FillCell<F> {
+    fn clone(&self) -> Self {
+        FillCell(self.0.clone())
+    }
+}
+
+impl<F> FillCell<F> {
+    fn new(f: F) -> Self {
+        FillCell(Arc::new(Mutex::new(Some(f))))
+    }
+
+    fn take(&self) -> Option<F> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn is_some(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 

@@ -1,0 +1,729 @@
+//! The engine's protocol on the memory backend, with tokio's paused clock where time matters.
+//! Each test narrates its timeline; assertions are on fill counts, statuses and values.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Counter;
+use tokio::time::Instant;
+use tower_stampede::backend::memory::MemoryBackend;
+use tower_stampede::backend::{
+    Acquire, Backend, BackendResult, BoxFuture, FencedWrite, Fetched, Signal, Subscription, Token,
+    WriteOutcome,
+};
+use tower_stampede::entry::{Header, Kind, Record};
+use tower_stampede::{Config, Digest, Error, Fill, StaleReason, Stampede, Status, Ttl};
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+fn engine(mem: &MemoryBackend, cfg: Config) -> Stampede {
+    Stampede::with_config(mem.clone(), cfg).unwrap()
+}
+
+type FillFut = Pin<Box<dyn Future<Output = Result<Fill, std::io::Error>> + Send>>;
+
+/// A fill that counts its calls, sleeps `delay`, and returns `value` fresh for `ttl`.
+fn filler(
+    calls: &Counter,
+    delay: Duration,
+    value: &'static str,
+    ttl: Ttl,
+) -> impl FnOnce() -> FillFut + Send + 'static {
+    let calls = calls.clone();
+    move || {
+        Box::pin(async move {
+            calls.inc();
+            tokio::time::sleep(delay).await;
+            Ok(Fill::store(value, ttl))
+        })
+    }
+}
+
+fn failing(calls: &Counter, delay: Duration) -> impl FnOnce() -> FillFut + Send + 'static {
+    let calls = calls.clone();
+    move || {
+        Box::pin(async move {
+            calls.inc();
+            tokio::time::sleep(delay).await;
+            Err(std::io::Error::other("origin down"))
+        })
+    }
+}
+
+fn minute() -> Ttl {
+    Ttl::fresh(secs(60))
+}
+
+#[tokio::test(start_paused = true)]
+async fn thousand_concurrent_callers_one_fill() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let e = e.clone();
+        let f = filler(&calls, ms(200), "v1", minute());
+        tasks.push(tokio::spawn(async move { e.get_or_fill("cold", f).await }));
+    }
+    let mut stored = 0;
+    let mut collapsed = 0;
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        assert_eq!(&s.value[..], b"v1");
+        match s.status {
+            Status::Stored => stored += 1,
+            Status::Collapsed | Status::Hit => collapsed += 1,
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(calls.get(), 1, "one fill for 1,000 callers");
+    assert_eq!(stored, 1);
+    assert_eq!(collapsed, 999);
+    // And now it is a hit.
+    let s = e
+        .get_or_fill("cold", filler(&calls, ms(1), "v2", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Hit);
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_instances_sharing_a_backend_fill_once() {
+    // Two engines with separate in-process state (flights, memo) share one store: only the
+    // lease can keep the second from filling.
+    let mem = MemoryBackend::default();
+    let a = engine(&mem, Config::default());
+    let b = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let e = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let f = filler(&calls, ms(300), "shared", minute());
+        tasks.push(tokio::spawn(async move { e.get_or_fill("k", f).await }));
+    }
+    for t in tasks {
+        assert_eq!(&t.await.unwrap().unwrap().value[..], b"shared");
+    }
+    assert_eq!(calls.get(), 1);
+}
+
+/// A backend whose first `try_acquire` first runs a hook: it lets a test land another
+/// instance's fill between a caller's lookup and its acquire.
+struct Gate {
+    inner: MemoryBackend,
+    hook: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+}
+
+impl Backend for Gate {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+    fn fetch<'a>(
+        &'a self,
+        s: &'a Digest,
+        v: Option<&'a Digest>,
+    ) -> BoxFuture<'a, BackendResult<Fetched>> {
+        self.inner.fetch(s, v)
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        s: &'a Digest,
+        ttl: Duration,
+        seen: u64,
+    ) -> BoxFuture<'a, BackendResult<Acquire>> {
+        let hook = self.hook.lock().unwrap().take();
+        Box::pin(async move {
+            if let Some(h) = hook {
+                h.await;
+            }
+            self.inner.try_acquire(s, ttl, seen).await
+        })
+    }
+    fn extend<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        self.inner.extend(s, t, ttl)
+    }
+    fn release<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        sig: Signal,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        self.inner.release(s, t, sig)
+    }
+    fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
+        self.inner.write(w)
+    }
+    fn invalidate<'a>(&'a self, s: &'a Digest, ttl: Duration) -> BoxFuture<'a, BackendResult<u64>> {
+        self.inner.invalidate(s, ttl)
+    }
+    fn signal<'a>(&'a self, s: &'a Digest, sig: Signal) -> BoxFuture<'a, BackendResult<()>> {
+        self.inner.signal(s, sig)
+    }
+    fn subscribe<'a>(
+        &'a self,
+        s: &'a Digest,
+    ) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
+        self.inner.subscribe(s)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
+    let mem = MemoryBackend::default();
+    let b = engine(&mem, Config::default());
+    let b_calls = Counter::default();
+    let bf = filler(&b_calls, ms(10), "from-b", minute());
+    // A's lookup misses; then, before A's try_acquire, B's whole fill lands.
+    let b2 = b.clone();
+    let gate = Gate {
+        inner: mem.clone(),
+        hook: Mutex::new(Some(Box::pin(async move {
+            let s = b2.get_or_fill("race", bf).await.unwrap();
+            assert_eq!(s.status, Status::Stored);
+        }))),
+    };
+    let a = Stampede::with_config(gate, Config::default()).unwrap();
+    let a_calls = Counter::default();
+    let s = a
+        .get_or_fill("race", filler(&a_calls, ms(10), "from-a", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"from-b", "A serves B's value");
+    assert_eq!(s.status, Status::Collapsed);
+    assert_eq!(a_calls.get(), 0, "A got Refreshed and did not fill");
+    assert_eq!(b_calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let ttl = Ttl::fresh(secs(1)).with_swr(secs(30));
+    e.get_or_fill("swr", filler(&calls, ms(1), "old", ttl))
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+
+    // Stale inside swr: served at once, one background refresh (slow: 1 s) starts.
+    let mut served = Vec::new();
+    for _ in 0..20 {
+        let s = e
+            .get_or_fill("swr", filler(&calls, secs(1), "new", ttl))
+            .await
+            .unwrap();
+        served.push(s);
+    }
+    for s in &served {
+        assert_eq!(&s.value[..], b"old");
+        assert_eq!(s.status, Status::Stale(StaleReason::Revalidating));
+    }
+    // While the refresh runs, the entry disappears (evicted): a foreground miss for the same
+    // key joins the running refresh instead of filling again.
+    tokio::time::sleep(ms(10)).await; // the refresh has taken the lease
+    mem.evict(&Digest::of_key("swr"));
+    let s = e
+        .get_or_fill("swr", filler(&calls, ms(1), "foreground", ttl))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"new");
+    assert_eq!(s.status, Status::Collapsed);
+    assert_eq!(calls.get(), 2, "the first fill and exactly one refresh");
+    let s = e
+        .get_or_fill("swr", filler(&calls, ms(1), "x", ttl))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"new"[..], Status::Hit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fill_survives_its_caller_going_away() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let leader = {
+        let e = e.clone();
+        let f = filler(&calls, secs(1), "detached", minute());
+        tokio::spawn(async move { e.get_or_fill("gone", f).await })
+    };
+    tokio::time::sleep(ms(10)).await;
+    let mut followers = Vec::new();
+    for _ in 0..10 {
+        let e = e.clone();
+        let f = filler(&calls, secs(1), "follower", minute());
+        followers.push(tokio::spawn(async move { e.get_or_fill("gone", f).await }));
+    }
+    tokio::time::sleep(ms(100)).await;
+    leader.abort(); // the client disconnected
+    for f in followers {
+        let s = f.await.unwrap().unwrap();
+        assert_eq!(&s.value[..], b"detached");
+    }
+    assert_eq!(
+        calls.get(),
+        1,
+        "the leader's fill ran to the end and served everyone"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_fill_lets_followers_compete_again() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let c = calls.clone();
+    let leader = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            e.get_or_fill("panic", move || async move {
+                c.inc();
+                tokio::time::sleep(ms(100)).await;
+                panic!("the fill blew up");
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(Fill::store("never", minute()))
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(ms(10)).await;
+    let mut followers = Vec::new();
+    for _ in 0..10 {
+        let e = e.clone();
+        let f = filler(&calls, ms(100), "second", minute());
+        followers.push(tokio::spawn(async move { e.get_or_fill("panic", f).await }));
+    }
+    assert!(matches!(leader.await.unwrap(), Err(Error::FillPanicked)));
+    for f in followers {
+        assert_eq!(&f.await.unwrap().unwrap().value[..], b"second");
+    }
+    assert_eq!(calls.get(), 2, "the panicked fill and at most one more");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fill_longer_than_its_lease_keeps_it_by_extension() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(1)).wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let fa = filler(&calls, secs(4), "slow", minute());
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.get_or_fill("long", fa).await }
+    });
+    // Well past the first lease expiry, instance B asks.
+    tokio::time::sleep(secs(2)).await;
+    let s = b
+        .get_or_fill("long", filler(&calls, ms(1), "b", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"slow");
+    assert_eq!(s.status, Status::Collapsed);
+    assert_eq!(ta.await.unwrap().unwrap().status, Status::Stored);
+    assert_eq!(calls.get(), 1, "the extended lease kept B from filling");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_fill_ends_at_fill_timeout_and_waiters_fall_back() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(2))
+        .wait_timeout(secs(10))
+        .fill_timeout(secs(3));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let start = Instant::now();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(3600), "never", minute());
+        async move { a.get_or_fill("hung", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let local = tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, ms(1), "x", minute());
+        async move { a.get_or_fill("hung", f).await }
+    });
+    let remote = b
+        .get_or_fill("hung", filler(&calls, ms(1), "y", minute()))
+        .await;
+    assert!(matches!(ta.await.unwrap(), Err(Error::FillTimeout(_))));
+    assert!(matches!(local.await.unwrap(), Err(Error::FillTimeout(_))));
+    assert!(
+        matches!(remote, Err(Error::FailedElsewhere)),
+        "the other instance is told by the failed signal: {remote:?}"
+    );
+    assert!(
+        start.elapsed() < secs(10),
+        "everyone ended before their deadline"
+    );
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_past_its_deadline_takes_the_fallback_without_calling_the_source() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(2))
+        .wait_timeout(secs(5))
+        .fill_timeout(secs(120));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+
+    // No stale copy: the error.
+    tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(60), "slow", minute());
+        async move { a.get_or_fill("deadline", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let r = b
+        .get_or_fill("deadline", filler(&calls, ms(1), "b", minute()))
+        .await;
+    assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+    assert_eq!(calls.get(), 1, "the waiter did not call the source");
+
+    // With a stale copy inside stale-if-error: the stale copy.
+    let ttl = Ttl::fresh(secs(1)).with_sie(secs(600));
+    b.get_or_fill("deadline-stale", filler(&calls, ms(1), "old", ttl))
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+    tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(60), "slow", ttl);
+        async move { a.get_or_fill("deadline-stale", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let s = b
+        .get_or_fill("deadline-stale", filler(&calls, ms(1), "b", ttl))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"old");
+    assert_eq!(s.status, Status::Stale(StaleReason::Deadline));
+    assert_eq!(calls.get(), 3, "two fills by A, none by B");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(5)).wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let start = Instant::now();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        let f = failing(&calls, ms(200));
+        async move { a.get_or_fill("fail", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let rb = b
+        .get_or_fill("fail", filler(&calls, ms(1), "b", minute()))
+        .await;
+    assert!(matches!(ta.await.unwrap(), Err(Error::Fill(_))));
+    assert!(matches!(rb, Err(Error::FailedElsewhere)), "{rb:?}");
+    assert!(
+        start.elapsed() < secs(1),
+        "the failed signal, not the lease expiry, ended the wait"
+    );
+    assert_eq!(calls.get(), 1);
+
+    // Inside the failed lease nobody calls the source again: B waits, and the lease
+    // expiring (at 5 s) is what lets the next fill run.
+    let t = tokio::spawn({
+        let b = b.clone();
+        let f = filler(&calls, ms(1), "recovered", minute());
+        async move { b.get_or_fill("fail", f).await }
+    });
+    tokio::time::sleep(secs(2)).await;
+    assert_eq!(calls.get(), 1, "no second fill before the lease expires");
+    let s = t.await.unwrap().unwrap();
+    assert_eq!(&s.value[..], b"recovered");
+    assert_eq!(calls.get(), 2);
+
+    // With a stale copy inside stale-if-error: the stale value, marked so.
+    let ttl = Ttl::fresh(secs(1)).with_sie(secs(600));
+    a.get_or_fill("fail-sie", filler(&calls, ms(1), "old", ttl))
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+    let s = a
+        .get_or_fill("fail-sie", failing(&calls, ms(1)))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"old");
+    assert_eq!(s.status, Status::Stale(StaleReason::Error));
+}
+
+fn stored_fence(mem: &MemoryBackend, key: &str) -> (u64, Option<Vec<u8>>) {
+    let rt = mem.clone();
+    let d = Digest::of_key(key);
+    let f = futures_lite_block(async move { rt.fetch(&d, None).await.unwrap() });
+    let b = f.entry.expect("an entry is stored");
+    let h = Header::parse(&b).unwrap();
+    let v = match Record::decode(&b) {
+        Some(Record::Entry { value, .. }) => Some(value.to_vec()),
+        _ => None,
+    };
+    (h.fence, v)
+}
+
+/// The memory backend answers synchronously; poll its future once.
+fn futures_lite_block<T>(f: impl Future<Output = T>) -> T {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("memory backend futures are ready at once"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_older_fence_cannot_overwrite_a_newer_entry() {
+    // A's lease (1 s, no extension) expires during its 3 s fill; B takes over and stores.
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(1))
+        .extend_lease(false)
+        .wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(3), "older", minute());
+        async move { a.get_or_fill("fence", f).await }
+    });
+    tokio::time::sleep(ms(1500)).await;
+    let sb = b
+        .get_or_fill("fence", filler(&calls, ms(10), "newer", minute()))
+        .await
+        .unwrap();
+    assert_eq!(sb.status, Status::Stored);
+    let sa = ta.await.unwrap().unwrap();
+    assert_eq!(sa.status, Status::NotStored, "A's late write was refused");
+    assert_eq!(
+        stored_fence(&mem, "fence").1.as_deref(),
+        Some(&b"newer"[..])
+    );
+    assert_eq!(calls.get(), 2, "the lease expired on purpose: two fills");
+
+    // Losing the counter never makes fences go backwards.
+    let (f1, _) = stored_fence(&mem, "fence");
+    mem.forget_fence_counter(&Digest::of_key("fence"));
+    a.invalidate("fence").await.unwrap();
+    let s = a
+        .get_or_fill("fence", filler(&calls, ms(1), "after", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Stored);
+    let (f2, v) = stored_fence(&mem, "fence");
+    assert!(f2 > f1, "fence {f2} after {f1}");
+    assert_eq!(v.as_deref(), Some(&b"after"[..]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tombstone_stops_a_fill_that_started_before_it() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let t = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, secs(2), "pre-invalidation", minute());
+        async move { e.get_or_fill("inv", f).await }
+    });
+    tokio::time::sleep(secs(1)).await;
+    e.invalidate("inv").await.unwrap();
+    let s = t.await.unwrap().unwrap();
+    assert_eq!(s.status, Status::NotStored);
+    let s = e
+        .get_or_fill("inv", filler(&calls, ms(1), "post", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"post"[..], Status::Stored));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_result_lets_followers_fill_in_parallel() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let calls = Counter::default();
+    let pass_fill = || {
+        let (running, peak, calls) = (running.clone(), peak.clone(), calls.clone());
+        move || async move {
+            calls.inc();
+            let n = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(secs(1)).await;
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Fill::pass("private"))
+        }
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let e = e.clone();
+        let f = pass_fill();
+        tasks.push(tokio::spawn(async move { e.get_or_fill("pass", f).await }));
+    }
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        assert_eq!(s.status, Status::Passed);
+    }
+    assert_eq!(calls.get(), 20);
+    assert!(
+        peak.load(Ordering::SeqCst) >= 19,
+        "after the first pass the other 19 ran together (peak {})",
+        peak.load(Ordering::SeqCst)
+    );
+    // While the marker lives, callers go straight to the source: no waiting, in parallel.
+    let s = e.get_or_fill("pass", pass_fill()).await.unwrap();
+    assert_eq!(s.status, Status::Passed);
+
+    // Hit-for-miss: a passed caller that gets a cacheable value stores it.
+    let s = e
+        .get_or_fill("pass", filler(&calls, ms(1), "now-public", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Stored);
+    let s = e
+        .get_or_fill("pass", filler(&calls, ms(1), "x", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"now-public"[..], Status::Hit));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_marker_never_replaces_an_in_policy_stale_copy() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let ttl = Ttl::fresh(secs(1)).with_sie(secs(600));
+    e.get_or_fill("keep", filler(&calls, ms(1), "stale-ok", ttl))
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+    let s = e
+        .get_or_fill("keep", || async {
+            Ok::<_, std::io::Error>(Fill::pass("uncacheable now"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Passed);
+    let d = Digest::of_key("keep");
+    let got = mem.fetch(&d, None).await.unwrap();
+    match got.entry.as_ref().and_then(Record::decode) {
+        Some(Record::Entry { value, .. }) => assert_eq!(&value[..], b"stale-ok"),
+        other => panic!("the stale entry was replaced: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_in_the_store_is_a_miss() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let d = Digest::of_key("junk");
+    let mut valid = Record::encode_marker(Header {
+        kind: Kind::Pass,
+        fence: 3,
+        token: Token::random(),
+        epoch: 0,
+    })
+    .to_vec();
+    valid[3] = b'E'; // a header that parses, with no body behind it
+    for junk in [
+        Bytes::from_static(b""),
+        Bytes::from_static(b"\xff\xfe garbage"),
+        Bytes::from_static(b"TS1E0000"),
+        Bytes::from(valid),
+        Bytes::from(vec![0u8; 4096]),
+    ] {
+        mem.put_raw(&d, junk.clone(), secs(60));
+        let s = e
+            .get_or_fill("junk", filler(&calls, ms(1), "rebuilt", minute()))
+            .await
+            .unwrap();
+        assert_eq!(&s.value[..], b"rebuilt", "junk {junk:?}");
+        assert_eq!(s.status, Status::Stored, "junk {junk:?}");
+    }
+    assert_eq!(calls.get(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn xfetch_refreshes_early_in_the_background() {
+    let mem = MemoryBackend::default();
+    // beta so large that any hit refreshes early.
+    let e = engine(&mem, Config::default().xfetch_beta(1e9));
+    let calls = Counter::default();
+    e.get_or_fill("early", filler(&calls, ms(50), "v1", minute()))
+        .await
+        .unwrap();
+    let s = e
+        .get_or_fill("early", filler(&calls, ms(50), "v2", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"v1"[..], Status::Hit));
+    tokio::time::sleep(secs(1)).await;
+    assert_eq!(calls.get(), 2, "one early refresh ran");
+    let s = Stampede::with_config(mem.clone(), Config::default())
+        .unwrap()
+        .get_or_fill("early", filler(&calls, ms(1), "v3", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"v2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn source_after_deadline_is_opt_in() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(2))
+        .wait_timeout(secs(5))
+        .source_after_deadline(true);
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(60), "slow", minute());
+        async move { a.get_or_fill("optin", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let s = b
+        .get_or_fill("optin", filler(&calls, ms(1), "direct", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"direct"[..], Status::Passed));
+    assert_eq!(calls.get(), 2);
+}
+
+#[test]
+fn configuration_relations_are_checked() {
+    let mem = MemoryBackend::default();
+    let r = Stampede::with_config(mem, Config::default().lease(secs(10)).wait_timeout(secs(5)));
+    assert!(r.is_err());
+}
