@@ -123,6 +123,9 @@ pub struct Ttl {
     pub stale_while_revalidate: Duration,
     /// After it goes stale, how long it may still be served when the refresh fails (RFC 5861).
     pub stale_if_error: Duration,
+    /// After it goes stale, how long the store keeps it only so the next fill can revalidate it
+    /// (HTTP: a conditional request with its validators). Never served on its own.
+    pub revalidate: Duration,
 }
 
 impl Ttl {
@@ -146,10 +149,20 @@ impl Ttl {
         self
     }
 
-    /// How long the store must keep the bytes: fresh + max(swr, sie), or neither stale window
-    /// could ever fire.
+    /// Sets the revalidation window.
+    pub fn with_revalidate(mut self, d: Duration) -> Self {
+        self.revalidate = d;
+        self
+    }
+
+    /// How long the store must keep the bytes: fresh + max(swr, sie, revalidate), or neither
+    /// stale window could ever fire.
     pub fn physical(&self) -> Duration {
-        self.fresh + self.stale_while_revalidate.max(self.stale_if_error)
+        self.fresh
+            + self
+                .stale_while_revalidate
+                .max(self.stale_if_error)
+                .max(self.revalidate)
     }
 }
 

@@ -20,6 +20,7 @@ mod coalesce;
 mod engine;
 pub mod entry;
 mod error;
+pub mod http;
 pub mod key;
 mod policy;
 

@@ -1,0 +1,228 @@
+//! What to do with an origin response: store it (for how long, with which stale windows), or
+//! pass it. RFC 9111 through `http-cache-semantics` for storability and explicit freshness;
+//! stale-while-revalidate and stale-if-error (RFC 5861) are ours.
+
+use std::time::{Duration, SystemTime};
+
+use http::{header, HeaderMap, Request};
+use http_cache_semantics::{CacheOptions, CachePolicy};
+
+use super::key::vary_selector;
+use crate::entry::Ttl;
+
+/// The response-side `Cache-Control` directives this module needs beyond the policy crate.
+#[derive(Debug, Default)]
+pub(crate) struct Directives {
+    pub(crate) no_cache: bool,
+    pub(crate) must_revalidate: bool,
+    pub(crate) explicit_age: bool,
+    pub(crate) swr: Option<Duration>,
+    pub(crate) sie: Option<Duration>,
+    pub(crate) no_store: bool,
+}
+
+pub(crate) fn directives(headers: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for v in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(v) = v.to_str() else { continue };
+        for part in v.split(',') {
+            let part = part.trim();
+            let (name, arg) = match part.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                None => (part, None),
+            };
+            let secs = || {
+                arg.and_then(|a| a.parse::<u64>().ok())
+                    .map(Duration::from_secs)
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+                "max-age" | "s-maxage" => d.explicit_age = true,
+                "stale-while-revalidate" => d.swr = secs(),
+                "stale-if-error" => d.sie = secs(),
+                _ => {}
+            }
+        }
+    }
+    if headers.contains_key(header::EXPIRES) {
+        d.explicit_age = true;
+    }
+    d
+}
+
+/// The layer's defaults for responses whose origin says nothing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Defaults {
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) swr: Duration,
+    pub(crate) sie: Duration,
+    /// How long past freshness a response with validators is kept for revalidation.
+    pub(crate) revalidate: Duration,
+}
+
+/// The decision for one response.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    Store {
+        ttl: Ttl,
+        selector: Option<String>,
+    },
+    /// Not cacheable by its nature: pass it (and set the pass marker).
+    Pass(&'static str),
+}
+
+pub(crate) fn decide(
+    req: &Request<()>,
+    res: &http::response::Parts,
+    defaults: &Defaults,
+) -> Decision {
+    if res.headers.contains_key(header::SET_COOKIE) {
+        return Decision::Pass("set-cookie");
+    }
+    let selector = match vary_selector(&res.headers) {
+        Ok(s) => s,
+        Err(()) => return Decision::Pass("vary-star"),
+    };
+    let d = directives(&res.headers);
+    if d.no_cache || d.no_store {
+        return Decision::Pass("no-cache");
+    }
+    let now = SystemTime::now();
+    let opts = CacheOptions {
+        shared: true,
+        cache_heuristic: 0.0,
+        immutable_min_time_to_live: Duration::ZERO,
+        ignore_cargo_cult: false,
+    };
+    let policy = CachePolicy::new_options(req, res, now, opts);
+    if !policy.is_storable() {
+        return Decision::Pass("not-storable");
+    }
+    let fresh = if d.explicit_age {
+        policy.time_to_live(now)
+    } else {
+        match defaults.ttl {
+            Some(t) => t,
+            // The origin says nothing and no TTL is configured: never a silent guess.
+            None => return Decision::Pass("no-ttl"),
+        }
+    };
+    let (mut swr, mut sie) = (d.swr.unwrap_or(defaults.swr), d.sie.unwrap_or(defaults.sie));
+    if d.must_revalidate {
+        swr = Duration::ZERO;
+        sie = Duration::ZERO;
+    }
+    let mut ttl = Ttl::fresh(fresh).with_swr(swr).with_sie(sie);
+    if ttl.fresh.is_zero() && swr.is_zero() && sie.is_zero() {
+        return Decision::Pass("expired");
+    }
+    if res.headers.contains_key(header::ETAG) || res.headers.contains_key(header::LAST_MODIFIED) {
+        ttl = ttl.with_revalidate(defaults.revalidate);
+    }
+    Decision::Store { ttl, selector }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Response, StatusCode};
+
+    fn res(status: u16, headers: &[(&str, &str)]) -> http::response::Parts {
+        let mut b = Response::builder().status(StatusCode::from_u16(status).unwrap());
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn req() -> Request<()> {
+        Request::get("http://example.com/x").body(()).unwrap()
+    }
+
+    fn defaults(ttl: Option<u64>) -> Defaults {
+        Defaults {
+            ttl: ttl.map(Duration::from_secs),
+            swr: Duration::from_secs(5),
+            sie: Duration::from_secs(7),
+            revalidate: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn origin_max_age_and_rfc5861_windows() {
+        let r = res(
+            200,
+            &[(
+                "cache-control",
+                "public, max-age=60, stale-while-revalidate=30, stale-if-error=600",
+            )],
+        );
+        match decide(&req(), &r, &defaults(None)) {
+            Decision::Store { ttl, selector } => {
+                assert_eq!(ttl.fresh, Duration::from_secs(60));
+                assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(30));
+                assert_eq!(ttl.stale_if_error, Duration::from_secs(600));
+                assert_eq!(selector, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn configured_ttl_only_when_the_origin_says_nothing() {
+        assert_eq!(
+            decide(&req(), &res(200, &[]), &defaults(None)),
+            Decision::Pass("no-ttl")
+        );
+        match decide(&req(), &res(200, &[]), &defaults(Some(10))) {
+            Decision::Store { ttl, .. } => {
+                assert_eq!(ttl.fresh, Duration::from_secs(10));
+                assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(5));
+            }
+            other => panic!("{other:?}"),
+        }
+        // An explicit max-age=0 is not "says nothing".
+        let r = res(200, &[("cache-control", "max-age=0")]);
+        assert!(
+            matches!(decide(&req(), &r, &defaults(Some(10))), Decision::Store { ttl, .. } if ttl.fresh.is_zero())
+        );
+    }
+
+    #[test]
+    fn private_set_cookie_no_store_vary_star_pass() {
+        for h in [
+            [("cache-control", "private, max-age=60")],
+            [("set-cookie", "a=b")],
+            [("cache-control", "no-store")],
+            [("vary", "*")],
+            [("cache-control", "no-cache")],
+        ] {
+            assert!(
+                matches!(
+                    decide(&req(), &res(200, &h), &defaults(Some(10))),
+                    Decision::Pass(_)
+                ),
+                "{h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn must_revalidate_disables_stale() {
+        let r = res(
+            200,
+            &[(
+                "cache-control",
+                "max-age=60, must-revalidate, stale-if-error=600",
+            )],
+        );
+        match decide(&req(), &r, &defaults(None)) {
+            Decision::Store { ttl, .. } => {
+                assert!(ttl.stale_if_error.is_zero() && ttl.stale_while_revalidate.is_zero())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

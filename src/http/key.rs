@@ -1,0 +1,119 @@
+//! HTTP cache keys: the URL-level slot and the `Vary` selector.
+
+use http::{HeaderMap, Uri};
+
+use crate::key::Digest;
+
+/// The URL-level slot: method class + scheme + authority + path + query. GET and HEAD share a
+/// slot (HEAD is answered from the GET entry).
+pub(crate) fn url_slot(uri: &Uri, headers: &HeaderMap) -> Digest {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_ascii_lowercase())
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.to_ascii_lowercase())
+        })
+        .unwrap_or_default();
+    Digest::of_fields([
+        "http".as_bytes(),
+        b"GET",
+        scheme.as_bytes(),
+        authority.as_bytes(),
+        uri.path().as_bytes(),
+        uri.query().unwrap_or("").as_bytes(),
+    ])
+}
+
+/// A slot from a user key.
+pub(crate) fn user_slot(key: &[u8]) -> Digest {
+    Digest::of_fields(["http-user".as_bytes(), key])
+}
+
+/// The selector of a response's `Vary`: the header names, lower-cased, sorted, comma-joined.
+/// `Ok(None)` when the response does not vary; `Err(())` for `Vary: *` (never stored).
+pub(crate) fn vary_selector(headers: &HeaderMap) -> Result<Option<String>, ()> {
+    let mut names: Vec<String> = Vec::new();
+    for v in headers.get_all(http::header::VARY) {
+        let Ok(v) = v.to_str() else { return Err(()) };
+        for n in v.split(',') {
+            let n = n.trim().to_ascii_lowercase();
+            if n == "*" {
+                return Err(());
+            }
+            if !n.is_empty() {
+                names.push(n);
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    names.sort();
+    names.dedup();
+    Ok(Some(names.join(",")))
+}
+
+/// This request's variant digest for a stored selector.
+pub(crate) fn variant_of(selector: &[u8], req: &HeaderMap) -> Option<Digest> {
+    let sel = std::str::from_utf8(selector).ok()?;
+    let mut fields: Vec<Vec<u8>> = vec![b"vary".to_vec(), selector.to_vec()];
+    for name in sel.split(',') {
+        if name == "*" {
+            return None;
+        }
+        // Values joined in order; absent and empty are different.
+        let mut present = false;
+        let mut joined = Vec::new();
+        for v in req.get_all(name) {
+            if present {
+                joined.push(b',');
+            }
+            present = true;
+            joined.extend_from_slice(v.as_bytes());
+        }
+        fields.push(vec![present as u8]);
+        fields.push(joined);
+    }
+    Some(Digest::of_fields(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn vary_normalises_names() {
+        let mut h = HeaderMap::new();
+        h.append("vary", HeaderValue::from_static("Accept-Encoding, Accept"));
+        h.append("vary", HeaderValue::from_static("accept"));
+        assert_eq!(
+            vary_selector(&h).unwrap().unwrap(),
+            "accept,accept-encoding"
+        );
+        h.append("vary", HeaderValue::from_static("*"));
+        assert!(vary_selector(&h).is_err());
+    }
+
+    #[test]
+    fn variants_differ_by_value_and_presence() {
+        let mut a = HeaderMap::new();
+        a.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        let mut b = HeaderMap::new();
+        b.insert("accept-encoding", HeaderValue::from_static("br"));
+        let mut empty = HeaderMap::new();
+        empty.insert("accept-encoding", HeaderValue::from_static(""));
+        let none = HeaderMap::new();
+        let sel = b"accept-encoding";
+        let all = [&a, &b, &empty, &none].map(|h| variant_of(sel, h).unwrap());
+        for i in 0..all.len() {
+            for j in 0..i {
+                assert_ne!(all[i], all[j]);
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A buffered HTTP response as stored in an entry's value.
+//!
+//! Layout (little-endian): status u16, origin age u32 (seconds, from the origin's `Age`), header
+//! count u16, then per header name length u16, name, value length u32, value; the body is the
+//! rest, so serving it is a zero-copy slice of the stored buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// A stored response.
+#[derive(Clone, Debug)]
+pub(crate) struct StoredResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) origin_age: u32,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+/// Headers that describe one connection or one transfer, never a stored response.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+fn skip_on_store(name: &HeaderName) -> bool {
+    is_hop_by_hop(name)
+        || name == header::AGE
+        || name == header::CONTENT_LENGTH
+        || name == header::SET_COOKIE
+        || name.as_str() == "cache-status"
+}
+
+impl StoredResponse {
+    pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
+        let origin_age = headers
+            .get(header::AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        let mut kept = HeaderMap::with_capacity(headers.len());
+        for (n, v) in headers {
+            if !skip_on_store(n) {
+                kept.append(n.clone(), v.clone());
+            }
+        }
+        StoredResponse {
+            status,
+            origin_age,
+            headers: kept,
+            body,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> Bytes {
+        let hdr_len: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| 6 + n.as_str().len() + v.len())
+            .sum();
+        let mut out = BytesMut::with_capacity(8 + hdr_len + self.body.len());
+        out.put_u16_le(self.status.as_u16());
+        out.put_u32_le(self.origin_age);
+        let count = self.headers.len().min(u16::MAX as usize);
+        out.put_u16_le(count as u16);
+        for (n, v) in self.headers.iter().take(count) {
+            out.put_u16_le(n.as_str().len() as u16);
+            out.put_slice(n.as_str().as_bytes());
+            out.put_u32_le(v.len() as u32);
+            out.put_slice(v.as_bytes());
+        }
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// `None` for anything malformed.
+    pub(crate) fn decode(b: &Bytes) -> Option<Self> {
+        let mut buf = b.clone();
+        if buf.remaining() < 8 {
+            return None;
+        }
+        let status = StatusCode::from_u16(buf.get_u16_le()).ok()?;
+        let origin_age = buf.get_u32_le();
+        let count = buf.get_u16_le() as usize;
+        let mut headers = HeaderMap::with_capacity(count);
+        for _ in 0..count {
+            if buf.remaining() < 2 {
+                return None;
+            }
+            let nl = buf.get_u16_le() as usize;
+            if buf.remaining() < nl + 4 {
+                return None;
+            }
+            let name = HeaderName::from_bytes(&buf[..nl]).ok()?;
+            buf.advance(nl);
+            let vl = buf.get_u32_le() as usize;
+            if buf.remaining() < vl {
+                return None;
+            }
+            let value = HeaderValue::from_maybe_shared(buf.split_to(vl)).ok()?;
+            headers.append(name, value);
+        }
+        Some(StoredResponse {
+            status,
+            origin_age,
+            headers,
+            body: buf,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_drops_per_connection_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(header::AGE, HeaderValue::from_static("7"));
+        let s = StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(b"body"));
+        let d = StoredResponse::decode(&s.encode()).unwrap();
+        assert_eq!(d.status, StatusCode::OK);
+        assert_eq!(d.origin_age, 7);
+        assert_eq!(&d.body[..], b"body");
+        assert!(d.headers.get(header::CONNECTION).is_none());
+        assert_eq!(d.headers.get(header::VARY).unwrap(), "accept-encoding");
+    }
+
+    #[test]
+    fn garbage_is_none() {
+        for b in [&b""[..], b"\x00\x00", b"\xc8\x00\x00\x00\x00\x00\x05\x00"] {
+            assert!(StoredResponse::decode(&Bytes::copy_from_slice(b)).is_none());
+        }
+    }
+}

@@ -1,0 +1,633 @@
+//! The HTTP layer against an in-process origin service: counts of origin calls, Cache-Status
+//! values and bodies. Paused tokio clock where time matters.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Service, ServiceExt};
+use tower_layer::Layer;
+use tower_stampede::http::{CookiePolicy, StampedeLayer};
+
+type Req = Request<Full<Bytes>>;
+type Handler = Arc<dyn Fn(&Req, usize) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// An origin that counts calls and concurrent calls, records the requests it saw, sleeps
+/// `delay`, and answers with `handler(request, call_number)`.
+#[derive(Clone)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(Method, HeaderMap)>>>,
+    delay: Duration,
+    handler: Handler,
+}
+
+impl Origin {
+    fn new(
+        delay: Duration,
+        handler: impl Fn(&Req, usize) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
+        Origin {
+            calls: Default::default(),
+            running: Default::default(),
+            peak: Default::default(),
+            seen: Default::default(),
+            delay,
+            handler: Arc::new(handler),
+        }
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+    fn service(
+        &self,
+    ) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
+           + Clone
+           + Send
+           + 'static {
+        let o = self.clone();
+        tower::service_fn(move |req: Req| {
+            let o = o.clone();
+            async move {
+                let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let r = o.running.fetch_add(1, Ordering::SeqCst) + 1;
+                o.peak.fetch_max(r, Ordering::SeqCst);
+                o.seen
+                    .lock()
+                    .unwrap()
+                    .push((req.method().clone(), req.headers().clone()));
+                tokio::time::sleep(o.delay).await;
+                o.running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>((o.handler)(&req, n))
+            }
+        })
+    }
+}
+
+fn ok(cc: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    if !cc.is_empty() {
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, cc.parse().unwrap());
+    }
+    r
+}
+
+fn get(uri: &str) -> Req {
+    Request::get(uri).body(Full::default()).unwrap()
+}
+
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Got {
+    fn cs(&self) -> String {
+        self.headers
+            .get("cache-status")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+async fn send<S, B>(svc: &S, req: Req) -> Got
+where
+    S: Service<Req, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_requests_for_one_cold_url_reach_the_origin_once() {
+    let origin = Origin::new(ms(200), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, get("http://a.test/cold")).await
+        }));
+    }
+    let (mut stored, mut collapsed) = (0, 0);
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(g.status, StatusCode::OK);
+        assert_eq!(&g.body[..], b"run 1");
+        let cs = g.cs();
+        if cs.contains("stored") {
+            stored += 1;
+        } else if cs.contains("collapsed") || cs.contains("; hit") {
+            collapsed += 1;
+        } else {
+            panic!("unexpected Cache-Status {cs}");
+        }
+    }
+    assert_eq!(origin.calls(), 1);
+    assert_eq!((stored, collapsed), (1, 999));
+    let g = send(&svc, get("http://a.test/cold")).await;
+    assert!(
+        g.cs().starts_with("tower-stampede; hit; ttl="),
+        "{}",
+        g.cs()
+    );
+}
+
+fn vary_origin(delay: Duration) -> Origin {
+    Origin::new(delay, |req, _| {
+        let enc = req
+            .headers()
+            .get(header::ACCEPT_ENCODING)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let mut r = ok("max-age=60", format!("enc:{enc}"));
+        r.headers_mut()
+            .insert(header::VARY, "Accept-Encoding".parse().unwrap());
+        r
+    })
+}
+
+fn with_enc(uri: &str, enc: &str) -> Req {
+    Request::get(uri)
+        .header(header::ACCEPT_ENCODING, enc)
+        .body(Full::default())
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn vary_keeps_one_entry_per_variant() {
+    let origin = vary_origin(ms(10));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/v";
+    assert_eq!(&send(&svc, with_enc(u, "gzip")).await.body[..], b"enc:gzip");
+    assert_eq!(&send(&svc, with_enc(u, "br")).await.body[..], b"enc:br");
+    assert_eq!(origin.calls(), 2);
+    let g = send(&svc, with_enc(u, "gzip")).await;
+    assert_eq!(
+        (&g.body[..], g.cs().contains("; hit")),
+        (&b"enc:gzip"[..], true)
+    );
+    let g = send(&svc, with_enc(u, "br")).await;
+    assert_eq!(
+        (&g.body[..], g.cs().contains("; hit")),
+        (&b"enc:br"[..], true)
+    );
+    assert_eq!(origin.calls(), 2);
+    // Matching neither variant: a miss.
+    let g = send(&svc, with_enc(u, "deflate")).await;
+    assert_eq!(&g.body[..], b"enc:deflate");
+    assert_eq!(origin.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_with_other_vary_headers_is_not_handed_the_leaders_variant() {
+    let origin = vary_origin(ms(200));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/vf";
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let svc = svc.clone();
+        let enc = if i % 2 == 0 { "gzip" } else { "br" };
+        tasks.push(tokio::spawn(async move {
+            (enc, send(&svc, with_enc(u, enc)).await)
+        }));
+    }
+    for t in tasks {
+        let (enc, g) = t.await.unwrap();
+        assert_eq!(g.body, Bytes::from(format!("enc:{enc}")), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 2, "one fill per variant");
+}
+
+#[tokio::test(start_paused = true)]
+async fn private_and_set_cookie_responses_are_never_shared() {
+    for (cc, cookie) in [("private, max-age=60", false), ("max-age=60", true)] {
+        let origin = Origin::new(ms(100), move |req, _| {
+            let user = req
+                .headers()
+                .get("x-user")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            let mut r = ok(cc, format!("secret of {user}"));
+            if cookie {
+                r.headers_mut()
+                    .insert(header::SET_COOKIE, format!("s={user}").parse().unwrap());
+            }
+            r
+        });
+        let svc = StampedeLayer::in_memory().layer(origin.service());
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                let req = Request::get("http://a.test/me")
+                    .header("x-user", i.to_string())
+                    .body(Full::default())
+                    .unwrap();
+                (i, send(&svc, req).await)
+            }));
+        }
+        for t in tasks {
+            let (i, g) = t.await.unwrap();
+            assert_eq!(
+                g.body,
+                Bytes::from(format!("secret of {i}")),
+                "{cc} cookie={cookie}"
+            );
+        }
+        assert_eq!(origin.calls(), 50);
+        // Nothing was stored.
+        let req = Request::get("http://a.test/me")
+            .header("x-user", "later")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(&send(&svc, req).await.body[..], b"secret of later");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_authorization_request_bypasses_and_sets_no_pass_marker() {
+    let origin = Origin::new(ms(100), |req, _| {
+        if req.headers().contains_key(header::AUTHORIZATION) {
+            ok("private", "for the user")
+        } else {
+            ok("max-age=60", "public page")
+        }
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let req = Request::get("http://a.test/p")
+        .header(header::AUTHORIZATION, "Bearer x")
+        .body(Full::default())
+        .unwrap();
+    let g = send(&svc, req).await;
+    assert_eq!(&g.body[..], b"for the user");
+    assert!(
+        g.cs().contains("fwd=bypass; detail=authorization"),
+        "{}",
+        g.cs()
+    );
+    // The anonymous crowd after it is still collapsed into one fill.
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, get("http://a.test/p")).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(&t.await.unwrap().body[..], b"public page");
+    }
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cookies_bypass_when_the_ttl_is_ours() {
+    let origin = Origin::new(ms(1), |_, n| ok("", format!("run {n}")));
+    let layer = StampedeLayer::in_memory().default_ttl(Duration::from_secs(60));
+    let svc = layer.clone().layer(origin.service());
+    let with_cookie = |c: &str| {
+        Request::get("http://a.test/c")
+            .header(header::COOKIE, c)
+            .body(Full::default())
+            .unwrap()
+    };
+    let g = send(&svc, with_cookie("session=abc")).await;
+    assert!(g.cs().contains("detail=cookie"), "{}", g.cs());
+    let g = send(&svc, with_cookie("session=abc")).await;
+    assert!(g.cs().contains("detail=cookie"));
+    assert_eq!(origin.calls(), 2);
+
+    // Ignored cookie names are cached like no cookie at all.
+    let origin = Origin::new(ms(1), |_, n| ok("", format!("run {n}")));
+    let svc = layer
+        .cookies(CookiePolicy::Ignore(vec!["_ga".into()]))
+        .layer(origin.service());
+    send(&svc, with_cookie("_ga=1")).await;
+    let g = send(&svc, with_cookie("_ga=2")).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    let g = send(&svc, with_cookie("_ga=1; session=x")).await;
+    assert!(g.cs().contains("detail=cookie"), "{}", g.cs());
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leaders_conditional_range_or_head_never_reach_followers() {
+    let origin = Origin::new(ms(200), |_, _| {
+        let mut r = ok("max-age=60", "the full body");
+        r.headers_mut()
+            .insert(header::ETAG, "\"v1\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/n";
+    let leader = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let req = Request::get(u)
+                .header(header::IF_NONE_MATCH, "\"v1\"")
+                .header(header::RANGE, "bytes=0-3")
+                .body(Full::default())
+                .unwrap();
+            send(&svc, req).await
+        })
+    };
+    tokio::time::sleep(ms(1)).await;
+    let head = {
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let req = Request::head(u).body(Full::default()).unwrap();
+            send(&svc, req).await
+        })
+    };
+    let mut followers = Vec::new();
+    for _ in 0..20 {
+        let svc = svc.clone();
+        followers.push(tokio::spawn(async move { send(&svc, get(u)).await }));
+    }
+    let l = leader.await.unwrap();
+    assert_eq!(
+        l.status,
+        StatusCode::NOT_MODIFIED,
+        "the leader's own conditional is answered"
+    );
+    let h = head.await.unwrap();
+    assert_eq!((h.status, h.body.len()), (StatusCode::OK, 0));
+    assert_eq!(h.headers.get(header::CONTENT_LENGTH).unwrap(), "13");
+    for f in followers {
+        let g = f.await.unwrap();
+        assert_eq!(
+            (g.status, &g.body[..]),
+            (StatusCode::OK, &b"the full body"[..])
+        );
+    }
+    assert_eq!(origin.calls(), 1);
+    let seen = origin.seen.lock().unwrap();
+    let (m, h) = &seen[0];
+    assert_eq!(m, Method::GET);
+    assert!(!h.contains_key(header::IF_NONE_MATCH) && !h.contains_key(header::RANGE));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_uncacheable_url_is_not_serialized() {
+    let origin = Origin::new(ms(200), |_, n| ok("no-store", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/u";
+    let wave = |svc: &_| {
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let svc: tower_stampede::http::StampedeService<_> = Clone::clone(svc);
+            tasks.push(tokio::spawn(async move { send(&svc, get(u)).await }));
+        }
+        tasks
+    };
+    // Cold: the first response reveals the URL is uncacheable; the 99 waiters then go together.
+    for t in wave(&svc) {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(origin.calls(), 100);
+    assert!(origin.peak() >= 99, "peak {}", origin.peak());
+    // Warm (pass marker set): all 100 at once.
+    origin.peak.store(0, Ordering::SeqCst);
+    for t in wave(&svc) {
+        let g = t.await.unwrap();
+        assert!(g.cs().contains("fwd=uri-miss; detail="), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 200);
+    assert_eq!(origin.peak(), 100, "100 requests ran in parallel");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_origin_500_serves_the_stale_copy_inside_stale_if_error() {
+    let origin = Origin::new(ms(1), |_, n| {
+        if n == 1 {
+            ok("max-age=1, stale-if-error=60", "good")
+        } else {
+            let mut r = ok("", "boom");
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            r
+        }
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/e";
+    assert_eq!(&send(&svc, get(u)).await.body[..], b"good");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let g = send(&svc, get(u)).await;
+    assert_eq!((g.status, &g.body[..]), (StatusCode::OK, &b"good"[..]));
+    assert!(g.cs().contains("fwd=stale"), "{}", g.cs());
+    // Beyond the window: the origin's 500 itself.
+    tokio::time::advance(Duration::from_secs(120)).await;
+    let g = send(&svc, get(u)).await;
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &b"boom"[..])
+    );
+    assert!(g.cs().contains("fwd-status=500"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn conditional_requests_are_answered_from_the_entry() {
+    let origin = Origin::new(ms(1), |_, _| {
+        let mut r = ok("max-age=60", "body");
+        r.headers_mut()
+            .insert(header::ETAG, "W/\"e1\"".parse().unwrap());
+        r.headers_mut().insert(
+            header::LAST_MODIFIED,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/c304";
+    send(&svc, get(u)).await;
+    let req = Request::get(u)
+        .header(header::IF_NONE_MATCH, "\"other\", \"e1\"")
+        .body(Full::default())
+        .unwrap();
+    let g = send(&svc, req).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::NOT_MODIFIED, 0));
+    assert_eq!(g.headers.get(header::ETAG).unwrap(), "W/\"e1\"");
+    let req = Request::get(u)
+        .header(header::IF_MODIFIED_SINCE, "Thu, 22 Oct 2015 07:28:00 GMT")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, req).await.status, StatusCode::NOT_MODIFIED);
+    let req = Request::get(u)
+        .header(header::IF_NONE_MATCH, "\"nope\"")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, req).await.status, StatusCode::OK);
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_entry_is_revalidated_with_its_validators() {
+    let origin = Origin::new(ms(1), |req, n| {
+        if n > 1
+            && req
+                .headers()
+                .get(header::IF_NONE_MATCH)
+                .is_some_and(|v| v == "\"e1\"")
+        {
+            let mut r = Response::new(Full::default());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, "max-age=60".parse().unwrap());
+            return r;
+        }
+        let mut r = ok("max-age=1", "original body");
+        r.headers_mut()
+            .insert(header::ETAG, "\"e1\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/reval";
+    send(&svc, get(u)).await;
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let g = send(&svc, get(u)).await;
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (StatusCode::OK, &b"original body"[..])
+    );
+    assert!(g.cs().contains("stored"), "{}", g.cs());
+    assert_eq!(origin.calls(), 2);
+    assert!(origin.seen.lock().unwrap()[1]
+        .1
+        .contains_key(header::IF_NONE_MATCH));
+    // Freshened by the 304's max-age=60.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let g = send(&svc, get(u)).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    assert_eq!(&g.body[..], b"original body");
+    assert_eq!(g.headers.get(header::AGE).unwrap(), "10");
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bodies_above_max_body_stream_through_uncached() {
+    let big = Bytes::from(vec![b'x'; 10_000]);
+    let b2 = big.clone();
+    let origin = Origin::new(ms(1), move |_, _| ok("max-age=60", b2.clone()));
+    let svc = StampedeLayer::in_memory()
+        .max_body(1024)
+        .layer(origin.service());
+    let u = "http://a.test/big";
+    for i in 1..=3 {
+        let g = send(&svc, get(u)).await;
+        assert_eq!(g.body, big);
+        assert!(g.cs().contains("detail=too-large"), "{}", g.cs());
+        assert_eq!(origin.calls(), i);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn age_counts_time_in_the_cache() {
+    let origin = Origin::new(ms(1), |_, _| ok("max-age=60", "x"));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    send(&svc, get("http://a.test/age")).await;
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let g = send(&svc, get("http://a.test/age")).await;
+    assert_eq!(g.headers.get(header::AGE).unwrap(), "5");
+    assert_eq!(g.cs(), "tower-stampede; hit; ttl=55");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unsafe_method_invalidates_the_url() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/inv";
+    send(&svc, get(u)).await;
+    assert!(send(&svc, get(u)).await.cs().contains("; hit"));
+    let post = Request::post(u).body(Full::default()).unwrap();
+    let g = send(&svc, post).await;
+    assert!(g.cs().contains("detail=method"), "{}", g.cs());
+    let g = send(&svc, get(u)).await;
+    assert_eq!(&g.body[..], b"run 3");
+    assert!(g.cs().contains("stored"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_ttl_from_anyone_nothing_is_cached() {
+    let origin = Origin::new(ms(1), |_, n| ok("", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let g = send(&svc, get("http://a.test/nt")).await;
+    assert!(g.cs().contains("detail=no-ttl"), "{}", g.cs());
+    send(&svc, get("http://a.test/nt")).await;
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_function_can_bypass() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory()
+        .key_fn(|p| (!p.uri.path().starts_with("/admin")).then(|| p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    let g = send(&svc, get("http://a.test/admin/x")).await;
+    assert!(g.cs().contains("fwd=bypass; detail=key"), "{}", g.cs());
+    // The key ignores the query string here.
+    send(&svc, get("http://a.test/page?a=1")).await;
+    let g = send(&svc, get("http://a.test/page?a=2")).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn works_on_an_axum_router() {
+    use axum::{routing::get as aget, Router};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    let app: Router = Router::new()
+        .route(
+            "/slow",
+            aget(move || {
+                let r = r2.clone();
+                async move {
+                    tokio::time::sleep(ms(200)).await;
+                    format!("handler ran {} times", r.fetch_add(1, Ordering::SeqCst) + 1)
+                }
+            }),
+        )
+        .route_layer(StampedeLayer::in_memory().default_ttl(Duration::from_secs(10)));
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let res = app
+                .oneshot(
+                    Request::get("/slow")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            res.into_body().collect().await.unwrap().to_bytes()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(&t.await.unwrap()[..], b"handler ran 1 times");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
