@@ -49,6 +49,11 @@ impl<K: Eq + Hash + Clone, V: Clone + Aborted> Flights<K, V> {
         })
     }
 
+    /// How many flights are running.
+    pub(crate) fn running(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Whether a flight for `key` is running.
     #[cfg(test)]
     pub(crate) fn is_running(&self, key: &K) -> bool {

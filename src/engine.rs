@@ -349,6 +349,23 @@ impl Stampede {
         &self.inner.backend
     }
 
+    /// Waits until no flight (fill, wait or background refresh) of this engine is running, at
+    /// most `timeout`; returns whether it got there. Call it on shutdown after the server
+    /// stopped taking requests: running fills finish and their writes release their leases,
+    /// instead of leaving them to expire.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.inner.flights.running() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether the circuit breaker is open (the backend is being skipped).
     pub fn breaker_open(&self) -> bool {
         self.inner.breaker.is_open()

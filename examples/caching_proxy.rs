@@ -1,0 +1,518 @@
+//! A caching reverse proxy on hyper 1, wrapped in the stampede layer.
+//!
+//! With no `--upstream` it starts a small demo upstream of its own (`/slow` takes 200 ms and
+//! counts its calls, `/nocache` is uncacheable, `/count` tells how many upstream calls were
+//! made), so it shows the protection on a fresh machine with nothing else installed:
+//!
+//! ```sh
+//! cargo run --release --example caching_proxy
+//! seq 500 | xargs -P 500 -I{} curl -s -o /dev/null http://127.0.0.1:8080/slow
+//! curl -s http://127.0.0.1:8080/count      # -> upstream calls: 1 (/slow) ...
+//! ```
+//!
+//! Every flag can also be set from the environment (`STAMPEDE_<FLAG>`, e.g.
+//! `STAMPEDE_UPSTREAM`). Stores: `memory` (default), `redis://host:port/db` (feature `redis`),
+//! `memcache://host:port[,host:port]` (feature `memcached`). Logs through `RUST_LOG`
+//! (`RUST_LOG=debug` prints one line per request).
+//!
+//! Run with `cargo run --example caching_proxy -- --help`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tower::Service;
+use tower_layer::Layer;
+use tower_stampede::backend::memory::MemoryBackend;
+use tower_stampede::backend::Backend;
+use tower_stampede::http::{StampedeLayer, StampedeService};
+use tower_stampede::{BoxError, Config, Stampede};
+
+type Body = BoxBody<Bytes, BoxError>;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "A caching reverse proxy that stops cache stampedes (tower-stampede).")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "STAMPEDE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The origin, e.g. http://127.0.0.1:9000. Without it a demo upstream is started.
+    #[arg(long, env = "STAMPEDE_UPSTREAM")]
+    upstream: Option<String>,
+    /// memory | redis://host:port[/db] | memcache://host:port[,host:port]
+    #[arg(long, env = "STAMPEDE_STORE", default_value = "memory")]
+    store: String,
+    /// Freshness for responses whose origin sets none (default: such responses are not cached).
+    #[arg(long, env = "STAMPEDE_TTL", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Lease on a rebuild: how long before another instance may take over a fill.
+    #[arg(long, env = "STAMPEDE_LEASE", default_value = "5s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// stale-while-revalidate for responses that set none.
+    #[arg(long, env = "STAMPEDE_SWR", default_value = "0s", value_parser = humantime::parse_duration)]
+    swr: Duration,
+    /// stale-if-error for responses that set none.
+    #[arg(long, env = "STAMPEDE_SIE", default_value = "0s", value_parser = humantime::parse_duration)]
+    sie: Duration,
+    /// One deadline per request while another request fills (then stale, else 504).
+    #[arg(long, env = "STAMPEDE_WAIT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
+    /// An upstream call running longer is abandoned (504, or stale inside stale-if-error).
+    #[arg(long, env = "STAMPEDE_FILL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    fill_timeout: Duration,
+    /// Waiters' polling backoff, MIN..MAX (they also wake on signals where the store has them).
+    #[arg(long, env = "STAMPEDE_BACKOFF", default_value = "10ms..500ms", value_parser = parse_backoff)]
+    backoff: (Duration, Duration),
+    /// Largest body cached, in bytes (k/m suffixes allowed); larger ones stream through.
+    #[arg(long, env = "STAMPEDE_MAX_BODY", default_value = "1m", value_parser = parse_bytes)]
+    max_body: usize,
+    /// Key prefix in Redis or Memcached.
+    #[arg(long, env = "STAMPEDE_PREFIX", default_value = "ts:")]
+    prefix: String,
+    /// Byte budget of the memory store.
+    #[arg(long, env = "STAMPEDE_MEMORY", default_value = "64m", value_parser = parse_bytes)]
+    memory: usize,
+    /// Per-call timeout of the store (slower counts as a store error; the proxy then fails open).
+    #[arg(long, env = "STAMPEDE_BACKEND_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
+    backend_timeout: Duration,
+    /// Serve /metrics (Prometheus) and /healthz here; never proxied.
+    #[arg(long, env = "STAMPEDE_ADMIN")]
+    admin: Option<SocketAddr>,
+}
+
+fn parse_backoff(s: &str) -> Result<(Duration, Duration), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, e.g. 10ms..500ms, got {s:?}"))?;
+    let a = humantime::parse_duration(a.trim()).map_err(|e| format!("{a:?}: {e}"))?;
+    let b = humantime::parse_duration(b.trim()).map_err(|e| format!("{b:?}: {e}"))?;
+    Ok((a, b))
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.trim_end_matches("ib").trim_end_matches('b');
+    let (num, mul) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1024),
+        Some('m') => (&t[..t.len() - 1], 1024 * 1024),
+        Some('g') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("expected a size like 1048576, 512k or 1m, got {s:?}"))
+}
+
+/// Forwards to the upstream over a pooled keep-alive client. Never fails: an unreachable or
+/// hanging upstream is a 502 or 504 response, which the layer treats like any 5xx (stale-if-error,
+/// the failed signal).
+#[derive(Clone)]
+struct Proxy {
+    client: Client<HttpConnector, Body>,
+    upstream: Uri,
+    timeout: Duration,
+}
+
+impl Service<Request<Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let mut parts = this.upstream.clone().into_parts();
+            parts.path_and_query = pq.parse().ok();
+            *req.uri_mut() = match Uri::from_parts(parts) {
+                Ok(u) => u,
+                Err(_) => return Ok(status(StatusCode::BAD_REQUEST, "bad request target\n")),
+            };
+            match tokio::time::timeout(this.timeout, this.client.request(req)).await {
+                Ok(Ok(res)) => {
+                    let (mut parts, body) = res.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, body.map_err(box_err).boxed()))
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "upstream unreachable");
+                    Ok(status(StatusCode::BAD_GATEWAY, "upstream unreachable\n"))
+                }
+                Err(_) => Ok(status(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")),
+            }
+        })
+    }
+}
+
+fn status(code: StatusCode, msg: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(msg.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn box_err(e: hyper::Error) -> BoxError {
+    Box::new(e)
+}
+
+/// RFC 9110 section 7.6.1: the fixed hop-by-hop headers and those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+/// Via, X-Forwarded-For and Forwarded on the way in.
+fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::try_from(xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!(";host=\"{v}\""))
+        .unwrap_or_default();
+    let fwd = if peer.is_ipv6() {
+        format!("for=\"[{ip}]\";proto=http{host}")
+    } else {
+        format!("for={ip};proto=http{host}")
+    };
+    if let Ok(v) = HeaderValue::try_from(fwd) {
+        h.append("forwarded", v);
+    }
+    h.append(header::VIA, HeaderValue::from_static("1.1 tower-stampede"));
+}
+
+async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
+    let store = args.store.as_str();
+    if store == "memory" {
+        return Ok(Arc::new(MemoryBackend::new(args.memory)));
+    }
+    if store.starts_with("redis://") || store.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        {
+            let b = tower_stampede::backend::redis::RedisBackend::builder(store)
+                .prefix(&args.prefix)
+                .build()
+                .await?;
+            return Ok(Arc::new(b));
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err("this proxy was built without the `redis` feature (cargo run --features redis ...)".into());
+    }
+    if store.starts_with("memcache://") {
+        #[cfg(feature = "memcached")]
+        {
+            let b = tower_stampede::backend::memcached::MemcachedBackend::builder(store)
+                .prefix(&args.prefix)
+                .build()
+                .await?;
+            return Ok(Arc::new(b));
+        }
+        #[cfg(not(feature = "memcached"))]
+        return Err("this proxy was built without the `memcached` feature (cargo run --features memcached ...)".into());
+    }
+    Err(format!("unknown --store {store:?}: expected memory, redis://... or memcache://...").into())
+}
+
+/// The demo upstream: `/slow` (200 ms, counted, cacheable for 5 s), `/nocache` (200 ms,
+/// `no-store`), `/count` (the upstream calls so far).
+async fn demo_upstream() -> Result<SocketAddr, BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let slow = Arc::new(AtomicU64::new(0));
+    let nocache = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (slow, nocache) = (slow.clone(), nocache.clone());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (slow, nocache) = (slow.clone(), nocache.clone());
+                async move {
+                    let (cc, body) = match req.uri().path() {
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let n = slow.fetch_add(1, Ordering::SeqCst) + 1;
+                            ("public, max-age=5, stale-while-revalidate=30", format!("slow response #{n}\n"))
+                        }
+                        "/nocache" => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let n = nocache.fetch_add(1, Ordering::SeqCst) + 1;
+                            ("no-store", format!("uncacheable response #{n}\n"))
+                        }
+                        "/count" => (
+                            "no-store",
+                            format!(
+                                "upstream calls: {} (/slow), {} (/nocache)\n",
+                                slow.load(Ordering::SeqCst),
+                                nocache.load(Ordering::SeqCst)
+                            ),
+                        ),
+                        _ => ("no-store", "demo upstream: try /slow, /nocache, /count\n".to_string()),
+                    };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CACHE_CONTROL, cc)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("a valid response"),
+                    )
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn admin(addr: SocketAddr, prom: metrics_exporter_prometheus::PrometheusHandle) -> Result<(), BoxError> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!("admin on http://{}/metrics and /healthz", listener.local_addr()?);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let prom = prom.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let prom = prom.clone();
+                async move {
+                    let (code, body) = match req.uri().path() {
+                        "/metrics" => (StatusCode::OK, prom.render()),
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = code;
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+type Served = Response<BoxBody<Bytes, std::io::Error>>;
+
+/// One request through the stack. A plain function returning a boxed future, and a body with a
+/// concrete error type, so the connection future spawned per connection stays provably `Send`
+/// (rustc cannot see through the nested async blocks otherwise).
+fn serve(
+    mut svc: StampedeService<Proxy>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Served, Infallible>> + Send>> {
+    let started = std::time::Instant::now();
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarding(&mut parts.headers, peer);
+    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+    let req = Request::from_parts(parts, body.map_err(box_err).boxed());
+    // The proxy service is always ready; the layer's poll_ready delegates to it.
+    let fut = svc.call(req);
+    Box::pin(async move {
+        let res = fut.await?;
+        tracing::debug!(
+            %method, %path, status = res.status().as_u16(),
+            cache = res.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        Ok(res.map(|b| b.map_err(std::io::Error::other).boxed()))
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+
+    let upstream = match &args.upstream {
+        Some(u) => u.clone(),
+        None => {
+            let addr = demo_upstream().await?;
+            println!(
+                "no --upstream given: started a demo upstream on http://{addr} \
+                 (/slow takes 200 ms and counts its calls; /nocache; /count)"
+            );
+            format!("http://{addr}")
+        }
+    };
+    let upstream: Uri = upstream
+        .parse()
+        .map_err(|e| format!("--upstream {upstream:?}: {e}"))?;
+    if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+        return Err(format!("--upstream must be http://host:port, got {upstream}").into());
+    }
+
+    let config = Config::default()
+        .lease(args.lease)
+        .wait_timeout(args.wait_timeout)
+        .fill_timeout(args.fill_timeout)
+        .backoff(args.backoff.0, args.backoff.1)
+        .backend_timeout(args.backend_timeout);
+    let engine = Stampede::from_arc(backend(&args).await?, config)?;
+    let mut layer = StampedeLayer::new(engine.clone())
+        .max_body(args.max_body)
+        .stale_while_revalidate(args.swr)
+        .stale_if_error(args.sie);
+    if let Some(ttl) = args.ttl {
+        layer = layer.default_ttl(ttl);
+    }
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http();
+    let proxy = Proxy {
+        client,
+        upstream,
+        timeout: args.fill_timeout,
+    };
+    let svc = layer.layer(proxy);
+
+    if let Some(a) = args.admin {
+        admin(a, prom).await?;
+    }
+    let listener = TcpListener::bind(args.listen).await?;
+    println!(
+        "tower-stampede caching proxy on http://{} -> {} (store: {})",
+        listener.local_addr()?,
+        args.upstream.as_deref().unwrap_or("demo upstream"),
+        args.store
+    );
+
+    // Graceful shutdown: stop accepting, ask every connection to finish its in-flight request,
+    // wait for them, then for the engine's running fills (whose writes release their leases).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let live = Arc::new(());
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = svc.clone();
+                let conn_svc =
+                    hyper::service::service_fn(move |req: Request<Incoming>| serve(svc.clone(), peer, req));
+                let mut stop = stop_rx.clone();
+                let guard = live.clone();
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), conn_svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = stop.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                    drop(guard);
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    println!("shutting down: finishing in-flight requests");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&live) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if !engine.drain(Duration::from_secs(10)).await {
+        eprintln!("some fills were still running after 10 s; their leases will expire");
+    }
+    Ok(())
+}
