@@ -201,10 +201,13 @@ struct Inner {
     cfg: Config,
     flights: Arc<Flights<(Digest, Option<Digest>), Shared>>,
     breaker: Breaker,
-    memo: Mutex<HashMap<Digest, Bytes>>,
+    /// The last `Vary` selector seen per slot, so a hit on a varying entry is one round trip.
+    /// Sharded: every HTTP lookup reads it.
+    memo: Vec<Mutex<HashMap<Digest, Bytes>>>,
 }
 
-const MEMO_CAP: usize = 16_384;
+const MEMO_SHARDS: usize = 16;
+const MEMO_CAP: usize = 16_384 / MEMO_SHARDS;
 
 /// A flight's outcome, shared by every caller that joined it.
 #[derive(Clone, Debug)]
@@ -334,7 +337,9 @@ impl Stampede {
                 breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
                 cfg: config,
                 flights: Arc::new(Flights::new()),
-                memo: Mutex::new(HashMap::new()),
+                memo: (0..MEMO_SHARDS)
+                    .map(|_| Mutex::new(HashMap::new()))
+                    .collect(),
             }),
         })
     }
@@ -1426,14 +1431,20 @@ impl Stampede {
         Ok(looked)
     }
 
+    fn memo_shard(&self, slot: &Digest) -> std::sync::MutexGuard<'_, HashMap<Digest, Bytes>> {
+        self.inner.memo[slot.as_bytes()[0] as usize % MEMO_SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn memo_variant(&self, key: &CacheKey) -> Option<Digest> {
         key.select.as_ref()?;
-        let memo = self.inner.memo.lock().unwrap_or_else(|e| e.into_inner());
-        memo.get(&key.slot).and_then(|sel| key.variant_for(sel))
+        let sel = self.memo_shard(&key.slot).get(&key.slot).cloned();
+        sel.and_then(|sel| key.variant_for(&sel))
     }
 
     fn memo_set(&self, slot: &Digest, selector: Bytes) {
-        let mut memo = self.inner.memo.lock().unwrap_or_else(|e| e.into_inner());
+        let mut memo = self.memo_shard(slot);
         if memo.get(slot) == Some(&selector) {
             return;
         }
@@ -1444,20 +1455,28 @@ impl Stampede {
     }
 
     fn memo_forget(&self, slot: &Digest) {
-        self.inner
-            .memo
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(slot);
+        self.memo_shard(slot).remove(slot);
     }
 
     /// One backend call: the breaker, the per-call timeout, the error count.
-    async fn bcall<T>(&self, fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
+    async fn bcall<T>(&self, mut fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
         let breaker = &self.inner.breaker;
         if !breaker.allow() {
             return Err(BackendError::new("circuit breaker open"));
         }
-        match tokio::time::timeout(self.inner.cfg.backend_timeout, fut).await {
+        // An in-process backend answers on the first poll: skip arming a timer for it.
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match fut.as_mut().poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        let res = match first {
+            Some(v) => Ok(v),
+            None => tokio::time::timeout(self.inner.cfg.backend_timeout, fut).await,
+        };
+        match res {
             Ok(Ok(v)) => {
                 breaker.success();
                 Ok(v)

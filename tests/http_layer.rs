@@ -631,3 +631,121 @@ async fn works_on_an_axum_router() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A store that is always down.
+struct Down;
+
+impl tower_stampede::backend::Backend for Down {
+    fn name(&self) -> &'static str {
+        "down"
+    }
+    fn fetch<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: Option<&'a tower_stampede::Digest>,
+    ) -> tower_stampede::backend::BoxFuture<
+        'a,
+        tower_stampede::backend::BackendResult<tower_stampede::backend::Fetched>,
+    > {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn try_acquire<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: Duration,
+        _: u64,
+    ) -> tower_stampede::backend::BoxFuture<
+        'a,
+        tower_stampede::backend::BackendResult<tower_stampede::backend::Acquire>,
+    > {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn extend<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: tower_stampede::backend::Token,
+        _: Duration,
+    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<bool>> {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn release<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: tower_stampede::backend::Token,
+        _: tower_stampede::backend::Signal,
+    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<bool>> {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn write(
+        &self,
+        _: tower_stampede::backend::FencedWrite,
+    ) -> tower_stampede::backend::BoxFuture<
+        '_,
+        tower_stampede::backend::BackendResult<tower_stampede::backend::WriteOutcome>,
+    > {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn invalidate<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: Duration,
+    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<u64>> {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn signal<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+        _: tower_stampede::backend::Signal,
+    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<()>> {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+    fn subscribe<'a>(
+        &'a self,
+        _: &'a tower_stampede::Digest,
+    ) -> tower_stampede::backend::BoxFuture<
+        'a,
+        tower_stampede::backend::BackendResult<Option<tower_stampede::backend::Subscription>>,
+    > {
+        Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_store_fails_open_still_coalesced_in_process() {
+    let origin = Origin::new(ms(200), |req, n| {
+        if req.uri().path() == "/big" {
+            ok("max-age=60", vec![b'b'; 5000])
+        } else {
+            ok("max-age=60", format!("run {n}"))
+        }
+    });
+    let engine = tower_stampede::Stampede::new(Down);
+    let svc = StampedeLayer::new(engine.clone())
+        .max_body(1024)
+        .layer(origin.service());
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, get("http://a.test/down")).await
+        }));
+    }
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(g.status, StatusCode::OK);
+        assert!(
+            g.cs().contains("fwd=bypass; detail=backend-down"),
+            "{}",
+            g.cs()
+        );
+    }
+    assert_eq!(
+        origin.calls(),
+        1,
+        "coalesced in process while the store is down"
+    );
+    assert!(engine.breaker_open(), "the breaker opened");
+    // A body too large to buffer still streams whole.
+    let g = send(&svc, get("http://a.test/big")).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 5000));
+}

@@ -373,7 +373,9 @@ fn respond<B>(
     side: &Side<B>,
 ) -> Response<ResponseBody<B>> {
     let detail = lock(side).detail;
-    if served.status == Status::Passed {
+    // Our own fill ran and its body was too large to buffer: stream it (passed, or bypassed
+    // because the backend is down).
+    if matches!(served.status, Status::Passed | Status::Bypass) {
         if let Some(mut res) = lock(side).streamed.take() {
             res.headers_mut().insert(
                 CACHE_STATUS,
