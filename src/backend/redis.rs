@@ -1,1 +1,0 @@
-//! The Redis backend (work in progress).

@@ -1,0 +1,21 @@
+-- try_acquire. KEYS: lease, fence counter, entry.
+-- ARGV: token (16 hex), lease ttl ms, seen fence (20 digits), counter ttl ms.
+-- Returns {0, pttl} held, {1, fence} acquired, {2} refreshed.
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl == -1 then
+  -- A lease without an expiry would block the key for ever: give it one.
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  pttl = tonumber(ARGV[2])
+end
+if pttl >= 0 then
+  return {0, pttl}
+end
+local stored = header(get(KEYS[3])) or ZERO20
+if stored ~= ARGV[3] then
+  return {2}
+end
+local counter = tonumber(get(KEYS[2]) or '0') or 0
+local fence = math.max(counter, tonumber(stored)) + 1
+redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, fence}

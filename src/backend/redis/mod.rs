@@ -1,0 +1,868 @@
+//! The Redis backend (cargo feature `redis`).
+//!
+//! Every contract operation that must be atomic is one Lua script, loaded once per connection
+//! (`SCRIPT LOAD`) and called by `EVALSHA` (reloaded on `NOSCRIPT`, e.g. after a restart or a
+//! failover). Every key a script touches is passed in `KEYS`, and all keys of one slot share the
+//! hash tag `{<digest>}`, so the scripts are Redis Cluster safe.
+//!
+//! | operation | round trips | what runs |
+//! |---|---|---|
+//! | [`fetch`](Backend::fetch) | 1 | `GET entry`, or `MGET entry variant` |
+//! | [`try_acquire`](Backend::try_acquire) | 1 | `acquire.lua`: lease `SET NX PX` + fence grant + `Refreshed` check |
+//! | [`extend`](Backend::extend) / [`release`](Backend::release) | 1 | token-checked `PEXPIRE` / `DEL` (+ publish) |
+//! | [`write`](Backend::write) | 1 | `write.lua`: fenced `SET PX` (+ variant), release, publish |
+//! | [`invalidate`](Backend::invalidate) | 1 | `invalidate.lua`: fence bump + tombstone |
+//! | [`signal`](Backend::signal) | 1 | `SPUBLISH` |
+//!
+//! **Connections.** The hit path never checks a connection out of the pool (a deadpool checkout
+//! pings the server first, which doubles the cost of a `GET`). The backend holds a few
+//! multiplexed connections, used round-robin, and uses the pool only to make one and to replace
+//! it when it breaks (connection dropped, `READONLY` after a failover). Connections are made
+//! lazily, so an engine starts even when Redis is down (it fails open until Redis is back);
+//! [`RedisBackendBuilder::connect`] makes them eagerly instead and reports an unreachable server.
+//!
+//! **Signals** use sharded pub/sub (`SPUBLISH` / `SSUBSCRIBE`, Redis >= 7) on the channel
+//! `<prefix>{<digest>}:s`, so a Cluster does not broadcast every signal to every node. redis-rs
+//! only offers `ssubscribe` on its cluster connection, so the backend keeps one RESP3 multiplexed
+//! connection with a push channel for all its subscriptions and sends `SSUBSCRIBE` on it itself.
+//! For Redis 6, [`RedisBackendBuilder::sharded_pubsub`]`(false)` switches to plain
+//! `PUBLISH` / `SUBSCRIBE` (fine on a single node). Waiters also poll, so a lost message costs
+//! latency, never correctness.
+//!
+//! **Fences** are kept as 20-digit strings in the record header and compared as strings (exact
+//! for every `u64`); the grant `max(counter + 1, stored fence + 1)` is computed with Lua numbers,
+//! exact below 2^53. The fence counter of a key lives for [`RedisBackendBuilder::fence_ttl`]
+//! after its last grant (one day by default), so idle keys do not pile up counters; once it is
+//! gone, the stored entry's fence still keeps grants from going backwards.
+//!
+//! **Invalidation** writes a tombstone whose epoch is its fence; variants of a `Vary`ing entry are
+//! separate keys that a script cannot enumerate Cluster-safely, so they are not deleted: the
+//! epoch voids them and they expire on their own TTL.
+//!
+//! **Sizes.** A record larger than [`RedisBackendBuilder::max_record_bytes`] (512 MiB less 64
+//! KiB by default, just under Redis's default `proto-max-bulk-len`) is refused client-side with
+//! [`WriteOutcome::TooLarge`], so a huge value can never make the server drop a shared connection.
+//!
+//! **Eviction.** Under a `volatile-*` or `allkeys-*` `maxmemory-policy`, Redis may evict a lease
+//! (it has a TTL); the backend logs a warning at its first connection. A lost lease costs one
+//! extra fill, never a wrong value: the fence still orders the writes.
+//!
+//! The backend re-exports the `redis` and `deadpool_redis` crates it is built on, so your versions
+//! cannot drift from ours.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_stampede::backend::redis::RedisBackend;
+//! use tower_stampede::{Fill, Stampede, Ttl};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let backend = RedisBackend::builder("redis://127.0.0.1:6379/0")
+//!     .prefix("myapp:")
+//!     .connections(2)
+//!     .build()?;
+//! let engine = Stampede::new(backend);
+//! let served = engine
+//!     .get_or_fill("user:42", || async {
+//!         Ok::<_, std::io::Error>(Fill::store("Ada", Ttl::fresh(Duration::from_secs(60))))
+//!     })
+//!     .await?;
+//! assert_eq!(&served.value[..], b"Ada");
+//! # Ok(()) }
+//! ```
+
+mod signals;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+pub use deadpool_redis;
+pub use deadpool_redis::redis;
+
+use self::redis::aio::MultiplexedConnection;
+use self::redis::{
+    AsyncConnectionConfig, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script,
+    ServerErrorKind, Value,
+};
+use self::signals::Signals;
+use super::{
+    Acquire, Backend, BackendError, BackendResult, BoxFuture, FencedWrite, Fetched, Signal,
+    Subscription, Token, WriteOutcome,
+};
+use crate::entry::FORMAT_VERSION;
+use crate::error::ConfigError;
+use crate::key::{Digest, Prefix};
+
+const COMMON_LUA: &str = include_str!("common.lua");
+const ACQUIRE_LUA: &str = include_str!("acquire.lua");
+const EXTEND_LUA: &str = include_str!("extend.lua");
+const RELEASE_LUA: &str = include_str!("release.lua");
+const WRITE_LUA: &str = include_str!("write.lua");
+const INVALIDATE_LUA: &str = include_str!("invalidate.lua");
+
+/// After a failed attempt to connect, calls fail at once for this long instead of each trying
+/// again (the engine fails open meanwhile; its breaker does the rest).
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest TTL sent to Redis (about 300 years): far beyond any cache policy, far below the
+/// overflow Redis rejects.
+const MAX_TTL_MS: u64 = 10_000_000_000_000;
+
+/// The Redis backend. Cloning shares the connections. See the [module docs](self).
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: deadpool_redis::Pool,
+    held: Box<[Held]>,
+    rr: AtomicUsize,
+    next_id: AtomicU64,
+    prefix: Prefix,
+    scripts: Scripts,
+    publish: &'static str,
+    timeout: Duration,
+    fence_ttl_ms: u64,
+    max_record_bytes: usize,
+    signals: Option<Arc<Signals>>,
+    policy_checked: AtomicBool,
+}
+
+/// One held multiplexed connection (or the hole where a broken one was).
+struct Held {
+    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Serialises (re)connecting this slot; holds the time of the last failed attempt.
+    connecting: tokio::sync::Mutex<Option<Instant>>,
+}
+
+struct Scripts {
+    acquire: Lua,
+    extend: Lua,
+    release: Lua,
+    write: Lua,
+    invalidate: Lua,
+}
+
+/// A script's source and its SHA1 (redis-rs's `Script` does not hand its source back).
+struct Lua {
+    code: String,
+    script: Script,
+}
+
+impl Scripts {
+    fn new(publish: &str) -> Self {
+        let build = |body: &str| {
+            let code = format!("{COMMON_LUA}\n{body}")
+                .replace("{{MAGIC}}", &format!("TS{FORMAT_VERSION}"))
+                .replace("{{PUBLISH}}", publish);
+            let script = Script::new(&code);
+            Lua { code, script }
+        };
+        Scripts {
+            acquire: build(ACQUIRE_LUA),
+            extend: build(EXTEND_LUA),
+            release: build(RELEASE_LUA),
+            write: build(WRITE_LUA),
+            invalidate: build(INVALIDATE_LUA),
+        }
+    }
+
+    fn all(&self) -> [&Lua; 5] {
+        [
+            &self.acquire,
+            &self.extend,
+            &self.release,
+            &self.write,
+            &self.invalidate,
+        ]
+    }
+}
+
+enum Source {
+    Info(Result<ConnectionInfo, String>),
+    Pool(deadpool_redis::Pool),
+}
+
+/// Builds a [`RedisBackend`]; see [`RedisBackend::builder`] and [`RedisBackend::builder_with_pool`].
+#[must_use]
+pub struct RedisBackendBuilder {
+    source: Source,
+    pubsub: Option<Result<ConnectionInfo, String>>,
+    prefix: Result<Prefix, ConfigError>,
+    connections: usize,
+    timeout: Duration,
+    fence_ttl: Duration,
+    max_record_bytes: usize,
+    sharded: bool,
+}
+
+impl fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackendBuilder")
+            .field("prefix", &self.prefix)
+            .field("connections", &self.connections)
+            .field("timeout", &self.timeout)
+            .field("sharded_pubsub", &self.sharded)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// A builder for a backend on the server at `url`: `redis://[user:password@]host:port[/db]`
+    /// (or a `redis::ConnectionInfo`). The URL is checked by [`RedisBackendBuilder::build`].
+    pub fn builder(url: impl IntoConnectionInfo) -> RedisBackendBuilder {
+        let info = url.into_connection_info().map_err(|e| e.to_string());
+        RedisBackendBuilder::new(Source::Info(info.clone()), Some(info))
+    }
+
+    /// A builder for a backend that makes its connections from your pool.
+    ///
+    /// A pool does not reveal where it connects, so signals (pub/sub wake-ups) need
+    /// [`RedisBackendBuilder::pubsub`]; without it waiters poll (with backoff) instead of being
+    /// woken, and the backend still publishes for instances that do subscribe.
+    pub fn builder_with_pool(pool: deadpool_redis::Pool) -> RedisBackendBuilder {
+        RedisBackendBuilder::new(Source::Pool(pool), None)
+    }
+
+    /// A backend on `url` with the defaults, connections made lazily.
+    pub fn new(url: impl IntoConnectionInfo) -> Result<Self, ConfigError> {
+        Self::builder(url).build()
+    }
+
+    /// The key prefix (every key is `<prefix>{<digest>}:<part>`).
+    pub fn prefix(&self) -> &Prefix {
+        &self.inner.prefix
+    }
+
+    /// One of the held multiplexed connections (round-robin), made if needed: for your own
+    /// commands next to the cache's, without a pool checkout.
+    pub async fn connection(&self) -> BackendResult<MultiplexedConnection> {
+        self.inner.conn().await.map(|(_, _, c)| c)
+    }
+
+    /// Makes every held connection now (and loads the scripts, and checks the eviction policy).
+    pub async fn warm_up(&self) -> BackendResult<()> {
+        for i in 0..self.inner.held.len() {
+            self.inner.reconnect(i, true).await?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.inner.prefix.as_str())
+            .field("connections", &self.inner.held.len())
+            .field("signals", &self.inner.signals.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackendBuilder {
+    fn new(source: Source, pubsub: Option<Result<ConnectionInfo, String>>) -> Self {
+        RedisBackendBuilder {
+            source,
+            pubsub,
+            prefix: Ok(Prefix::default()),
+            connections: 2,
+            timeout: Duration::from_secs(1),
+            fence_ttl: Duration::from_secs(24 * 3600),
+            max_record_bytes: 512 * 1024 * 1024 - 64 * 1024,
+            sharded: true,
+        }
+    }
+
+    /// The key prefix (default `ts:`), validated by [`Prefix::new`]; an invalid one is reported
+    /// by [`build`](Self::build).
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Prefix::new(prefix);
+        self
+    }
+
+    /// How many multiplexed connections to hold (default 2, at least 1). Each one pipelines
+    /// every concurrent command; more than one spreads the parsing over more tasks.
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n.max(1);
+        self
+    }
+
+    /// The connect and response timeout of the connections this backend makes (default 1 s).
+    /// The engine's own per-call timeout (`Config::backend_timeout`) is usually the shorter one.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a key's fence counter outlives its last grant or write (default 1 day).
+    pub fn fence_ttl(mut self, d: Duration) -> Self {
+        self.fence_ttl = d;
+        self
+    }
+
+    /// The largest record (entry or variant) sent to Redis; larger writes return
+    /// [`WriteOutcome::TooLarge`]. Keep it at or below the server's `proto-max-bulk-len`.
+    pub fn max_record_bytes(mut self, n: usize) -> Self {
+        self.max_record_bytes = n;
+        self
+    }
+
+    /// Sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis >= 7; the default) or plain
+    /// `PUBLISH`/`SUBSCRIBE` (Redis 6, or when a Cluster's broadcast does not matter).
+    pub fn sharded_pubsub(mut self, on: bool) -> Self {
+        self.sharded = on;
+        self
+    }
+
+    /// Where the subscriber connection goes (a URL or `redis::ConnectionInfo`). Set by
+    /// [`RedisBackend::builder`]; needed with [`RedisBackend::builder_with_pool`] for signals.
+    /// The subscriber always speaks RESP3 (Redis >= 6).
+    pub fn pubsub(mut self, url: impl IntoConnectionInfo) -> Self {
+        self.pubsub = Some(url.into_connection_info().map_err(|e| e.to_string()));
+        self
+    }
+
+    /// Builds the backend. Connects lazily: no I/O here, so an engine can start while Redis is
+    /// down. Needs a Tokio runtime when used.
+    pub fn build(self) -> Result<RedisBackend, ConfigError> {
+        let prefix = self.prefix?;
+        let conn_cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let pool = match self.source {
+            Source::Pool(p) => p,
+            Source::Info(info) => {
+                let info = info.map_err(|e| ConfigError::new(format!("redis URL: {e}")))?;
+                let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)
+                    .map_err(|e| ConfigError::new(format!("redis URL: {e}")))?;
+                deadpool_redis::Pool::builder(manager)
+                    .max_size(self.connections)
+                    .runtime(deadpool_redis::Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| ConfigError::new(format!("redis pool: {e}")))?
+            }
+        };
+        let signals = match self.pubsub {
+            None => None,
+            Some(info) => {
+                let info = info.map_err(|e| ConfigError::new(format!("redis pubsub URL: {e}")))?;
+                Some(
+                    Signals::new(info, self.sharded, self.timeout)
+                        .map_err(|e| ConfigError::new(format!("redis pubsub URL: {e}")))?,
+                )
+            }
+        };
+        let publish = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                pool,
+                held: (0..self.connections)
+                    .map(|_| Held {
+                        conn: Mutex::new(None),
+                        connecting: tokio::sync::Mutex::new(None),
+                    })
+                    .collect(),
+                rr: AtomicUsize::new(0),
+                next_id: AtomicU64::new(1),
+                prefix,
+                scripts: Scripts::new(publish),
+                publish,
+                timeout: self.timeout,
+                fence_ttl_ms: ttl_ms(self.fence_ttl),
+                max_record_bytes: self.max_record_bytes,
+                signals,
+                policy_checked: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Builds the backend and makes its connections now ([`RedisBackend::warm_up`]): fails if
+    /// Redis cannot be reached.
+    pub async fn connect(self) -> BackendResult<RedisBackend> {
+        let b = self
+            .build()
+            .map_err(|e| BackendError::with_source("redis backend configuration", e))?;
+        b.warm_up().await?;
+        Ok(b)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is a connection handle or a map; a panic elsewhere cannot leave it in a
+    // state worse than "reconnect".
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Milliseconds for a TTL: rounded up (a sub-millisecond TTL is not zero, which Redis rejects),
+/// at least 1, capped.
+fn ttl_ms(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    (ms.min(u128::from(MAX_TTL_MS)) as u64).max(1)
+}
+
+fn fence20(f: u64) -> String {
+    format!("{f:020}")
+}
+
+fn redis_err(what: &str, e: RedisError) -> BackendError {
+    BackendError::with_source(format!("redis {what}"), e)
+}
+
+fn unexpected(what: &str, v: &Value) -> BackendError {
+    BackendError::new(format!("redis {what}: unexpected reply {v:?}"))
+}
+
+/// A reply that must be bytes or nil.
+fn bytes_of(what: &str, v: Value) -> BackendResult<Option<Bytes>> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::BulkString(b) => Ok(Some(Bytes::from(b))),
+        Value::SimpleString(s) => Ok(Some(Bytes::from(s))),
+        other => Err(unexpected(what, &other)),
+    }
+}
+
+fn int_of(what: &str, v: &Value) -> BackendResult<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(unexpected(what, other)),
+    }
+}
+
+impl Inner {
+    /// A held connection, round-robin. A broken slot is replaced in the background while the
+    /// call uses a live one; with none live, this call (re)connects.
+    async fn conn(self: &Arc<Self>) -> BackendResult<(usize, u64, MultiplexedConnection)> {
+        let n = self.held.len();
+        let start = self.rr.fetch_add(1, Ordering::Relaxed) % n;
+        if let Some((id, c)) = lock(&self.held[start].conn).clone() {
+            return Ok((start, id, c));
+        }
+        for k in 1..n {
+            let i = (start + k) % n;
+            if let Some((id, c)) = lock(&self.held[i].conn).clone() {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    let this = self.clone();
+                    handle.spawn(async move {
+                        let _ = this.reconnect(start, false).await;
+                    });
+                }
+                return Ok((i, id, c));
+            }
+        }
+        let (id, c) = self.reconnect(start, false).await?;
+        Ok((start, id, c))
+    }
+
+    /// Makes slot `i`'s connection if it has none. `force` ignores the failure backoff.
+    async fn reconnect(
+        &self,
+        i: usize,
+        force: bool,
+    ) -> BackendResult<(u64, MultiplexedConnection)> {
+        let held = &self.held[i];
+        let mut last_failure = held.connecting.lock().await;
+        if let Some(live) = lock(&held.conn).clone() {
+            return Ok(live);
+        }
+        if let Some(t) = *last_failure {
+            if !force && t.elapsed() < RECONNECT_BACKOFF {
+                return Err(BackendError::new("redis: not connected (reconnecting)"));
+            }
+        }
+        match self.make_conn().await {
+            Ok(c) => {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                *lock(&held.conn) = Some((id, c.clone()));
+                *last_failure = None;
+                Ok((id, c))
+            }
+            Err(e) => {
+                *last_failure = Some(Instant::now());
+                Err(e)
+            }
+        }
+    }
+
+    /// One new connection from the pool, taken out of it, with the scripts loaded.
+    async fn make_conn(&self) -> BackendResult<MultiplexedConnection> {
+        let obj = match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(obj)) => obj,
+            Ok(Err(e)) => return Err(BackendError::with_source("redis connect", e)),
+            Err(_) => {
+                return Err(BackendError::new(format!(
+                    "redis connect: timed out after {:?}",
+                    self.timeout
+                )))
+            }
+        };
+        let mut conn = deadpool_redis::Connection::take(obj);
+        conn.set_response_timeout(self.timeout);
+        // Load every script now, in one round trip, so the steady state is EVALSHA alone.
+        let mut pipe = redis::pipe();
+        for s in self.scripts.all() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(&s.code).ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| redis_err("SCRIPT LOAD", e))?;
+        if !self.policy_checked.swap(true, Ordering::Relaxed) {
+            check_eviction_policy(&mut conn).await;
+        }
+        Ok(conn)
+    }
+
+    /// Forgets a connection that cannot be used again (dropped, or a replica after a failover).
+    fn on_error(&self, i: usize, id: u64, e: &RedisError) {
+        let replace =
+            e.is_unrecoverable_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+        if replace {
+            let mut slot = lock(&self.held[i].conn);
+            if matches!(&*slot, Some((cur, _)) if *cur == id) {
+                *slot = None;
+            }
+        }
+    }
+
+    async fn query(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> BackendResult<Value> {
+        let (i, id, mut c) = self.conn().await?;
+        match cmd.query_async::<Value>(&mut c).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.on_error(i, id, &e);
+                Err(redis_err(what, e))
+            }
+        }
+    }
+
+    /// `EVALSHA`, loading the script and retrying once on `NOSCRIPT`.
+    async fn eval(
+        self: &Arc<Self>,
+        what: &str,
+        lua: &Lua,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> BackendResult<Value> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(lua.script.get_hash()).arg(keys.len());
+        for k in keys {
+            cmd.arg(*k);
+        }
+        for a in args {
+            cmd.arg(*a);
+        }
+        let (i, id, mut c) = self.conn().await?;
+        let first = cmd.query_async::<Value>(&mut c).await;
+        let res = match first {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                match lua.script.load_async(&mut c).await {
+                    Ok(_) => cmd.query_async::<Value>(&mut c).await,
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        res.map_err(|e| {
+            self.on_error(i, id, &e);
+            redis_err(what, e)
+        })
+    }
+}
+
+async fn check_eviction_policy(conn: &mut MultiplexedConnection) {
+    let reply = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async::<Value>(conn)
+        .await;
+    let value = match reply {
+        Ok(Value::Array(items)) => items.into_iter().nth(1),
+        Ok(Value::Map(pairs)) => pairs.into_iter().next().map(|(_, v)| v),
+        // CONFIG may be renamed or denied (managed Redis): not our business to fail on.
+        _ => None,
+    };
+    let policy = match value {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Some(Value::SimpleString(s)) => s,
+        _ => return,
+    };
+    if policy.starts_with("volatile-") || policy.starts_with("allkeys-") {
+        tracing::warn!(
+            maxmemory_policy = %policy,
+            "Redis may evict tower-stampede leases under this maxmemory-policy: a lease lost \
+             to eviction costs an extra fill (fences keep the stored value correct); \
+             `noeviction` or enough memory avoids it"
+        );
+    }
+}
+
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        slot: &'a Digest,
+        variant: Option<&'a Digest>,
+    ) -> BoxFuture<'a, BackendResult<Fetched>> {
+        Box::pin(async move {
+            let p = &self.inner.prefix;
+            match variant {
+                None => {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(p.entry(slot));
+                    let v = self.inner.query("GET", &cmd).await?;
+                    Ok(Fetched {
+                        entry: bytes_of("GET", v)?,
+                        variant: None,
+                    })
+                }
+                Some(vd) => {
+                    let mut cmd = redis::cmd("MGET");
+                    cmd.arg(p.entry(slot)).arg(p.variant(slot, vd));
+                    match self.inner.query("MGET", &cmd).await? {
+                        Value::Array(items) if items.len() == 2 => {
+                            let mut it = items.into_iter();
+                            let (Some(e), Some(v)) = (it.next(), it.next()) else {
+                                return Err(BackendError::new("redis MGET: short reply"));
+                            };
+                            Ok(Fetched {
+                                entry: bytes_of("MGET", e)?,
+                                variant: bytes_of("MGET", v)?,
+                            })
+                        }
+                        other => Err(unexpected("MGET", &other)),
+                    }
+                }
+            }
+        })
+    }
+
+    fn try_acquire<'a>(
+        &'a self,
+        slot: &'a Digest,
+        ttl: Duration,
+        seen_fence: u64,
+    ) -> BoxFuture<'a, BackendResult<Acquire>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let p = &inner.prefix;
+            let token = Token::random();
+            let lease_ms = ttl_ms(ttl);
+            let counter_ms = inner.fence_ttl_ms.max(lease_ms);
+            let (lease, fence, entry) = (p.lease(slot), p.fence(slot), p.entry(slot));
+            let v = inner
+                .eval(
+                    "acquire",
+                    &inner.scripts.acquire,
+                    &[&lease, &fence, &entry],
+                    &[
+                        &token.to_hex(),
+                        lease_ms.to_string().as_bytes(),
+                        fence20(seen_fence).as_bytes(),
+                        counter_ms.to_string().as_bytes(),
+                    ],
+                )
+                .await?;
+            let Value::Array(items) = &v else {
+                return Err(unexpected("acquire", &v));
+            };
+            match items.as_slice() {
+                [code, pttl] if int_of("acquire", code)? == 0 => Ok(Acquire::Held {
+                    remaining: Duration::from_millis(int_of("acquire", pttl)?.max(0) as u64),
+                }),
+                [code, fence] if int_of("acquire", code)? == 1 => {
+                    let fence = int_of("acquire", fence)?;
+                    if fence < 1 {
+                        return Err(unexpected("acquire", &v));
+                    }
+                    Ok(Acquire::Acquired {
+                        token,
+                        fence: fence as u64,
+                    })
+                }
+                [code] if int_of("acquire", code)? == 2 => Ok(Acquire::Refreshed),
+                _ => Err(unexpected("acquire", &v)),
+            }
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let lease = inner.prefix.lease(slot);
+            let v = inner
+                .eval(
+                    "extend",
+                    &inner.scripts.extend,
+                    &[&lease],
+                    &[&token.to_hex(), ttl_ms(ttl).to_string().as_bytes()],
+                )
+                .await?;
+            Ok(int_of("extend", &v)? == 1)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        signal: Signal,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let lease = inner.prefix.lease(slot);
+            let channel = inner.prefix.channel(slot);
+            let v = inner
+                .eval(
+                    "release",
+                    &inner.scripts.release,
+                    &[&lease],
+                    &[
+                        &token.to_hex(),
+                        channel.as_bytes(),
+                        signal.as_str().as_bytes(),
+                    ],
+                )
+                .await?;
+            Ok(int_of("release", &v)? == 1)
+        })
+    }
+
+    fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let too_large = w.entry.len() > inner.max_record_bytes
+                || w.variant
+                    .as_ref()
+                    .is_some_and(|(_, b)| b.len() > inner.max_record_bytes);
+            if too_large {
+                // Nothing written, lease untouched, no signal: the engine stores a pass marker.
+                return Ok(WriteOutcome::TooLarge);
+            }
+            let p = &inner.prefix;
+            let (entry, lease, fence) = (p.entry(&w.slot), p.lease(&w.slot), p.fence(&w.slot));
+            let channel = p.channel(&w.slot);
+            let variant_key = w.variant.as_ref().map(|(vd, _)| p.variant(&w.slot, vd));
+            let counter_ms = inner.fence_ttl_ms.to_string();
+            let fence_s = fence20(w.fence);
+            let token = w.token.to_hex();
+            let entry_ttl = ttl_ms(w.entry_ttl).to_string();
+            let variant_ttl = ttl_ms(w.variant_ttl).to_string();
+            let mut keys: Vec<&str> = vec![&entry, &lease, &fence];
+            let mut args: Vec<&[u8]> = vec![
+                fence_s.as_bytes(),
+                &token,
+                &w.entry,
+                entry_ttl.as_bytes(),
+                if w.release { b"1" } else { b"0" },
+                channel.as_bytes(),
+                w.signal.as_str().as_bytes(),
+                counter_ms.as_bytes(),
+            ];
+            if let (Some(k), Some((_, b))) = (&variant_key, &w.variant) {
+                keys.push(k);
+                args.push(b);
+                args.push(variant_ttl.as_bytes());
+            }
+            let v = inner
+                .eval("write", &inner.scripts.write, &keys, &args)
+                .await?;
+            match int_of("write", &v)? {
+                1 => Ok(WriteOutcome::Stored),
+                0 => Ok(WriteOutcome::Fenced),
+                _ => Err(unexpected("write", &v)),
+            }
+        })
+    }
+
+    fn invalidate<'a>(
+        &'a self,
+        slot: &'a Digest,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<u64>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            let (entry, fence) = (inner.prefix.entry(slot), inner.prefix.fence(slot));
+            let v = inner
+                .eval(
+                    "invalidate",
+                    &inner.scripts.invalidate,
+                    &[&entry, &fence],
+                    &[
+                        ttl_ms(ttl).to_string().as_bytes(),
+                        inner.fence_ttl_ms.to_string().as_bytes(),
+                    ],
+                )
+                .await?;
+            match int_of("invalidate", &v)? {
+                f if f >= 1 => Ok(f as u64),
+                _ => Err(unexpected("invalidate", &v)),
+            }
+        })
+    }
+
+    fn signal<'a>(&'a self, slot: &'a Digest, signal: Signal) -> BoxFuture<'a, BackendResult<()>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd(self.inner.publish);
+            cmd.arg(self.inner.prefix.channel(slot))
+                .arg(signal.as_str());
+            self.inner.query(self.inner.publish, &cmd).await.map(|_| ())
+        })
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        slot: &'a Digest,
+    ) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
+        Box::pin(async move {
+            match &self.inner.signals {
+                None => Ok(None),
+                Some(s) => s.subscribe(self.inner.prefix.channel(slot)).await,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_round_up_and_are_never_zero() {
+        assert_eq!(ttl_ms(Duration::ZERO), 1);
+        assert_eq!(ttl_ms(Duration::from_micros(1)), 1);
+        assert_eq!(ttl_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(ttl_ms(Duration::from_secs(2)), 2000);
+        assert_eq!(ttl_ms(Duration::MAX), MAX_TTL_MS);
+    }
+
+    #[test]
+    fn scripts_are_templated() {
+        let s = Scripts::new("SPUBLISH");
+        for script in s.all() {
+            assert!(!script.code.contains("{{"), "untemplated placeholder");
+        }
+        assert!(s.release.code.contains("'SPUBLISH'"));
+        assert!(s.acquire.code.contains(&format!("'TS{FORMAT_VERSION}'")));
+    }
+
+    #[test]
+    fn bad_prefix_and_url_are_config_errors() {
+        assert!(RedisBackend::builder("redis://127.0.0.1:1")
+            .prefix("a b")
+            .build()
+            .is_err());
+        assert!(RedisBackend::builder("nonsense://x").build().is_err());
+    }
+}

@@ -1,0 +1,769 @@
+//! The Redis backend against real `redis-server` processes: the conformance suite, then the
+//! engine on Redis (collapsing across instances, round trips, lease expiry, lost counters,
+//! outages). Every test starts its own server on a free port, so they run in parallel.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::conformance::{self, Harness};
+use common::servers::Server;
+use common::Counter;
+use tower_stampede::backend::redis::{redis, RedisBackend};
+use tower_stampede::backend::{Acquire, Backend, Signal};
+use tower_stampede::entry::Header;
+use tower_stampede::{Config, Digest, Fill, Stampede, Status, Ttl};
+
+async fn backend(server: &Server) -> RedisBackend {
+    RedisBackend::builder(server.url())
+        .connect()
+        .await
+        .expect("connect to the test's redis-server")
+}
+
+async fn raw_cmd<T: redis::FromRedisValue>(b: &RedisBackend, cmd: &redis::Cmd) -> T {
+    let mut c = b.connection().await.unwrap();
+    cmd.query_async::<T>(&mut c).await.unwrap()
+}
+
+async fn harness(server: &Server) -> Harness {
+    let b = backend(server).await;
+    let b2 = b.clone();
+    Harness {
+        backend: Arc::new(b),
+        short_lease: Duration::from_millis(100),
+        expiry_slack: Duration::from_millis(50),
+        signals: true,
+        forget_counter: Arc::new(move |d| {
+            let b = b2.clone();
+            Box::pin(async move {
+                let mut del = redis::cmd("DEL");
+                del.arg(b.prefix().fence(&d));
+                let n: i64 = raw_cmd(&b, &del).await;
+                assert_eq!(n, 1, "the fence counter existed");
+            })
+        }),
+    }
+}
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let server = Server::redis();
+                conformance::$name(&harness(&server).await).await;
+            }
+        )*
+    };
+}
+
+conformance_tests!(
+    lease_is_exclusive,
+    lease_expires,
+    release_and_extend_need_the_token,
+    fences_grow_also_after_the_counter_is_deleted,
+    refreshed_after_a_concurrent_fill,
+    fenced_fill_refuses_older_and_accepts_same_token,
+    tombstone_blocks_an_older_fill,
+    put_get_ttl_and_variants,
+    signals_are_delivered,
+);
+
+/// The fence in the header of the record stored for `key`.
+async fn stored_fence(b: &RedisBackend, key: &str) -> Option<u64> {
+    let f = b.fetch(&Digest::of_key(key), None).await.unwrap();
+    f.entry
+        .as_ref()
+        .and_then(|e| Header::parse(e))
+        .map(|h| h.fence)
+}
+
+async fn wait_for_lease(b: &RedisBackend, key: &str, present: bool) {
+    let lease = b.prefix().lease(&Digest::of_key(key));
+    for _ in 0..1000 {
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(&lease);
+        let n: i64 = raw_cmd(b, &exists).await;
+        if (n == 1) == present {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("lease of {key} never became present={present}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fill_for_1000_callers_over_four_engines() {
+    let server = Server::redis();
+    // Generous per-call timeout: this test is about collapsing, not about a slow machine
+    // tipping calls into fail-open.
+    let cfg = Config::default().backend_timeout(Duration::from_secs(2));
+    let mut engines = Vec::new();
+    for _ in 0..4 {
+        engines.push(Stampede::with_config(backend(&server).await, cfg.clone()).unwrap());
+    }
+    let fills = Counter::default();
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let engine = engines[i % 4].clone();
+        let fills = fills.clone();
+        tasks.push(tokio::spawn(async move {
+            engine
+                .get_or_fill("cold", move || async move {
+                    fills.inc();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(Fill::store(
+                        "the value",
+                        Ttl::fresh(Duration::from_secs(60)),
+                    ))
+                })
+                .await
+        }));
+    }
+    let mut statuses = std::collections::HashMap::new();
+    for t in tasks {
+        let served = t.await.unwrap().expect("every caller is served");
+        assert_eq!(&served.value[..], b"the value");
+        *statuses.entry(format!("{:?}", served.status)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        fills.get(),
+        1,
+        "exactly one fill for 1,000 callers: {statuses:?}"
+    );
+    assert_eq!(statuses.get("Stored"), Some(&1), "{statuses:?}");
+}
+
+/// `MONITOR` on a raw connection: the commands clients send, in the order the server runs them.
+/// Commands that a script runs are marked `[<db> lua]`; those are not round trips.
+struct Monitor {
+    reader: BufReader<TcpStream>,
+}
+
+impl Monitor {
+    fn start(server: &Server) -> Monitor {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"MONITOR\r\n").unwrap();
+        let mut reader = BufReader::new(s);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "+OK");
+        Monitor { reader }
+    }
+
+    /// The client commands seen up to the `ECHO <marker>` sent by `mark`, markers excluded.
+    fn until(&mut self, marker: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("monitor line");
+            assert!(n > 0, "monitor closed");
+            let line = line.trim();
+            if line.contains("\"ECHO\"") {
+                if line.contains(&format!("\"{marker}\"")) {
+                    return out;
+                }
+                continue;
+            }
+            if line.contains(" lua]") {
+                continue;
+            }
+            // "+1700000000.123456 [0 127.0.0.1:1234] "GET" "key"": keep the command part.
+            let cmd = line.split("] ").nth(1).unwrap_or(line).to_string();
+            out.push(cmd);
+        }
+    }
+}
+
+fn mark(server: &Server, marker: &str) {
+    let reply = server.raw(&format!("ECHO {marker}"));
+    assert!(reply.contains(marker), "{reply}");
+}
+
+#[tokio::test]
+async fn a_hit_is_one_command_and_a_filling_miss_at_most_three() {
+    let server = Server::redis();
+    let engine = Stampede::new(backend(&server).await);
+    let fill =
+        || async { Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60)))) };
+    let mut monitor = Monitor::start(&server);
+
+    mark(&server, "m1");
+    let miss = engine.get_or_fill("rt", fill).await.unwrap();
+    mark(&server, "m2");
+    let hit = engine.get_or_fill("rt", fill).await.unwrap();
+    mark(&server, "m3");
+
+    assert_eq!(miss.status, Status::Stored);
+    assert_eq!(hit.status, Status::Hit);
+    let on_miss = monitor.until("m1");
+    assert!(
+        on_miss.is_empty(),
+        "nothing before the first call: {on_miss:?}"
+    );
+    let on_miss = monitor.until("m2");
+    assert!(on_miss.len() <= 3, "a filling miss: {on_miss:#?}");
+    assert!(on_miss[0].starts_with("\"GET\""), "{on_miss:#?}");
+    assert!(
+        on_miss[1..].iter().all(|c| c.starts_with("\"EVALSHA\"")),
+        "{on_miss:#?}"
+    );
+    eprintln!("filling miss: {on_miss:#?}");
+    let on_hit = monitor.until("m3");
+    eprintln!("hit: {on_hit:#?}");
+    assert_eq!(on_hit.len(), 1, "a hit: {on_hit:#?}");
+    assert!(on_hit[0].starts_with("\"GET\""), "{on_hit:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_outlives_its_lease_is_refused_by_the_fence() {
+    let server = Server::redis();
+    let cfg = Config::default()
+        .lease(Duration::from_millis(300))
+        .extend_lease(false)
+        .wait_timeout(Duration::from_secs(5))
+        .fill_timeout(Duration::from_secs(10))
+        .backend_timeout(Duration::from_secs(2));
+    let (ba, bb) = (backend(&server).await, backend(&server).await);
+    let probe = ba.clone();
+    let a = Stampede::with_config(ba, cfg.clone()).unwrap();
+    let b = Stampede::with_config(bb, cfg).unwrap();
+
+    // t0: A takes the lease and starts a fill that takes longer than the lease.
+    let slow = tokio::spawn(async move {
+        a.get_or_fill("expiring", || async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, std::io::Error>(Fill::store("old", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+    });
+    wait_for_lease(&probe, "expiring", true).await;
+    // The lease expires (no extension) while A is still filling.
+    wait_for_lease(&probe, "expiring", false).await;
+    // B finds no lease and no entry: it takes a new grant and fills first.
+    let newer = b
+        .get_or_fill("expiring", || async {
+            Ok::<_, std::io::Error>(Fill::store("new", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+        .unwrap();
+    assert_eq!(newer.status, Status::Stored);
+    let b_fence = stored_fence(&probe, "expiring").await.unwrap();
+    // A's late fill lands on a newer fence and is refused.
+    let late = slow.await.unwrap().unwrap();
+    assert_eq!(&late.value[..], b"old", "A's caller still gets A's value");
+    assert_eq!(
+        late.status,
+        Status::NotStored,
+        "the fence refused A's write"
+    );
+    assert_eq!(stored_fence(&probe, "expiring").await, Some(b_fence));
+    let c = Stampede::new(probe.clone());
+    let now = c
+        .get_or_fill("expiring", || async {
+            Ok::<_, std::io::Error>(Fill::store("unused", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+        .unwrap();
+    assert_eq!(now.status, Status::Hit);
+    assert_eq!(&now.value[..], b"new", "the newer fill is the one stored");
+}
+
+#[tokio::test]
+async fn grants_stay_above_the_entry_after_the_counter_is_lost_or_redis_restarts() {
+    let mut server = Server::redis();
+    let cfg = Config::default().breaker(100, Duration::from_millis(100));
+    let b = backend(&server).await;
+    let engine = Stampede::with_config(b.clone(), cfg).unwrap();
+    let key = "counter-lost";
+    // Fresh for a moment, then kept for stale-if-error: stored but a miss for the engine.
+    let ttl = Ttl::fresh(Duration::from_millis(100)).with_sie(Duration::from_secs(60));
+    let fill =
+        move |v: &'static str| move || async move { Ok::<_, std::io::Error>(Fill::store(v, ttl)) };
+
+    let first = engine.get_or_fill(key, fill("one")).await.unwrap();
+    assert_eq!(first.status, Status::Stored);
+    let f1 = stored_fence(&b, key).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // The counter is gone (eviction, failover): the next grant still goes above the entry.
+    let mut del = redis::cmd("DEL");
+    del.arg(b.prefix().fence(&Digest::of_key(key)));
+    let n: i64 = raw_cmd(&b, &del).await;
+    assert_eq!(n, 1);
+    let second = engine.get_or_fill(key, fill("two")).await.unwrap();
+    assert_eq!(
+        second.status,
+        Status::Stored,
+        "the refill after a lost counter is stored"
+    );
+    assert_eq!(&second.value[..], b"two");
+    let f2 = stored_fence(&b, key).await.unwrap();
+    assert!(f2 > f1, "fence {f2} after {f1}");
+
+    // A restart loses everything; fills resume and are served, without a new engine.
+    server.restart();
+    let mut stored = false;
+    for _ in 0..50 {
+        let s = engine.get_or_fill(key, fill("three")).await.unwrap();
+        assert_eq!(&s.value[..], b"three");
+        if s.status == Status::Stored {
+            stored = true;
+            break;
+        }
+        assert_eq!(
+            s.status,
+            Status::Bypass,
+            "before reconnecting, calls fail open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stored, "a fill after the restart is stored");
+    let hit = engine.get_or_fill(key, fill("four")).await.unwrap();
+    assert_eq!(hit.status, Status::Hit);
+    assert_eq!(&hit.value[..], b"three");
+    // And the backend's own grant goes above what is stored now.
+    let f3 = stored_fence(&b, key).await.unwrap();
+    match b
+        .try_acquire(&Digest::of_key(key), Duration::from_secs(5), f3)
+        .await
+        .unwrap()
+    {
+        Acquire::Acquired { fence, .. } => assert!(fence > f3),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn outage_config() -> Config {
+    Config::default()
+        .backend_timeout(Duration::from_millis(100))
+        .breaker(3, Duration::from_millis(500))
+}
+
+async fn call(engine: &Stampede, key: String) -> tower_stampede::Served {
+    engine
+        .get_or_fill(key, || async {
+            Ok::<_, std::io::Error>(Fill::store("origin", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+        .expect("every call is served from the origin, Redis or not")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_fails_open_and_hits_come_back_after_a_restart() {
+    let mut server = Server::redis();
+    let engine = Stampede::with_config(backend(&server).await, outage_config()).unwrap();
+    assert_eq!(call(&engine, "warm".into()).await.status, Status::Stored);
+    assert_eq!(call(&engine, "warm".into()).await.status, Status::Hit);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..8 {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                statuses.push(call(&engine, format!("load-{w}-{}", i % 16)).await.status);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = call(&engine, "warm".into()).await;
+    assert_eq!(
+        during.status,
+        Status::Bypass,
+        "Redis is gone: served from the origin"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in load {
+        all.extend(t.await.expect("no load task panicked"));
+    }
+    assert!(
+        all.contains(&Status::Bypass),
+        "some calls ran during the outage"
+    );
+
+    server.restart();
+    let mut back = false;
+    for _ in 0..100 {
+        if call(&engine, "warm".into()).await.status == Status::Hit {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        back,
+        "hits come back after the restart, with the same engine"
+    );
+    assert!(!engine.breaker_open());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_opens_the_breaker_and_sigcont_closes_it() {
+    let server = Server::redis();
+    let engine = Stampede::with_config(backend(&server).await, outage_config()).unwrap();
+    assert_eq!(call(&engine, "k".into()).await.status, Status::Stored);
+    assert_eq!(call(&engine, "k".into()).await.status, Status::Hit);
+
+    server.pause();
+    for i in 0..10 {
+        let s = call(&engine, format!("paused-{i}")).await;
+        assert_eq!(s.status, Status::Bypass);
+    }
+    assert!(engine.breaker_open(), "a hung Redis opens the breaker");
+
+    server.resume();
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if call(&engine, "k".into()).await.status == Status::Hit {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "caching resumes after SIGCONT and the cooldown");
+    assert!(!engine.breaker_open());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_is_woken_by_the_filled_signal() {
+    let server = Server::redis();
+    let (ba, bb, observer) = (
+        backend(&server).await,
+        backend(&server).await,
+        backend(&server).await,
+    );
+    let key = "woken";
+    let mut sub = observer
+        .subscribe(&Digest::of_key(key))
+        .await
+        .unwrap()
+        .expect("the Redis backend has signals");
+    let a = Stampede::new(ba);
+    // B polls rarely (every 3 s), so it is the signal that wakes it; nothing below asserts
+    // on time.
+    let b = Stampede::with_config(
+        bb,
+        Config::default()
+            .backoff(Duration::from_secs(3), Duration::from_secs(3))
+            .wait_timeout(Duration::from_secs(20)),
+    )
+    .unwrap();
+    let fills = Counter::default();
+    let fa = fills.clone();
+    let holder = tokio::spawn(async move {
+        a.get_or_fill(key, move || async move {
+            fa.inc();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok::<_, std::io::Error>(Fill::store("filled", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+    });
+    wait_for_lease(&observer, key, true).await;
+    let fb = fills.clone();
+    let started = std::time::Instant::now();
+    let waiter = b
+        .get_or_fill(key, move || async move {
+            fb.inc();
+            Ok::<_, std::io::Error>(Fill::store(
+                "waiter's own",
+                Ttl::fresh(Duration::from_secs(60)),
+            ))
+        })
+        .await
+        .unwrap();
+    eprintln!("waiter served after {:?}", started.elapsed());
+    assert_eq!(waiter.status, Status::Collapsed);
+    assert_eq!(&waiter.value[..], b"filled");
+    assert_eq!(holder.await.unwrap().unwrap().status, Status::Stored);
+    assert_eq!(fills.get(), 1);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        Some(Signal::Filled),
+        "the fill published `filled` on the slot's channel"
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_end_when_the_connection_breaks_and_work_again_after() {
+    let mut server = Server::redis();
+    let b = backend(&server).await;
+    let s = Digest::of_key("resubscribe");
+    let mut sub = b.subscribe(&s).await.unwrap().unwrap();
+    server.restart();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        None,
+        "a broken subscriber connection ends every subscription"
+    );
+    drop(sub);
+    let mut sub = None;
+    for _ in 0..50 {
+        if let Ok(s2) = b.subscribe(&s).await {
+            sub = s2;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sub = sub.expect("subscribed again after the restart");
+    let mut ok = false;
+    for _ in 0..50 {
+        if b.signal(&s, Signal::Released).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        Some(Signal::Released)
+    );
+}
+
+#[tokio::test]
+async fn unsubscribes_when_the_last_subscription_drops() {
+    let server = Server::redis();
+    let b = backend(&server).await;
+    let s = Digest::of_key("unsub");
+    let channel = b.prefix().channel(&s);
+    let numsub = |server: &Server| {
+        // PUBSUB SHARDNUMSUB <channel> -> *2 $len channel :n
+        let reply = server.raw(&format!("PUBSUB SHARDNUMSUB {channel}"));
+        reply
+            .trim_end()
+            .rsplit(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    let one = b.subscribe(&s).await.unwrap().unwrap();
+    let two = b.subscribe(&s).await.unwrap().unwrap();
+    assert_eq!(
+        numsub(&server),
+        "1",
+        "one server subscription shared by both"
+    );
+    drop(one);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(numsub(&server), "1", "still one subscriber left");
+    drop(two);
+    let mut gone = false;
+    for _ in 0..100 {
+        if numsub(&server) == "0" {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gone, "unsubscribed after the last subscription dropped");
+}
+
+#[tokio::test]
+async fn garbage_and_foreign_types_are_a_miss_not_an_error() {
+    let server = Server::redis();
+    let b = backend(&server).await;
+    let s = Digest::of_key("garbage");
+    let entry = b.prefix().entry(&s);
+    let mut set = redis::cmd("SET");
+    set.arg(&entry)
+        .arg("TS1E0000not-a-record-at-all-but-long-enough-to-look-like-one-xxxx");
+    let _: () = raw_cmd(&b, &set).await;
+    // Garbage reads as "nothing stored": a caller that saw fence 0 gets the lease.
+    assert!(matches!(
+        b.try_acquire(&s, Duration::from_secs(5), 0).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    let s = Digest::of_key("foreign-type");
+    let mut hset = redis::cmd("HSET");
+    hset.arg(b.prefix().entry(&s)).arg("f").arg("v");
+    let _: i64 = raw_cmd(&b, &hset).await;
+    assert!(matches!(
+        b.try_acquire(&s, Duration::from_secs(5), 0).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    // A GET of it is the server's WRONGTYPE error: a backend error, not a panic.
+    assert!(b.fetch(&s, None).await.is_err());
+}
+
+#[tokio::test]
+async fn too_large_records_are_refused_client_side() {
+    let server = Server::redis();
+    let b = RedisBackend::builder(server.url())
+        .max_record_bytes(1024)
+        .connect()
+        .await
+        .unwrap();
+    let s = Digest::of_key("big");
+    let Acquire::Acquired { token, fence } =
+        b.try_acquire(&s, Duration::from_secs(5), 0).await.unwrap()
+    else {
+        panic!("free slot");
+    };
+    let w = conformance::write(s, token, fence, &[0u8; 4096], Duration::from_secs(60));
+    assert_eq!(
+        b.write(w).await.unwrap(),
+        tower_stampede::backend::WriteOutcome::TooLarge
+    );
+    assert!(b.fetch(&s, None).await.unwrap().entry.is_none());
+    assert!(
+        b.extend(&s, token, Duration::from_secs(5)).await.unwrap(),
+        "the lease is untouched"
+    );
+}
+
+#[tokio::test]
+async fn scripts_reload_after_script_flush() {
+    let server = Server::redis();
+    let b = backend(&server).await;
+    let reply = server.raw("SCRIPT FLUSH");
+    assert!(reply.contains("OK"), "{reply}");
+    let s = Digest::of_key("noscript");
+    assert!(matches!(
+        b.try_acquire(&s, Duration::from_secs(5), 0).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+}
+
+#[tokio::test]
+async fn lazy_build_starts_without_redis_and_connects_later() {
+    let mut server = Server::redis();
+    let url = server.url();
+    server.kill();
+    let b = RedisBackend::builder(url.as_str())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("no I/O at build time");
+    assert!(b.fetch(&Digest::of_key("x"), None).await.is_err());
+    server.restart();
+    let mut ok = false;
+    for _ in 0..50 {
+        if b.fetch(&Digest::of_key("x"), None).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "connected once Redis was up");
+}
+
+#[tokio::test]
+async fn a_users_pool_works_and_signals_need_the_pubsub_url() {
+    let server = Server::redis();
+    let pool = tower_stampede::backend::redis::deadpool_redis::Config::from_url(server.url())
+        .create_pool(Some(
+            tower_stampede::backend::redis::deadpool_redis::Runtime::Tokio1,
+        ))
+        .unwrap();
+    let without = RedisBackend::builder_with_pool(pool.clone())
+        .prefix("pool:")
+        .connect()
+        .await
+        .unwrap();
+    let s = Digest::of_key("pool");
+    assert!(
+        without.subscribe(&s).await.unwrap().is_none(),
+        "no pubsub URL: waiters poll"
+    );
+    let with = RedisBackend::builder_with_pool(pool)
+        .prefix("pool:")
+        .pubsub(server.url())
+        .connect()
+        .await
+        .unwrap();
+    let mut sub = with.subscribe(&s).await.unwrap().expect("signals");
+    let Acquire::Acquired { token, fence } = without
+        .try_acquire(&s, Duration::from_secs(5), 0)
+        .await
+        .unwrap()
+    else {
+        panic!("free slot");
+    };
+    let w = conformance::write(s, token, fence, b"v", Duration::from_secs(60));
+    without.write(w).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap(),
+        Some(Signal::Filled),
+        "a backend without subscriptions still publishes"
+    );
+    assert!(with.prefix().as_str().starts_with("pool:"));
+}
+
+/// Captures what `tracing`'s fmt subscriber writes.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+async fn startup_log(server: &Server) -> String {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    // A current-thread runtime: the backend connects on this thread, under this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let b = backend(server).await;
+    assert!(b
+        .fetch(&Digest::of_key("x"), None)
+        .await
+        .unwrap()
+        .entry
+        .is_none());
+    let out = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    out
+}
+
+#[tokio::test]
+async fn warns_about_an_evicting_policy_without_failing() {
+    let evicting = Server::redis_with(&["--maxmemory-policy", "volatile-lru"]);
+    let log = startup_log(&evicting).await;
+    assert!(
+        log.contains("WARN") && log.contains("volatile-lru"),
+        "a warning names the policy: {log:?}"
+    );
+    let safe = Server::redis();
+    let log = startup_log(&safe).await;
+    assert!(
+        !log.contains("maxmemory"),
+        "no warning under noeviction: {log:?}"
+    );
+}
