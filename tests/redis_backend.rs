@@ -767,3 +767,114 @@ async fn warns_about_an_evicting_policy_without_failing() {
         "no warning under noeviction: {log:?}"
     );
 }
+
+/// `rediss://` against a redis-server with a throwaway CA made by the `openssl` CLI.
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    use std::process::Command;
+    let dir = std::env::temp_dir().join(format!("ts-redis-tls-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("the `openssl` CLI makes the test certificates");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.crt"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &p("server.key"),
+        "-out",
+        &p("server.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("server.csr"),
+        "-CA",
+        &p("ca.crt"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &p("san.ext"),
+        "-out",
+        &p("server.crt"),
+    ]);
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let server = Server::redis_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &p("server.crt"),
+        "--tls-key-file",
+        &p("server.key"),
+        "--tls-ca-cert-file",
+        &p("ca.crt"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let client = redis::Client::build_with_tls(
+        format!("rediss://127.0.0.1:{tls_port}"),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(p("ca.crt")).unwrap()),
+        },
+    )
+    .unwrap();
+    let b = RedisBackend::builder(client.get_connection_info().clone())
+        .connect()
+        .await
+        .expect("TLS connection with the private CA");
+    let h = Harness {
+        backend: Arc::new(b),
+        short_lease: Duration::from_millis(100),
+        expiry_slack: Duration::from_millis(50),
+        signals: true,
+        forget_counter: Arc::new(|_| Box::pin(async {})),
+    };
+    conformance::fenced_fill_refuses_older_and_accepts_same_token(&h).await;
+    conformance::signals_are_delivered(&h).await;
+    // The TLS port speaks nothing else: the backend above really went through TLS.
+    assert!(
+        RedisBackend::builder(format!("redis://127.0.0.1:{tls_port}"))
+            .timeout(Duration::from_millis(500))
+            .connect()
+            .await
+            .is_err()
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

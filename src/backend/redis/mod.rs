@@ -47,6 +47,11 @@
 //! (it has a TTL); the backend logs a warning at its first connection. A lost lease costs one
 //! extra fill, never a wrong value: the fence still orders the writes.
 //!
+//! **TLS.** With the cargo feature `redis-tls`, `rediss://` URLs work (rustls with the ring
+//! provider, the system's root certificates; no system TLS library). For a private CA, build the
+//! connection info with `redis::Client::build_with_tls` and pass
+//! `client.get_connection_info().clone()` to [`RedisBackend::builder`].
+//!
 //! The backend re-exports the `redis` and `deadpool_redis` crates it is built on, so your versions
 //! cannot drift from ours.
 //!
@@ -183,7 +188,7 @@ impl Scripts {
 }
 
 enum Source {
-    Info(Result<ConnectionInfo, String>),
+    Info(Box<Result<ConnectionInfo, String>>),
     Pool(deadpool_redis::Pool),
 }
 
@@ -216,7 +221,7 @@ impl RedisBackend {
     /// (or a `redis::ConnectionInfo`). The URL is checked by [`RedisBackendBuilder::build`].
     pub fn builder(url: impl IntoConnectionInfo) -> RedisBackendBuilder {
         let info = url.into_connection_info().map_err(|e| e.to_string());
-        RedisBackendBuilder::new(Source::Info(info.clone()), Some(info))
+        RedisBackendBuilder::new(Source::Info(Box::new(info.clone())), Some(info))
     }
 
     /// A builder for a backend that makes its connections from your pool.
@@ -330,13 +335,17 @@ impl RedisBackendBuilder {
     /// down. Needs a Tokio runtime when used.
     pub fn build(self) -> Result<RedisBackend, ConfigError> {
         let prefix = self.prefix?;
+        // redis-rs builds its rustls config with the process-wide default provider; make sure
+        // there is one (ours, unless the application installed another first).
+        #[cfg(feature = "redis-tls")]
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let conn_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
         let pool = match self.source {
             Source::Pool(p) => p,
             Source::Info(info) => {
-                let info = info.map_err(|e| ConfigError::new(format!("redis URL: {e}")))?;
+                let info = (*info).map_err(|e| ConfigError::new(format!("redis URL: {e}")))?;
                 let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)
                     .map_err(|e| ConfigError::new(format!("redis URL: {e}")))?;
                 deadpool_redis::Pool::builder(manager)
