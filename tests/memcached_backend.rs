@@ -1,0 +1,725 @@
+//! The Memcached backend against real `memcached` processes, one per test: the conformance
+//! suite, then what is particular to memcached (CAS-safe release, second-granularity expiry,
+//! item size limit, server pools, restarts, garbage on the wire).
+#![cfg(feature = "memcached")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::conformance::{self, Harness};
+use common::servers::Server;
+use common::Counter;
+use tower_stampede::backend::memcached::MemcachedBackend;
+use tower_stampede::backend::{Acquire, Backend, FencedWrite, Signal, Token, WriteOutcome};
+use tower_stampede::entry::{Header, Kind, Record};
+use tower_stampede::{CacheKey, Config, Digest, Fill, Stampede, Status, Ttl};
+
+/// One raw command line on a fresh connection; returns what the server answered.
+fn raw(port: u16, line: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(line).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Replies here are one line, or a VA line and its data block.
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&out);
+        let lines = text.matches("\r\n").count();
+        if (text.starts_with("VA") && lines >= 2) || (!text.starts_with("VA") && lines >= 1) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn raw_async(port: u16, line: String) -> String {
+    tokio::task::spawn_blocking(move || raw(port, line.as_bytes()))
+        .await
+        .unwrap()
+}
+
+async fn connect(server: &Server) -> MemcachedBackend {
+    MemcachedBackend::connect(server.url()).await.unwrap()
+}
+
+async fn harness() -> (Harness, Server) {
+    let server = Server::memcached();
+    let backend = connect(&server).await;
+    let port = server.port();
+    let prefix = backend.prefix().clone();
+    let h = Harness {
+        backend: Arc::new(backend),
+        // memcached counts whole seconds: a 2 s lease is sent as 3 s and lives 2..3 s.
+        short_lease: Duration::from_secs(2),
+        expiry_slack: Duration::from_millis(1500),
+        signals: false,
+        forget_counter: Arc::new(move |d| {
+            let key = prefix.fence(&d);
+            Box::pin(async move {
+                let reply = raw_async(port, format!("md {key}\r\n")).await;
+                assert!(reply.starts_with("HD"), "md {key}: {reply}");
+            })
+        }),
+    };
+    (h, server)
+}
+
+// --- the conformance suite, unchanged ---------------------------------------------------------
+
+#[tokio::test]
+async fn lease_is_exclusive() {
+    let (h, _s) = harness().await;
+    conformance::lease_is_exclusive(&h).await;
+}
+
+#[tokio::test]
+async fn lease_expires() {
+    let (h, _s) = harness().await;
+    conformance::lease_expires(&h).await;
+}
+
+#[tokio::test]
+async fn release_and_extend_need_the_token() {
+    let (h, _s) = harness().await;
+    conformance::release_and_extend_need_the_token(&h).await;
+}
+
+#[tokio::test]
+async fn fences_grow_also_after_the_counter_is_deleted() {
+    let (h, _s) = harness().await;
+    conformance::fences_grow_also_after_the_counter_is_deleted(&h).await;
+}
+
+#[tokio::test]
+async fn refreshed_after_a_concurrent_fill() {
+    let (h, _s) = harness().await;
+    conformance::refreshed_after_a_concurrent_fill(&h).await;
+}
+
+#[tokio::test]
+async fn fenced_fill_refuses_older_and_accepts_same_token() {
+    let (h, _s) = harness().await;
+    conformance::fenced_fill_refuses_older_and_accepts_same_token(&h).await;
+}
+
+#[tokio::test]
+async fn tombstone_blocks_an_older_fill() {
+    let (h, _s) = harness().await;
+    conformance::tombstone_blocks_an_older_fill(&h).await;
+}
+
+#[tokio::test]
+async fn put_get_ttl_and_variants() {
+    let (h, _s) = harness().await;
+    conformance::put_get_ttl_and_variants(&h).await;
+}
+
+#[tokio::test]
+async fn signals_are_delivered() {
+    let (h, _s) = harness().await;
+    conformance::signals_are_delivered(&h).await;
+}
+
+// --- engines on memcached ---------------------------------------------------------------------
+
+fn config() -> Config {
+    // A generous per-call timeout: the tests share two cores, and a slow call would count as
+    // the backend being down (fail open, an uncached fill), which is not what they measure.
+    Config::new().backend_timeout(Duration::from_secs(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_engines_share_one_memcached_and_fill_once() {
+    let server = Server::memcached();
+    let mut engines = Vec::new();
+    for _ in 0..4 {
+        // One backend per engine, as four instances of a service would have.
+        let backend = connect(&server).await;
+        engines.push(Stampede::with_config(backend, config()).unwrap());
+    }
+    let fills = Counter::default();
+    let mut calls = Vec::new();
+    for i in 0..1000 {
+        let engine = engines[i % 4].clone();
+        let fills = fills.clone();
+        calls.push(tokio::spawn(async move {
+            engine
+                .get_or_fill("cold-key", move || async move {
+                    fills.inc();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60))))
+                })
+                .await
+        }));
+    }
+    let mut stored = 0;
+    for c in calls {
+        let served = c.await.unwrap().expect("every call is served");
+        assert_eq!(&served.value[..], b"v");
+        assert_ne!(served.status, Status::Bypass, "the backend was never down");
+        stored += usize::from(served.status == Status::Stored);
+    }
+    assert_eq!(fills.get(), 1, "1,000 cold calls over 4 engines: one fill");
+    assert_eq!(stored, 1);
+}
+
+#[tokio::test]
+async fn keys_from_hostile_urls_work_end_to_end() {
+    let server = Server::memcached();
+    let backend = connect(&server).await;
+    let prefix = backend.prefix().clone();
+    let engine = Stampede::with_config(backend, config()).unwrap();
+    let long = format!("https://example.com/{}", "a/%20?x=1&".repeat(820));
+    assert!(long.len() > 8 * 1024);
+    let keys: Vec<String> = vec![
+        long,
+        "GET /with space/and\ttab".into(),
+        "line one\nline two\r\nthree".into(),
+        "h\u{e9}llo w\u{f6}rld \u{2713} \u{1f600}".into(),
+        "\0\u{1}\u{7f} nul and control".into(),
+        String::new(),
+    ];
+    let fills = Counter::default();
+    for (i, key) in keys.iter().enumerate() {
+        let physical = prefix.entry(&Digest::of_key(key));
+        assert!(physical.len() <= 250 && physical.bytes().all(|b| b.is_ascii_graphic()));
+        let value = format!("value {i}");
+        let (f, v) = (fills.clone(), value.clone());
+        let first = engine
+            .get_or_fill(key, move || async move {
+                f.inc();
+                Ok::<_, std::io::Error>(Fill::store(v, Ttl::fresh(Duration::from_secs(60))))
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.status, Status::Stored, "key {i}");
+        // The same key through CacheKey: a hit on what was stored.
+        let again = engine
+            .get_or_fill_with(CacheKey::new(key), |_| async {
+                Ok::<_, std::io::Error>(Fill::store("refilled", Ttl::default()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(again.status, Status::Hit, "key {i}");
+        assert_eq!(again.value, Bytes::from(value));
+        let reply = raw_async(server.port(), format!("mg {physical} s\r\n")).await;
+        assert!(reply.starts_with("HD s"), "{physical}: {reply}");
+    }
+    assert_eq!(fills.get(), keys.len());
+}
+
+fn write_of(slot: Digest, token: Token, fence: u64, value: &[u8], release: bool) -> FencedWrite {
+    let mut w = conformance::write(slot, token, fence, value, Duration::from_secs(60));
+    w.release = release;
+    w
+}
+
+async fn acquire(b: &dyn Backend, slot: &Digest, ttl: Duration, seen: u64) -> (Token, u64) {
+    match b.try_acquire(slot, ttl, seen).await.unwrap() {
+        Acquire::Acquired { token, fence } => (token, fence),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_value_is_not_stored_and_the_engine_passes() {
+    let server = Server::memcached();
+    let backend = connect(&server).await;
+    let ten = Duration::from_secs(10);
+
+    // At the backend: refused before anything is written, the lease untouched.
+    let s = Digest::of_key("big");
+    let (t, f) = acquire(&backend, &s, ten, 0).await;
+    let big = vec![b'x'; 1024 * 1024 + 1];
+    assert_eq!(
+        backend.write(write_of(s, t, f, &big, true)).await.unwrap(),
+        WriteOutcome::TooLarge
+    );
+    assert!(backend.fetch(&s, None).await.unwrap().entry.is_none());
+    assert!(matches!(
+        backend.try_acquire(&s, ten, 0).await.unwrap(),
+        Acquire::Held { .. }
+    ));
+    assert!(backend.extend(&s, t, ten).await.unwrap(), "still our lease");
+    // Just under the limit is stored.
+    let fits = vec![b'y'; 1024 * 1024 - 400];
+    assert_eq!(
+        backend.write(write_of(s, t, f, &fits, true)).await.unwrap(),
+        WriteOutcome::Stored
+    );
+    assert_eq!(
+        backend.fetch(&s, None).await.unwrap().entry.unwrap(),
+        conformance::entry(f, t, &fits)
+    );
+
+    // A backend told the items may be larger than the server takes: the server's refusal gives
+    // the same outcome.
+    let optimistic = MemcachedBackend::builder(server.url())
+        .item_size_limit(4 * 1024 * 1024)
+        .build()
+        .await
+        .unwrap();
+    let s = Digest::of_key("big-server-side");
+    let (t, f) = acquire(&optimistic, &s, ten, 0).await;
+    assert_eq!(
+        optimistic
+            .write(write_of(s, t, f, &big, true))
+            .await
+            .unwrap(),
+        WriteOutcome::TooLarge
+    );
+    assert!(optimistic.fetch(&s, None).await.unwrap().entry.is_none());
+    assert!(
+        optimistic.extend(&s, t, ten).await.unwrap(),
+        "still our lease"
+    );
+
+    // Through the engine: the call succeeds with the value, and a pass marker is stored.
+    let engine = Stampede::with_config(backend.clone(), config()).unwrap();
+    let fills = Counter::default();
+    let call = |fills: Counter| {
+        let big = Bytes::from(vec![b'z'; 1024 * 1024 + 1]);
+        engine.get_or_fill("huge-page", move || async move {
+            fills.inc();
+            Ok::<_, std::io::Error>(Fill::store(big, Ttl::fresh(Duration::from_secs(60))))
+        })
+    };
+    let served = call(fills.clone()).await.unwrap();
+    assert_eq!(served.value.len(), 1024 * 1024 + 1);
+    assert_eq!(served.status, Status::NotStored);
+    let stored = backend
+        .fetch(&Digest::of_key("huge-page"), None)
+        .await
+        .unwrap()
+        .entry
+        .expect("a pass marker");
+    assert!(matches!(Record::decode(&stored), Some(Record::Pass { .. })));
+    // Later calls go to the source without waiting for a value that cannot land.
+    let served = call(fills.clone()).await.unwrap();
+    assert_eq!(served.status, Status::Passed);
+    assert_eq!(fills.get(), 2);
+}
+
+#[tokio::test]
+async fn a_late_release_cannot_delete_the_next_holders_lease() {
+    let server = Server::memcached();
+    let a = connect(&server).await;
+    let other_instance = connect(&server).await;
+    let short = Duration::from_secs(2);
+    let ten = Duration::from_secs(10);
+    // B in another instance, then B in the same instance as A (which still holds A's CAS).
+    for (name, b) in [("two instances", &other_instance), ("one instance", &a)] {
+        let s = Digest::of_key(format!("race {name}"));
+        // A acquires and stalls past its lease.
+        let (ta, _) = acquire(&a, &s, short, 0).await;
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        // B takes the lease over.
+        let (tb, _) = acquire(b, &s, ten, 0).await;
+        // A wakes up and releases: the CAS it holds is stale, the stored token is B's.
+        assert!(
+            !a.release(&s, ta, Signal::Released).await.unwrap(),
+            "{name}"
+        );
+        assert!(!a.extend(&s, ta, ten).await.unwrap(), "{name}");
+        // B's lease survives.
+        assert!(
+            matches!(
+                a.try_acquire(&s, ten, 0).await.unwrap(),
+                Acquire::Held { .. }
+            ),
+            "{name}"
+        );
+        assert!(b.extend(&s, tb, ten).await.unwrap(), "{name}");
+        assert!(b.release(&s, tb, Signal::Released).await.unwrap(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_lost_extend_reply_is_recovered_by_the_token() {
+    let server = Server::memcached();
+    let b = connect(&server).await;
+    let ten = Duration::from_secs(10);
+    let s = Digest::of_key("lost-reply");
+    let lease = b.prefix().lease(&s);
+    let (t, _) = acquire(&b, &s, ten, 0).await;
+    // Our extend landed but its reply was lost: same token, a CAS we never saw.
+    let token = String::from_utf8(t.to_hex().to_vec()).unwrap();
+    let reply = raw_async(server.port(), format!("ms {lease} 16 T30\r\n{token}\r\n")).await;
+    assert!(reply.starts_with("HD"), "{reply}");
+    assert!(b.extend(&s, t, ten).await.unwrap());
+    // Again, then release.
+    raw_async(server.port(), format!("ms {lease} 16 T30\r\n{token}\r\n")).await;
+    assert!(b.release(&s, t, Signal::Released).await.unwrap());
+    assert!(raw_async(server.port(), format!("mg {lease}\r\n"))
+        .await
+        .starts_with("EN"));
+    // Someone else's token under the key: never ours to release.
+    let (t, _) = acquire(&b, &s, ten, 0).await;
+    let foreign = "00000000000000aa";
+    raw_async(server.port(), format!("ms {lease} 16 T30\r\n{foreign}\r\n")).await;
+    assert!(!b.release(&s, t, Signal::Released).await.unwrap());
+    assert!(!b.extend(&s, t, ten).await.unwrap());
+    assert!(raw_async(server.port(), format!("mg {lease} v\r\n"))
+        .await
+        .contains(foreign));
+}
+
+#[tokio::test]
+async fn a_counter_behind_the_entry_is_brought_up() {
+    let server = Server::memcached();
+    let b = connect(&server).await;
+    let ten = Duration::from_secs(10);
+    let s = Digest::of_key("behind");
+    let mut last = 0;
+    for _ in 0..3 {
+        let (t, f) = acquire(&b, &s, ten, last).await;
+        assert_eq!(
+            b.write(write_of(s, t, f, b"v", true)).await.unwrap(),
+            WriteOutcome::Stored
+        );
+        last = f;
+    }
+    // The counter restarts low (an eviction and a recreation elsewhere).
+    let fence_key = b.prefix().fence(&s);
+    raw_async(server.port(), format!("ms {fence_key} 1 T0\r\n1\r\n")).await;
+    let (t, f) = acquire(&b, &s, ten, last).await;
+    assert!(f > last, "{f} after {last}");
+    assert!(b.release(&s, t, Signal::Released).await.unwrap());
+    // ... and later grants keep growing from there.
+    let (_t, f2) = acquire(&b, &s, ten, last).await;
+    assert!(f2 > f, "{f2} after {f}");
+    // Bytes that are not a number at the counter key: repaired (as if lost), the grant still
+    // above the stored entry.
+    raw_async(server.port(), format!("ms {fence_key} 3 T0\r\nabc\r\n")).await;
+    let tomb = b.invalidate(&s, ten).await.unwrap();
+    assert!(tomb > last, "{tomb} after the entry's {last}");
+    let got = b.fetch(&s, None).await.unwrap().entry.unwrap();
+    assert!(
+        matches!(Record::decode(&got), Some(Record::Tombstone { header }) if header.fence == tomb)
+    );
+}
+
+#[tokio::test]
+async fn garbage_in_the_store_is_a_miss() {
+    let server = Server::memcached();
+    let backend = connect(&server).await;
+    let prefix = backend.prefix().clone();
+    let engine = Stampede::with_config(backend, config()).unwrap();
+    for (i, junk) in [
+        "x",
+        "TS1E0000",
+        "TS1Eabcdefghijklmnopqrstuvwxyz01234567890123456789012345678901234567890",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let key = format!("junk-{i}");
+        let entry = prefix.entry(&Digest::of_key(&key));
+        let reply = raw_async(
+            server.port(),
+            format!("ms {entry} {} T60 F3\r\n{junk}\r\n", junk.len()),
+        )
+        .await;
+        assert!(reply.starts_with("HD"), "{reply}");
+        let served = engine
+            .get_or_fill(&key, || async {
+                Ok::<_, std::io::Error>(Fill::store("good", Ttl::fresh(Duration::from_secs(60))))
+            })
+            .await
+            .unwrap();
+        assert_eq!(served.status, Status::Stored, "{junk}");
+        let again = engine
+            .get_or_fill(&key, || async {
+                Ok::<_, std::io::Error>(Fill::store("again", Ttl::default()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.status, &again.value[..]),
+            (Status::Hit, &b"good"[..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn ttls_over_thirty_days_are_clamped() {
+    let server = Server::memcached();
+    let b = connect(&server).await;
+    let s = Digest::of_key("long-lived");
+    let (t, f) = acquire(&b, &s, Duration::from_secs(10), 0).await;
+    let mut w = write_of(s, t, f, b"v", true);
+    w.entry_ttl = Duration::from_secs(400 * 24 * 3600);
+    assert_eq!(b.write(w).await.unwrap(), WriteOutcome::Stored);
+    // Unclamped, 400 days would read as a Unix time in 1971: expired at once.
+    assert!(b.fetch(&s, None).await.unwrap().entry.is_some());
+    let reply = raw_async(server.port(), format!("mg {} t\r\n", b.prefix().entry(&s))).await;
+    let t: i64 = reply.trim()[4..].parse().unwrap();
+    assert!((29 * 24 * 3600..=30 * 24 * 3600).contains(&t), "{reply}");
+}
+
+#[tokio::test]
+async fn a_pool_keeps_every_part_of_a_slot_on_one_server() {
+    let a = Server::memcached();
+    let b = Server::memcached();
+    let backend = MemcachedBackend::connect(format!(
+        "memcache://127.0.0.1:{},127.0.0.1:{}",
+        a.port(),
+        b.port()
+    ))
+    .await
+    .unwrap();
+    let p = backend.prefix().clone();
+    let ten = Duration::from_secs(10);
+    let mut per_server = [0usize; 2];
+    for i in 0..40 {
+        let s = Digest::of_key(format!("pooled-{i}"));
+        let v = Digest::of_key(format!("variant-{i}"));
+        let (t, f) = acquire(&backend, &s, ten, 0).await;
+        let head = Record::encode_vary_head(
+            Header {
+                kind: Kind::VaryHead,
+                fence: f,
+                token: t,
+                epoch: 0,
+            },
+            b"accept",
+        );
+        let mut w = write_of(s, t, f, b"", false);
+        w.entry = head;
+        w.variant = Some((v, conformance::entry(f, t, b"body")));
+        w.variant_ttl = Duration::from_secs(60);
+        assert_eq!(backend.write(w).await.unwrap(), WriteOutcome::Stored);
+        let home = backend.server_of(&s);
+        per_server[home] += 1;
+        for (idx, server) in [&a, &b].into_iter().enumerate() {
+            for key in [p.lease(&s), p.fence(&s), p.entry(&s), p.variant(&s, &v)] {
+                let reply = raw_async(server.port(), format!("mg {key}\r\n")).await;
+                let here = reply.starts_with("HD");
+                assert_eq!(here, idx == home, "{key} on server {idx}: {reply}");
+            }
+        }
+        let got = backend.fetch(&s, Some(&v)).await.unwrap();
+        assert!(got.entry.is_some() && got.variant.is_some());
+    }
+    assert!(per_server.iter().all(|&n| n > 5), "{per_server:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_load_fails_no_call_and_refills_each_key_once() {
+    const KEYS: usize = 16;
+    // Per key: fills that ran under a lease (their call ended Stored or NotStored), and fills
+    // that ran because the store was unavailable (Bypass).
+    struct Fills {
+        leased: Vec<AtomicUsize>,
+        bypass: Vec<AtomicUsize>,
+    }
+    let mut server = Server::memcached();
+    let backend = connect(&server).await;
+    let engine =
+        Stampede::with_config(backend, config().breaker(3, Duration::from_millis(200))).unwrap();
+    let fills = Arc::new(Fills {
+        leased: (0..KEYS).map(|_| AtomicUsize::new(0)).collect(),
+        bypass: (0..KEYS).map(|_| AtomicUsize::new(0)).collect(),
+    });
+    let failures = Arc::new(AtomicUsize::new(0));
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for w in 0..8 {
+        let (engine, fills, failures, stopped) = (
+            engine.clone(),
+            fills.clone(),
+            failures.clone(),
+            stopped.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stopped.load(Ordering::SeqCst) {
+                let k = i % KEYS;
+                i += 3;
+                let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let r = ran.clone();
+                let res = engine
+                    .get_or_fill(format!("restart-{k}"), move || async move {
+                        r.store(true, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::io::Error>(Fill::store(
+                            format!("v{k}"),
+                            Ttl::fresh(Duration::from_secs(300)),
+                        ))
+                    })
+                    .await;
+                match res {
+                    Ok(s) => {
+                        assert_eq!(s.value, Bytes::from(format!("v{k}")));
+                        if ran.load(Ordering::SeqCst) {
+                            let by = match s.status {
+                                Status::Bypass => &fills.bypass,
+                                _ => &fills.leased,
+                            };
+                            by[k].fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("call failed: {e}");
+                        failures.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let count = |v: &Vec<AtomicUsize>| -> Vec<usize> {
+        v.iter().map(|f| f.load(Ordering::SeqCst)).collect()
+    };
+    // Up: one fill per key.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warm = count(&fills.leased);
+    assert_eq!(warm, vec![1; KEYS], "one fill per key while up");
+    // Down (every lease and entry gone): calls are served from the source.
+    tokio::task::block_in_place(|| server.kill());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let bypassed: usize = count(&fills.bypass).iter().sum();
+    assert!(
+        bypassed > 0,
+        "calls went to the source while memcached was down"
+    );
+    // Back, still under load.
+    tokio::task::block_in_place(|| server.restart());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!engine.breaker_open());
+    stopped.store(true, Ordering::SeqCst);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no call failed");
+    let leased = count(&fills.leased);
+    for k in 0..KEYS {
+        assert_eq!(
+            leased[k] - warm[k],
+            1,
+            "key {k}: one fill under a lease after the restart (bypass fills while down: {})",
+            fills.bypass[k].load(Ordering::SeqCst)
+        );
+    }
+    // Every key is cached again.
+    for k in 0..KEYS {
+        let s = engine
+            .get_or_fill(format!("restart-{k}"), || async {
+                Ok::<_, std::io::Error>(Fill::store("x", Ttl::default()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.status, Status::Hit, "key {k}");
+    }
+}
+
+/// A fake server that answers every line with the same garbage, then keeps reading.
+async fn garbage_server(reply: &'static [u8], close: bool) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 65536];
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            if sock.write_all(reply).await.is_err() || close {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("memcache://{addr}")
+}
+
+#[tokio::test]
+async fn garbage_replies_are_errors_never_panics() {
+    let garbage: &[(&[u8], bool)] = &[
+        (b"VA 99999999999999999999\r\n", false),
+        (b"VA 5 c1\r\nab", true),
+        (b"VA -3\r\n", false),
+        (b"HD cXYZ\r\n", false),
+        (b"HD c1\r\n", false),
+        (b"HD c1", true),
+        (b"EN\r\n", false),
+        (b"NS\r\n", false),
+        (b"VA 2 f4294967296\r\nxx\r\n", false),
+        (b"VA 1 c1\r\n7\r\n", false),
+        (b"\r\n", false),
+        (b"\xff\xfe\x00 binary\r\n", false),
+        (b"SERVER_ERROR out of memory\r\n", false),
+        (b"CLIENT_ERROR bad command line format\r\n", false),
+        (b"ERROR\r\n", false),
+        (b"", true),
+    ];
+    let s = Digest::of_key("garbage");
+    let ttl = Duration::from_secs(5);
+    for (reply, close) in garbage {
+        let url = garbage_server(reply, *close).await;
+        let b = MemcachedBackend::builder(url)
+            .io_timeout(Duration::from_millis(200))
+            .connect_timeout(Duration::from_millis(200))
+            .build()
+            .await
+            .unwrap();
+        let t = Token::random();
+        // Any answer is fine; what matters is that each call returns.
+        let _ = b.fetch(&s, None).await;
+        let _ = b.fetch(&s, Some(&s)).await;
+        let _ = b.try_acquire(&s, ttl, 0).await;
+        let _ = b.extend(&s, t, ttl).await;
+        let _ = b.release(&s, t, Signal::Released).await;
+        let _ = b.write(write_of(s, t, 1, b"v", true)).await;
+        let _ = b.invalidate(&s, ttl).await;
+        let _ = b.meta_get("k").await;
+        // And the engine on top serves from the source.
+        let engine = Stampede::with_config(b, config()).unwrap();
+        let served = engine
+            .get_or_fill("k", || async {
+                Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(1))))
+            })
+            .await;
+        assert!(
+            served.is_ok(),
+            "{:?}: {served:?}",
+            String::from_utf8_lossy(reply)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_is_an_error_and_the_engine_fails_open() {
+    let mut server = Server::memcached();
+    let url = server.url();
+    server.kill();
+    let b = MemcachedBackend::connect(url).await.unwrap();
+    assert!(b.fetch(&Digest::of_key("x"), None).await.is_err());
+    let engine = Stampede::with_config(b, config()).unwrap();
+    let served = engine
+        .get_or_fill("x", || async {
+            Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(1))))
+        })
+        .await
+        .unwrap();
+    assert_eq!(served.status, Status::Bypass);
+}
