@@ -40,7 +40,10 @@ fn hit(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let s = e
                 .get_or_fill("hot", || async {
-                    Ok::<_, std::io::Error>(Fill::store("miss?", Ttl::fresh(Duration::from_secs(1))))
+                    Ok::<_, std::io::Error>(Fill::store(
+                        "miss?",
+                        Ttl::fresh(Duration::from_secs(1)),
+                    ))
                 })
                 .await
                 .unwrap();
@@ -56,16 +59,35 @@ impl Backend for PollingOnly {
     fn name(&self) -> &'static str {
         "memory-polling"
     }
-    fn fetch<'a>(&'a self, s: &'a Digest, v: Option<&'a Digest>) -> BoxFuture<'a, BackendResult<Fetched>> {
+    fn fetch<'a>(
+        &'a self,
+        s: &'a Digest,
+        v: Option<&'a Digest>,
+    ) -> BoxFuture<'a, BackendResult<Fetched>> {
         self.0.fetch(s, v)
     }
-    fn try_acquire<'a>(&'a self, s: &'a Digest, t: Duration, f: u64) -> BoxFuture<'a, BackendResult<Acquire>> {
+    fn try_acquire<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Duration,
+        f: u64,
+    ) -> BoxFuture<'a, BackendResult<Acquire>> {
         self.0.try_acquire(s, t, f)
     }
-    fn extend<'a>(&'a self, s: &'a Digest, t: Token, d: Duration) -> BoxFuture<'a, BackendResult<bool>> {
+    fn extend<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        d: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
         self.0.extend(s, t, d)
     }
-    fn release<'a>(&'a self, s: &'a Digest, t: Token, g: Signal) -> BoxFuture<'a, BackendResult<bool>> {
+    fn release<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        g: Signal,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
         self.0.release(s, t, g)
     }
     fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
@@ -77,7 +99,10 @@ impl Backend for PollingOnly {
     fn signal<'a>(&'a self, s: &'a Digest, g: Signal) -> BoxFuture<'a, BackendResult<()>> {
         self.0.signal(s, g)
     }
-    fn subscribe<'a>(&'a self, _s: &'a Digest) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
+    fn subscribe<'a>(
+        &'a self,
+        _s: &'a Digest,
+    ) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
         Box::pin(async { Ok(None) })
     }
 }

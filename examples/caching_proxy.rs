@@ -88,6 +88,9 @@ struct Args {
     /// Serve /metrics (Prometheus) and /healthz here; never proxied.
     #[arg(long, env = "STAMPEDE_ADMIN")]
     admin: Option<SocketAddr>,
+    /// Run only the demo upstream, on this address (docker-compose uses it as the origin).
+    #[arg(long, env = "STAMPEDE_DEMO_UPSTREAM_ONLY")]
+    demo_upstream_only: Option<SocketAddr>,
 }
 
 fn parse_backoff(s: &str) -> Result<(Duration, Duration), String> {
@@ -132,7 +135,10 @@ impl Service<Request<Body>> for Proxy {
         Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>,
     >;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -174,7 +180,8 @@ fn status(code: StatusCode, msg: &'static str) -> Response<Body> {
             .boxed(),
     );
     *r.status_mut() = code;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
@@ -243,20 +250,34 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
     if store.starts_with("redis://") || store.starts_with("rediss://") {
         #[cfg(feature = "redis")]
         {
+            // Connects lazily: the proxy starts (and fails open) while Redis is down.
             let b = tower_stampede::backend::redis::RedisBackend::builder(store)
                 .prefix(&args.prefix)
-                .build()
-                .await?;
+                .build()?;
+            // Make the connections before taking traffic, so the first requests do not pay
+            // for them (or fail open while they are made); if Redis is down, start anyway.
+            match tokio::time::timeout(Duration::from_secs(3), b.warm_up()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "redis unreachable at start; failing open until it is back")
+                }
+                Err(_) => tracing::warn!(
+                    "redis did not answer within 3 s at start; failing open until it does"
+                ),
+            }
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "redis"))]
-        return Err("this proxy was built without the `redis` feature (cargo run --features redis ...)".into());
+        return Err(
+            "this proxy was built without the `redis` feature (cargo run --features redis ...)"
+                .into(),
+        );
     }
     if store.starts_with("memcache://") {
         #[cfg(feature = "memcached")]
         {
             let b = tower_stampede::backend::memcached::MemcachedBackend::builder(store)
-                .prefix(&args.prefix)
+                .prefix(tower_stampede::key::Prefix::new(&args.prefix)?)
                 .build()
                 .await?;
             return Ok(Arc::new(b));
@@ -269,14 +290,16 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
 
 /// The demo upstream: `/slow` (200 ms, counted, cacheable for 5 s), `/nocache` (200 ms,
 /// `no-store`), `/count` (the upstream calls so far).
-async fn demo_upstream() -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
+    let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let slow = Arc::new(AtomicU64::new(0));
     let nocache = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let (slow, nocache) = (slow.clone(), nocache.clone());
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (slow, nocache) = (slow.clone(), nocache.clone());
@@ -285,7 +308,10 @@ async fn demo_upstream() -> Result<SocketAddr, BoxError> {
                         "/slow" => {
                             tokio::time::sleep(Duration::from_millis(200)).await;
                             let n = slow.fetch_add(1, Ordering::SeqCst) + 1;
-                            ("public, max-age=5, stale-while-revalidate=30", format!("slow response #{n}\n"))
+                            (
+                                "public, max-age=5, stale-while-revalidate=30",
+                                format!("slow response #{n}\n"),
+                            )
                         }
                         "/nocache" => {
                             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -300,7 +326,10 @@ async fn demo_upstream() -> Result<SocketAddr, BoxError> {
                                 nocache.load(Ordering::SeqCst)
                             ),
                         ),
-                        _ => ("no-store", "demo upstream: try /slow, /nocache, /count\n".to_string()),
+                        _ => (
+                            "no-store",
+                            "demo upstream: try /slow, /nocache, /count\n".to_string(),
+                        ),
                     };
                     Ok::<_, Infallible>(
                         Response::builder()
@@ -320,12 +349,20 @@ async fn demo_upstream() -> Result<SocketAddr, BoxError> {
     Ok(addr)
 }
 
-async fn admin(addr: SocketAddr, prom: metrics_exporter_prometheus::PrometheusHandle) -> Result<(), BoxError> {
+async fn admin(
+    addr: SocketAddr,
+    prom: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<(), BoxError> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!("admin on http://{}/metrics and /healthz", listener.local_addr()?);
+    tracing::info!(
+        "admin on http://{}/metrics and /healthz",
+        listener.local_addr()?
+    );
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let prom = prom.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let prom = prom.clone();
@@ -384,13 +421,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -410,11 +448,17 @@ async fn main() -> Result<(), BoxError> {
         )
         .init();
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    if let Some(bind) = args.demo_upstream_only {
+        let addr = demo_upstream(bind).await?;
+        println!("demo upstream only, on http://{addr} (/slow, /nocache, /count)");
+        shutdown_signal().await;
+        return Ok(());
+    }
 
     let upstream = match &args.upstream {
         Some(u) => u.clone(),
         None => {
-            let addr = demo_upstream().await?;
+            let addr = demo_upstream(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
             println!(
                 "no --upstream given: started a demo upstream on http://{addr} \
                  (/slow takes 200 ms and counts its calls; /nocache; /count)"

@@ -67,7 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let kind = kind.split("; ttl").next().unwrap_or("").to_string();
         *by_status.entry(kind).or_default() += 1;
     }
-    println!("50 concurrent requests -> {} call(s) to the inner service", calls.load(Ordering::SeqCst));
+    println!(
+        "50 concurrent requests -> {} call(s) to the inner service",
+        calls.load(Ordering::SeqCst)
+    );
     for (k, n) in by_status {
         println!("  {n:>3} x Cache-Status: tower-stampede; {k}");
     }

@@ -1,0 +1,286 @@
+//! End to end: the built `caching_proxy` example as child processes, in front of an upstream
+//! this test runs (it counts calls and concurrent calls), sharing a real `redis-server`.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+fn proxy_bin() -> PathBuf {
+    // tests run from target/<profile>/deps; examples are built into target/<profile>/examples.
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("examples").join("caching_proxy");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds the examples first (run the README's test command)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A proxy process, killed on drop.
+struct Proxy {
+    child: Child,
+    port: u16,
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        let port = free_port();
+        let child = Command::new(proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("http://{upstream}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn caching_proxy");
+        let p = Proxy { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not listen within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The upstream: `/slow?ms=N` (cacheable for 60 s) and `/nocache?ms=N` (`no-store`), counting
+/// calls and the peak of concurrent calls.
+#[derive(Clone, Default)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    async fn start(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let this = this.clone();
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let this = this.clone();
+                    async move {
+                        let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                        let r = this.running.fetch_add(1, Ordering::SeqCst) + 1;
+                        this.peak.fetch_max(r, Ordering::SeqCst);
+                        let ms = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("ms="))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(200);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        this.running.fetch_sub(1, Ordering::SeqCst);
+                        let cc = if req.uri().path() == "/nocache" {
+                            "no-store"
+                        } else {
+                            "max-age=60"
+                        };
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("cache-control", cc)
+                                .body(Full::new(Bytes::from(format!("call {n}"))))
+                                .unwrap(),
+                        )
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(c: &HttpClient, url: String) -> Result<(StatusCode, Bytes), String> {
+    // One public host name, as behind a load balancer: the cache key includes it, so requests
+    // through both proxies name the same entry.
+    let req = Request::get(url)
+        .header("host", "app.test")
+        .body(Empty::new())
+        .unwrap();
+    let res = c.request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncacheable_url_is_not_serialized() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let proxy = Proxy::start(addr, &[]);
+    let c = client();
+    // The first response reveals the URL is uncacheable (a pass marker is stored).
+    let (s, _) = get(&c, proxy.url("/nocache?ms=3000")).await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    up.peak.store(0, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let c = c.clone();
+        let u = proxy.url("/nocache?ms=3000");
+        tasks.push(tokio::spawn(async move { get(&c, u).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(up.calls(), 101);
+    assert_eq!(
+        up.peak.load(Ordering::SeqCst),
+        100,
+        "the upstream saw 100 requests at once"
+    );
+}
+
+#[cfg(feature = "redis")]
+mod with_redis {
+    use super::*;
+    use common::servers::Server;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_proxies_sharing_redis_reach_the_upstream_once() {
+        let redis = Server::redis();
+        let up = Upstream::default();
+        let addr = up.start().await;
+        let store = redis.url();
+        let a = Proxy::start(addr, &["--store", &store]);
+        let b = Proxy::start(addr, &["--store", &store]);
+        let c = client();
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let c = c.clone();
+            let u = if i % 2 == 0 {
+                a.url("/slow?ms=500")
+            } else {
+                b.url("/slow?ms=500")
+            };
+            tasks.push(tokio::spawn(async move { get(&c, u).await }));
+        }
+        for t in tasks {
+            let (s, body) = t.await.unwrap().unwrap();
+            assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+        }
+        assert_eq!(
+            up.calls(),
+            1,
+            "500 requests through two proxies, one upstream call"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killing_the_lease_holder_costs_at_most_one_lease() {
+        let redis = Server::redis();
+        let up = Upstream::default();
+        let addr = up.start().await;
+        let store = redis.url();
+        let args = [
+            "--store",
+            store.as_str(),
+            "--lease",
+            "1s",
+            "--wait-timeout",
+            "10s",
+        ];
+        let mut a = Proxy::start(addr, &args);
+        let b = Proxy::start(addr, &args);
+        let c = client();
+        // A takes the lease and starts a 3 s fill.
+        let ca = c.clone();
+        let ua = a.url("/slow?ms=3000");
+        let first = tokio::spawn(async move { get(&ca, ua).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while up.calls() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first fill never reached the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // B's requests wait on A's lease...
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let c = c.clone();
+            let u = b.url("/slow?ms=3000");
+            tasks.push(tokio::spawn(async move { get(&c, u).await }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // ...and A dies holding it.
+        a.kill9();
+        assert!(
+            first.await.unwrap().is_err(),
+            "A's own client lost its connection"
+        );
+        for t in tasks {
+            let (s, _) = t.await.unwrap().expect("no request through B fails");
+            assert_eq!(s, StatusCode::OK);
+        }
+        assert!(up.calls() <= 2, "the upstream saw {} calls", up.calls());
+        assert_eq!(up.calls(), 2, "B took over after A's lease expired");
+    }
+}
