@@ -118,6 +118,10 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("expected a size like 1048576, 512k or 1m, got {s:?}"))
 }
 
+/// The client's address, carried to the upstream request in an extension.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
 /// Forwards to the upstream over a pooled keep-alive client. Never fails: an unreachable or
 /// hanging upstream is a 502 or 504 response, which the layer treats like any 5xx (stale-if-error,
 /// the failed signal).
@@ -144,6 +148,10 @@ impl Service<Request<Body>> for Proxy {
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let this = self.clone();
+        strip_hop_by_hop(req.headers_mut());
+        if let Some(Peer(peer)) = req.extensions().get::<Peer>().copied() {
+            add_forwarding(req.headers_mut(), peer);
+        }
         Box::pin(async move {
             let pq = req
                 .uri()
@@ -399,8 +407,9 @@ fn serve(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Served, Infallible>> + Send>> {
     let started = std::time::Instant::now();
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    add_forwarding(&mut parts.headers, peer);
+    // The peer travels in an extension; forwarding headers are added only when a request
+    // actually goes upstream, so a hit costs no header rewriting.
+    parts.extensions.insert(Peer(peer));
     let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
     let req = Request::from_parts(parts, body.map_err(box_err).boxed());
     // The proxy service is always ready; the layer's poll_ready delegates to it.

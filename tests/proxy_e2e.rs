@@ -91,6 +91,8 @@ impl Drop for Proxy {
 #[derive(Clone, Default)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
+    /// Requests that arrived with Via, X-Forwarded-For and Forwarded, and no Connection header.
+    forwarded: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
 }
@@ -110,6 +112,14 @@ impl Upstream {
                     let this = this.clone();
                     async move {
                         let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                        let h = req.headers();
+                        if h.contains_key("via")
+                            && h.get("x-forwarded-for").is_some_and(|v| v == "127.0.0.1")
+                            && h.contains_key("forwarded")
+                            && !h.contains_key("x-hop")
+                        {
+                            this.forwarded.fetch_add(1, Ordering::SeqCst);
+                        }
                         let r = this.running.fetch_add(1, Ordering::SeqCst) + 1;
                         this.peak.fetch_max(r, Ordering::SeqCst);
                         let ms = req
@@ -191,6 +201,11 @@ async fn an_uncacheable_url_is_not_serialized() {
         assert_eq!(t.await.unwrap().unwrap().0, StatusCode::OK);
     }
     assert_eq!(up.calls(), 101);
+    assert_eq!(
+        up.forwarded.load(Ordering::SeqCst),
+        101,
+        "Via, X-Forwarded-For and Forwarded added; headers named in Connection stripped"
+    );
     assert_eq!(
         up.peak.load(Ordering::SeqCst),
         100,

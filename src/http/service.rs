@@ -283,6 +283,8 @@ where
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = headers;
+    // The leader's extensions (connection info...) travel with the fill, like its headers.
+    *req.extensions_mut() = parts.extensions.clone();
     // Revalidate a stale entry with its validators.
     let prev_stored = prev.as_ref().and_then(|p| StoredResponse::decode(&p.value));
     if let Some(ps) = &prev_stored {
