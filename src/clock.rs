@@ -1,33 +1,25 @@
 //! Wall-clock milliseconds that follow `tokio::time`.
 //!
 //! Stored metadata needs Unix time (instances share it), while tests drive time with tokio's
-//! paused clock. A base pairs `SystemTime::now()` with `tokio::time::Instant::now()` at first use
-//! on each thread; later readings advance with tokio's clock. Unpaused, every base tracks real
-//! time, so threads agree to the millisecond; paused (a current-thread test runtime), the one
-//! thread's base moves with the test's clock, so stored freshness follows `time::advance`.
+//! paused clock. `now_ms` is `SystemTime::now()` shifted by how far tokio's clock is from the
+//! real monotonic clock: zero in production (so every thread and instance reads the system
+//! clock, NTP steps included), and the virtual advance when a test paused the clock, so stored
+//! freshness follows `time::advance`.
 
-use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use tokio::time::Instant;
-
-thread_local! {
-    static BASE: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
-}
 
 /// Milliseconds since the Unix epoch, advancing with `tokio::time`.
 pub(crate) fn now_ms() -> u64 {
-    let now = Instant::now();
-    let (unix, at) = BASE.with(|b| match b.get() {
-        Some(v) => v,
-        None => {
-            let unix = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            b.set(Some((unix, now)));
-            (unix, now)
-        }
-    });
-    unix + now.saturating_duration_since(at).as_millis() as u64
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let tokio_now = tokio::time::Instant::now().into_std();
+    let real_now = std::time::Instant::now();
+    let shift = if tokio_now >= real_now {
+        tokio_now.duration_since(real_now).as_nanos() as i128
+    } else {
+        -(real_now.duration_since(tokio_now).as_nanos() as i128)
+    };
+    ((wall + shift) / 1_000_000).clamp(0, i128::from(u64::MAX)) as u64
 }

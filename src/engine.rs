@@ -503,7 +503,7 @@ impl Stampede {
                     let Some(f) = fill.take() else {
                         return Err(Error::FillPanicked);
                     };
-                    return self.run_passed(&key, &looked, f, last_stale).await;
+                    return self.run_passed(&key, f, last_stale).await;
                 }
                 _ => {}
             }
@@ -604,24 +604,22 @@ impl Stampede {
                     };
                 }
                 Shared::Pass => {
-                    if leader {
-                        return match own {
-                            Some(Own::Value(value)) => Ok(Served {
+                    match own {
+                        Some(Own::Value(value)) => {
+                            return Ok(Served {
                                 value,
                                 meta: None,
                                 status: Status::Passed,
-                            }),
-                            _ => Err(Error::FillPanicked),
-                        };
+                            })
+                        }
+                        Some(Own::Panicked) => return Err(Error::FillPanicked),
+                        // A pass we waited on (another caller's fill): go to the source.
+                        None => {}
                     }
                     let Some(f) = fill.take() else {
                         return Err(Error::FillPanicked);
                     };
-                    let looked = Looked {
-                        found: Found::Pass,
-                        ..Looked::default()
-                    };
-                    return self.run_passed(&key, &looked, f, last_stale).await;
+                    return self.run_passed(&key, f, last_stale).await;
                 }
                 Shared::Recompete => {
                     match own {
@@ -638,6 +636,8 @@ impl Stampede {
                         None => return Err(Error::FillPanicked),
                     }
                 }
+                // The flight waited up to its leader's deadline; ours may be later.
+                Shared::TimedOut if Instant::now() < deadline && fill.is_some() => continue,
                 Shared::TimedOut => return self.fallback(&key, last_stale, fill.take()).await,
                 Shared::GaveUp | Shared::Aborted => {
                     if !fill.is_some() {
@@ -703,7 +703,6 @@ impl Stampede {
     async fn run_passed<F, Fut, E>(
         &self,
         key: &CacheKey,
-        looked: &Looked,
         fill: F,
         last_stale: Option<(Bytes, Meta)>,
     ) -> Result<Served, Error>
@@ -720,48 +719,60 @@ impl Stampede {
                 ttl,
                 selector,
             })) if ttl.physical() > Duration::ZERO => {
+                let ttl = ttl.clamped();
                 // Hit-for-miss: the URL turned cacheable. Store it only under a fresh lease, so
-                // the fence still orders the write.
-                let mut status = Status::Passed;
-                let mut meta_out = None;
-                if let Ok(Acquire::Acquired { token, fence }) = self
-                    .bcall(self.inner.backend.try_acquire(
-                        &key.slot,
-                        self.inner.cfg.lease,
-                        looked.seen_fence,
-                    ))
-                    .await
-                {
-                    let (w, meta) = self.build_write(
-                        key,
-                        looked,
+                // the fence still orders the write; in an engine-owned task, so a caller that
+                // goes away cannot strand the lease between acquire and write.
+                let this = self.clone();
+                let k = key.clone();
+                let v = value.clone();
+                let fill_time = started.elapsed();
+                let store = tokio::spawn(async move {
+                    // Read the head again: the fence we saw may be stale by now.
+                    let looked = this.lookup(&k).await.ok()?;
+                    if matches!(looked.found, Found::Entry { .. }) {
+                        return None;
+                    }
+                    let acq = this
+                        .bcall(this.inner.backend.try_acquire(
+                            &k.slot,
+                            this.inner.cfg.lease,
+                            looked.seen_fence,
+                        ))
+                        .await;
+                    let Ok(Acquire::Acquired { token, fence }) = acq else {
+                        return None;
+                    };
+                    let (w, meta) = this.build_write(
+                        &k,
+                        &looked,
                         token,
                         fence,
-                        &value,
+                        &v,
                         &ttl,
                         selector.as_ref(),
-                        started.elapsed(),
+                        fill_time,
                     );
-                    match w {
-                        Some(w) => {
-                            if let Ok(WriteOutcome::Stored) =
-                                self.bcall(self.inner.backend.write(w)).await
-                            {
-                                status = Status::Stored;
-                                meta_out = Some(meta);
-                            }
-                        }
-                        None => {
-                            let _ = self
-                                .bcall(self.inner.backend.release(
-                                    &key.slot,
-                                    token,
-                                    Signal::Released,
-                                ))
-                                .await;
-                        }
+                    let stored = match w {
+                        Some(w) => matches!(
+                            this.bcall(this.inner.backend.write(w)).await,
+                            Ok(WriteOutcome::Stored)
+                        ),
+                        None => false,
+                    };
+                    if !stored {
+                        let _ = this
+                            .bcall(this.inner.backend.release(&k.slot, token, Signal::Released))
+                            .await;
                     }
-                }
+                    stored.then_some(meta)
+                });
+                let meta_out = store.await.ok().flatten();
+                let status = if meta_out.is_some() {
+                    Status::Stored
+                } else {
+                    Status::Passed
+                };
                 Ok(Served {
                     value,
                     meta: meta_out,
@@ -1153,6 +1164,7 @@ impl Stampede {
                 ttl,
                 selector,
             })) if ttl.physical() > Duration::ZERO => {
+                let ttl = ttl.clamped();
                 let (w, meta) = self.build_write(
                     key,
                     looked,
@@ -1218,22 +1230,23 @@ impl Stampede {
         value: Bytes,
     ) -> (Shared, Option<Own>) {
         metrics::counter!("stampede_fills_total", "outcome" => "pass").increment(1);
-        if looked.stale_in(now_ms(), true).is_some() {
-            // Never replace a copy that may still be served; just let others compete.
-            let _ = self
-                .bcall(
-                    self.inner
-                        .backend
-                        .release(&key.slot, token, Signal::Released),
-                )
-                .await;
-            return (Shared::Recompete, Some(Own::Value(value)));
-        }
         self.write_pass_marker(key, looked, token, fence).await;
         (Shared::Pass, Some(Own::Value(value)))
     }
 
     async fn write_pass_marker(&self, key: &CacheKey, looked: &Looked, token: Token, fence: u64) {
+        let now = now_ms();
+        let servable = looked
+            .entry()
+            .is_some_and(|(_, m, _)| m.is_fresh(now) || m.in_swr(now) || m.in_sie(now));
+        if servable || looked.selector.is_some() {
+            // Never over a copy that may still be served, nor over a vary head that other
+            // variants hang from: no marker, but waiters still go to the source in parallel.
+            let _ = self
+                .bcall(self.inner.backend.release(&key.slot, token, Signal::Pass))
+                .await;
+            return;
+        }
         let marker = Record::encode_marker(Header {
             kind: Kind::Pass,
             fence,
@@ -1278,11 +1291,19 @@ impl Stampede {
         fill_time: Duration,
     ) -> (Option<FencedWrite>, Meta) {
         let meta = Meta::new(now_ms(), ttl, fill_time);
+        // Variants hang from a vary head; only one we found carries its epoch forward. Over
+        // anything else (nothing, a tombstone, a plain entry) start a new epoch at our fence, so
+        // variants written before an invalidation whose tombstone has since expired stay void.
+        let epoch = if looked.selector.is_some() {
+            looked.epoch
+        } else {
+            fence
+        };
         let header = Header {
             kind: Kind::Entry,
             fence,
             token,
-            epoch: looked.epoch,
+            epoch,
         };
         let physical = ttl.physical();
         let w = match selector.filter(|_| key.select.is_some()) {
@@ -1586,12 +1607,16 @@ impl<F> FillCell<F> {
 }
 
 /// A consecutive-failure circuit breaker. Open: every backend call fails at once, so an outage
-/// adds no latency. After the cooldown, calls go through again; one success closes it.
+/// adds no latency. After the cooldown one call goes through as a probe (half-open): its success
+/// closes the breaker, its failure opens it for another cooldown; the others keep failing fast
+/// meanwhile.
 struct Breaker {
     threshold: u32,
     cooldown: Duration,
     failures: AtomicU32,
+    /// 0 when closed; else when the cooldown ends.
     open_until_ms: AtomicU64,
+    probing: std::sync::atomic::AtomicBool,
 }
 
 impl Breaker {
@@ -1601,33 +1626,53 @@ impl Breaker {
             cooldown,
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn allow(&self) -> bool {
-        now_ms() >= self.open_until_ms.load(Ordering::Relaxed)
+        let until = self.open_until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        if now_ms() < until {
+            return false;
+        }
+        // Half-open: one probe at a time.
+        self.probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     fn is_open(&self) -> bool {
-        !self.allow()
+        self.open_until_ms.load(Ordering::Acquire) != 0
     }
 
     fn success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
+        if self.open_until_ms.load(Ordering::Acquire) != 0 {
+            self.open_until_ms.store(0, Ordering::Release);
+            self.probing.store(false, Ordering::Release);
+            tracing::info!("backend circuit breaker closed");
+        }
     }
 
     fn failure(&self) {
+        let probe_failed = self.probing.load(Ordering::Acquire);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= self.threshold {
+        if n >= self.threshold || probe_failed {
             self.open_until_ms.store(
                 now_ms() + self.cooldown.as_millis() as u64,
-                Ordering::Relaxed,
+                Ordering::Release,
             );
             self.failures.store(0, Ordering::Relaxed);
-            metrics::counter!("stampede_breaker_opened_total").increment(1);
-            tracing::warn!(cooldown = ?self.cooldown, "backend circuit breaker opened");
+            self.probing.store(false, Ordering::Release);
+            if !probe_failed {
+                metrics::counter!("stampede_breaker_opened_total").increment(1);
+                tracing::warn!(cooldown = ?self.cooldown, "backend circuit breaker opened");
+            }
         }
     }
 }

@@ -149,6 +149,20 @@ impl Ttl {
         self
     }
 
+    /// The longest any window may be (a year): longer ones are clamped, so an origin's
+    /// `max-age=18446744073709551615` cannot overflow a clock.
+    pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    /// Every window clamped to [`Ttl::MAX`].
+    pub fn clamped(self) -> Self {
+        Ttl {
+            fresh: self.fresh.min(Self::MAX),
+            stale_while_revalidate: self.stale_while_revalidate.min(Self::MAX),
+            stale_if_error: self.stale_if_error.min(Self::MAX),
+            revalidate: self.revalidate.min(Self::MAX),
+        }
+    }
+
     /// Sets the revalidation window.
     pub fn with_revalidate(mut self, d: Duration) -> Self {
         self.revalidate = d;
@@ -158,11 +172,11 @@ impl Ttl {
     /// How long the store must keep the bytes: fresh + max(swr, sie, revalidate), or neither
     /// stale window could ever fire.
     pub fn physical(&self) -> Duration {
-        self.fresh
-            + self
-                .stale_while_revalidate
+        self.fresh.saturating_add(
+            self.stale_while_revalidate
                 .max(self.stale_if_error)
-                .max(self.revalidate)
+                .max(self.revalidate),
+        )
     }
 }
 
@@ -186,9 +200,9 @@ impl Meta {
     pub fn new(now_ms: u64, ttl: &Ttl, fill_time: Duration) -> Self {
         Meta {
             stored_at_ms: now_ms,
-            fresh_until_ms: now_ms.saturating_add(ttl.fresh.as_millis() as u64),
-            swr_ms: ttl.stale_while_revalidate.as_millis() as u64,
-            sie_ms: ttl.stale_if_error.as_millis() as u64,
+            fresh_until_ms: now_ms.saturating_add(ms_u64(ttl.fresh)),
+            swr_ms: ms_u64(ttl.stale_while_revalidate),
+            sie_ms: ms_u64(ttl.stale_if_error),
             fill_ms: fill_time.as_millis().min(u32::MAX as u128) as u32,
         }
     }
@@ -215,8 +229,13 @@ impl Meta {
 
     /// Remaining freshness in ms (negative once stale).
     pub fn ttl_ms(&self, now_ms: u64) -> i64 {
-        self.fresh_until_ms as i64 - now_ms as i64
+        let d = i128::from(self.fresh_until_ms) - i128::from(now_ms);
+        d.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
     }
+}
+
+fn ms_u64(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
 /// A decoded record.

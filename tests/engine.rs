@@ -727,3 +727,115 @@ fn configuration_relations_are_checked() {
     let r = Stampede::with_config(mem, Config::default().lease(secs(10)).wait_timeout(secs(5)));
     assert!(r.is_err());
 }
+
+// Regressions found in review.
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_on_another_instances_pass_goes_to_the_source() {
+    let mem = MemoryBackend::default();
+    let a = engine(&mem, Config::default());
+    let b = engine(&mem, Config::default());
+    let calls = Counter::default();
+    let c = calls.clone();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.get_or_fill("p2", move || async move {
+                c.inc();
+                tokio::time::sleep(ms(500)).await;
+                Ok::<_, std::io::Error>(Fill::pass("a's private"))
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let s = b
+        .get_or_fill("p2", filler(&calls, ms(1), "b's own", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&s.value[..], b"b's own", "B ran its own fill, not an error");
+    assert_eq!(ta.await.unwrap().unwrap().status, Status::Passed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_follower_keeps_its_own_deadline() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(2))
+        .wait_timeout(secs(10))
+        .fill_timeout(secs(120));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    tokio::spawn({
+        let a = a.clone();
+        let f = filler(&calls, secs(60), "slow", minute());
+        async move { a.get_or_fill("late", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    let start = Instant::now();
+    let first = tokio::spawn({
+        let b = b.clone();
+        let f = filler(&calls, ms(1), "x", minute());
+        async move { b.get_or_fill("late", f).await }
+    });
+    tokio::time::sleep(secs(8)).await;
+    let late_start = Instant::now();
+    let late = b
+        .get_or_fill("late", filler(&calls, ms(1), "y", minute()))
+        .await;
+    assert!(matches!(late, Err(Error::Timeout(_))));
+    assert!(
+        late_start.elapsed() >= secs(10),
+        "the late caller waited its own 10 s, not the first caller's remaining 2 s"
+    );
+    assert!(matches!(first.await.unwrap(), Err(Error::Timeout(_))));
+    assert!(start.elapsed() >= secs(18));
+    assert_eq!(calls.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_refresh_that_passes_keeps_the_fresh_entry() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default().xfetch_beta(1e9));
+    let calls = Counter::default();
+    e.get_or_fill("xf", filler(&calls, ms(50), "fresh", minute()))
+        .await
+        .unwrap();
+    e.get_or_fill("xf", || async {
+        Ok::<_, std::io::Error>(Fill::pass("now private"))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(secs(1)).await;
+    let got = mem.fetch(&Digest::of_key("xf"), None).await.unwrap();
+    assert!(
+        matches!(
+            got.entry.as_ref().and_then(Record::decode),
+            Some(Record::Entry { .. })
+        ),
+        "the fresh entry survived the refresh's pass"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_keys_do_not_grow_the_memory_store_past_its_budget() {
+    let mem = MemoryBackend::new(16 * 1024);
+    let e = engine(&mem, Config::default().lease(ms(100)).wait_timeout(secs(2)));
+    let calls = Counter::default();
+    for i in 0..2000 {
+        let _ = e
+            .get_or_fill(format!("fail-{i}"), failing(&calls, ms(1)))
+            .await;
+        if i % 100 == 0 {
+            tokio::time::sleep(ms(200)).await; // leases expire
+        }
+    }
+    tokio::time::sleep(ms(200)).await;
+    let _ = e.get_or_fill("one-more", failing(&calls, ms(1))).await;
+    assert!(
+        mem.used_bytes() <= 16 * 1024 + 2048,
+        "{} bytes",
+        mem.used_bytes()
+    );
+}

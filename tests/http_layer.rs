@@ -749,3 +749,143 @@ async fn a_dead_store_fails_open_still_coalesced_in_process() {
     let g = send(&svc, get("http://a.test/big")).await;
     assert_eq!((g.status, g.body.len()), (StatusCode::OK, 5000));
 }
+
+// Regressions found in review.
+
+#[tokio::test(start_paused = true)]
+async fn an_origin_error_page_goes_only_to_the_request_that_got_it() {
+    let origin = Origin::new(ms(100), |req, _| {
+        let user = req
+            .headers()
+            .get("x-user")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let mut r = ok("private", format!("error page for {user}"));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get("http://a.test/err")
+                .header("x-user", i.to_string())
+                .body(Full::default())
+                .unwrap();
+            (i, send(&svc, req).await)
+        }));
+    }
+    for t in tasks {
+        let (i, g) = t.await.unwrap();
+        let own = Bytes::from(format!("error page for {i}"));
+        if g.body != own {
+            assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{}", g.cs());
+            assert!(
+                !g.body.starts_with(b"error page"),
+                "another user's page leaked"
+            );
+            assert!(g.cs().contains("fwd-status=500"), "{}", g.cs());
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn absurd_max_age_values_do_not_panic() {
+    let origin = Origin::new(ms(1), |_, n| {
+        ok(
+            "max-age=18446744073709551615, stale-while-revalidate=18446744073709551615, stale-if-error=99999999999999999999",
+            format!("run {n}"),
+        )
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let g = send(&svc, get("http://a.test/huge")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.cs());
+    let g = send(&svc, get("http://a.test/huge")).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_5xx_is_a_failure_not_a_pass() {
+    let origin = Origin::new(ms(200), |_, _| {
+        let mut r = ok("", vec![b'e'; 10_000]);
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    });
+    let svc = StampedeLayer::in_memory()
+        .max_body(1024)
+        .layer(origin.service());
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, get("http://a.test/big5xx")).await
+        }));
+    }
+    let mut own = 0;
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert!(g.status.is_server_error());
+        own += (g.body.len() == 10_000) as usize;
+    }
+    assert_eq!(own, 1, "the leader relays its own 503 whole");
+    // No pass marker: within the failed lease nobody else calls the origin.
+    let g = send(&svc, get("http://a.test/big5xx")).await;
+    assert!(g.status.is_server_error());
+    assert_eq!(origin.calls(), 1 + (g.body.len() == 10_000) as usize);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passed_response_keeps_its_set_cookie() {
+    let origin = Origin::new(ms(1), |_, _| {
+        let mut r = ok("max-age=60", "logged in");
+        r.headers_mut()
+            .insert(header::SET_COOKIE, "session=abc".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let g = send(&svc, get("http://a.test/login")).await;
+    assert_eq!(g.headers.get(header::SET_COOKIE).unwrap(), "session=abc");
+    assert!(g.cs().contains("detail=set-cookie"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn hits_do_not_wait_on_the_inner_services_backpressure() {
+    let origin = Origin::new(Duration::from_secs(8), |_, n| {
+        ok("max-age=600", format!("run {n}"))
+    });
+    let svc = tower::ServiceBuilder::new()
+        .layer(StampedeLayer::in_memory())
+        .concurrency_limit(1)
+        .service(origin.service());
+    // Store /a (takes 8 s), then start a slow fill of /b that holds the only permit.
+    send(&svc, get("http://a.test/a")).await;
+    let slow = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, get("http://a.test/b")).await })
+    };
+    tokio::time::sleep(ms(10)).await;
+    let start = tokio::time::Instant::now();
+    let g = send(&svc, get("http://a.test/a")).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the hit waited for the permit"
+    );
+    slow.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_get_with_a_body_bypasses() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let req = Request::get("http://a.test/body")
+        .header(header::CONTENT_LENGTH, "3")
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .unwrap();
+    let g = send(&svc, req).await;
+    assert!(g.cs().contains("detail=request-body"), "{}", g.cs());
+}

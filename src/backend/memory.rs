@@ -46,6 +46,10 @@ struct Shard {
     slots: HashMap<Digest, Slot>,
     order: Vec<Digest>,
     bytes: usize,
+    /// The highest fence of any slot evicted from this shard. New slots start their counter
+    /// here, so evicting a slot (its counter and its tombstone with it) never lets a later grant
+    /// fall below a fence that a stalled holder may still write with.
+    fence_floor: u64,
 }
 
 struct Slot {
@@ -147,7 +151,7 @@ impl MemoryBackend {
         let s = shard.slot_mut(slot, now);
         s.entry = Some(Item {
             bytes,
-            expires: now + ttl,
+            expires: until(now, ttl),
         });
         shard.account(slot);
         shard.evict_over(self.shared.shard_budget, now);
@@ -171,6 +175,12 @@ impl MemoryBackend {
     }
 }
 
+/// `now + ttl`, saturating far in the future instead of overflowing.
+fn until(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(10 * 365 * 24 * 3600))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave a slot half-written in a way that matters
     // more than losing the process's cache, so keep serving.
@@ -189,7 +199,7 @@ impl Shard {
                     entry: None,
                     variants: Vec::new(),
                     lease: None,
-                    counter: 0,
+                    counter: self.fence_floor,
                     last_used: now,
                     idx,
                     accounted: SLOT_OVERHEAD,
@@ -212,6 +222,12 @@ impl Shard {
 
     fn remove(&mut self, slot: &Digest) {
         if let Some(s) = self.slots.remove(slot) {
+            let entry_fence = s
+                .entry
+                .as_ref()
+                .and_then(|i| Header::parse(&i.bytes))
+                .map_or(0, |h| h.fence);
+            self.fence_floor = self.fence_floor.max(s.counter).max(entry_fence);
             self.bytes = self.bytes.saturating_sub(s.accounted);
             let idx = s.idx;
             self.order.swap_remove(idx);
@@ -304,10 +320,13 @@ impl Backend for MemoryBackend {
                 let fence = next_fence(s.counter, stored);
                 s.counter = fence;
                 let token = Token::random();
-                s.lease = Some((token, now + ttl));
+                s.lease = Some((token, until(now, ttl)));
                 Acquire::Acquired { token, fence }
             }
         };
+        // A slot made here (a lease with no write yet, e.g. a failing fill) counts against the
+        // budget like any other.
+        shard.evict_over(self.shared.shard_budget, now);
         drop(shard);
         Box::pin(std::future::ready(Ok(out)))
     }
@@ -323,7 +342,7 @@ impl Backend for MemoryBackend {
         let ok = match shard.slots.get_mut(slot) {
             Some(s) => match s.live_lease(now) {
                 Some((t, _)) if t == token => {
-                    s.lease = Some((token, now + ttl));
+                    s.lease = Some((token, until(now, ttl)));
                     true
                 }
                 _ => false,
@@ -371,7 +390,7 @@ impl Backend for MemoryBackend {
         } else {
             s.entry = Some(Item {
                 bytes: w.entry.clone(),
-                expires: now + w.entry_ttl,
+                expires: until(now, w.entry_ttl),
             });
             s.counter = s.counter.max(w.fence);
             if let Some((vd, vb)) = &w.variant {
@@ -380,7 +399,7 @@ impl Backend for MemoryBackend {
                     *vd,
                     Item {
                         bytes: vb.clone(),
-                        expires: now + w.variant_ttl,
+                        expires: until(now, w.variant_ttl),
                     },
                 ));
             }
@@ -419,10 +438,11 @@ impl Backend for MemoryBackend {
                 token: Token::NONE,
                 epoch: fence,
             }),
-            expires: now + ttl,
+            expires: until(now, ttl),
         });
         s.variants.clear();
         shard.account(slot);
+        shard.evict_over(self.shared.shard_budget, now);
         drop(shard);
         Box::pin(std::future::ready(Ok(fence)))
     }
@@ -447,7 +467,7 @@ impl Backend for MemoryBackend {
                 .subscribe()
         };
         let sub = Subscription::new(MemorySubscription {
-            rx,
+            rx: Some(rx),
             slot: *slot,
             shared: self.shared.clone(),
         });
@@ -456,7 +476,7 @@ impl Backend for MemoryBackend {
 }
 
 struct MemorySubscription {
-    rx: broadcast::Receiver<Signal>,
+    rx: Option<broadcast::Receiver<Signal>>,
     slot: Digest,
     shared: Arc<Shared>,
 }
@@ -467,7 +487,10 @@ impl SignalStream for MemorySubscription {
         Box::pin(async move {
             // Lagged (some signals lost) reads as a broken subscription: the caller re-reads,
             // as after a reconnect.
-            this.rx.recv().await.ok()
+            match this.rx.as_mut() {
+                Some(rx) => rx.recv().await.ok(),
+                None => None,
+            }
         })
     }
 }
@@ -479,11 +502,14 @@ impl Drop for MemorySubscription {
             .signals
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = map.get(&self.slot) {
-            // Ours is the last receiver (it is dropped right after this).
-            if tx.receiver_count() <= 1 {
-                map.remove(&self.slot);
-            }
+        // Drop our receiver under the lock, so two subscriptions dropping at once cannot both
+        // see the other still there and leave the channel behind.
+        drop(self.rx.take());
+        if map
+            .get(&self.slot)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            map.remove(&self.slot);
         }
     }
 }

@@ -31,9 +31,10 @@ pub(crate) fn directives(headers: &HeaderMap) -> Directives {
                 Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                 None => (part, None),
             };
+            // Clamped: a huge number must not overflow a clock downstream.
             let secs = || {
                 arg.and_then(|a| a.parse::<u64>().ok())
-                    .map(Duration::from_secs)
+                    .map(|v| Duration::from_secs(v).min(Ttl::MAX))
             };
             match name.to_ascii_lowercase().as_str() {
                 "no-cache" => d.no_cache = true,
@@ -114,7 +115,7 @@ pub(crate) fn decide(
         swr = Duration::ZERO;
         sie = Duration::ZERO;
     }
-    let mut ttl = Ttl::fresh(fresh).with_swr(swr).with_sie(sie);
+    let mut ttl = Ttl::fresh(fresh.min(Ttl::MAX)).with_swr(swr).with_sie(sie);
     if ttl.fresh.is_zero() && swr.is_zero() && sie.is_zero() {
         return Decision::Pass("expired");
     }

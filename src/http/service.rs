@@ -66,15 +66,15 @@ where
     type Error = S::Error;
     type Future = ResponseFuture<Self::Response, S::Error>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: a hit must not wait on the inner service's backpressure (a concurrency
+    /// limit held by a slow fill). Readiness of the inner service is awaited where it is called:
+    /// by a fill, or by a request that bypasses the cache.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // The ready service is the one we were polled on; leave a fresh clone behind.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(handle(self.shared.clone(), inner, req))
+        Box::pin(handle(self.shared.clone(), self.inner.clone(), req))
     }
 }
 
@@ -96,6 +96,12 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
     }
     if request_no_store(h) {
         return Route::Bypass("no-store");
+    }
+    // A GET with a body is not a cacheable request shape (and its body is not in the key).
+    let has_body = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v != "0");
+    if has_body {
+        return Route::Bypass("request-body");
     }
     if opts.defaults.ttl.is_some() && has_relevant_cookie(h, &opts.cookies) {
         return Route::Bypass("cookie");
@@ -155,7 +161,9 @@ fn has_relevant_cookie(h: &HeaderMap, policy: &CookiePolicy) -> bool {
 /// What a caller's own fill leaves for it beyond the value: a body too large to buffer, and why
 /// a response was passed.
 struct SideState<B> {
-    streamed: Option<Response<ResponseBody<B>>>,
+    /// This request's own response, when it must not come from the shared value: a body too
+    /// large to buffer, a passed response (with its `Set-Cookie`), the origin's own 5xx.
+    own: Option<Response<ResponseBody<B>>>,
     detail: Option<&'static str>,
 }
 
@@ -183,8 +191,15 @@ where
     let slot = match classify(&req, opts) {
         Route::Cache(slot) => slot,
         Route::Bypass(detail) => {
-            let invalidate = (opts.invalidate_on_unsafe && !req.method().is_safe())
-                .then(|| url_slot(req.uri(), req.headers()));
+            let invalidate = if opts.invalidate_on_unsafe && !req.method().is_safe() {
+                match &opts.key_fn {
+                    Some(f) => f(&head_only(&req).into_parts().0).map(|k| user_slot(&k)),
+                    None => Some(url_slot(req.uri(), req.headers())),
+                }
+            } else {
+                None
+            };
+            std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
             let res = inner.call(req).await?;
             if let Some(slot) = invalidate {
                 if res.status().is_success() || res.status().is_redirection() {
@@ -210,7 +225,7 @@ where
         variant_of(sel, &sel_parts.headers)
     }));
     let side: Side<ResB> = Arc::new(Mutex::new(SideState {
-        streamed: None,
+        own: None,
         detail: None,
     }));
     let fill = {
@@ -222,7 +237,7 @@ where
     let served = shared.engine.get_or_fill_with(key, fill).await;
     Ok(match served {
         Ok(s) => respond(opts, s, &parts, &side),
-        Err(e) => error_response(opts, e),
+        Err(e) => error_response(opts, e, &parts, &side),
     })
 }
 
@@ -237,6 +252,9 @@ fn fill_headers(h: &HeaderMap) -> HeaderMap {
         header::IF_UNMODIFIED_SINCE,
         header::IF_RANGE,
         header::RANGE,
+        // The fill's body is empty, whatever the leader's framing said.
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
     ] {
         out.remove(n);
     }
@@ -244,13 +262,14 @@ fn fill_headers(h: &HeaderMap) -> HeaderMap {
 }
 
 /// An origin 5xx, carried as the fill's error so the engine applies stale-if-error and signals
-/// `failed`; the service relays the response itself when there is no stale copy.
+/// `failed`. The response itself goes only to the request whose own fill received it (it may be
+/// private); the others get a generic 502 naming its status.
 #[derive(Debug)]
-pub(crate) struct UpstreamFailure(Bytes, StatusCode);
+pub(crate) struct UpstreamFailure(StatusCode);
 
 impl std::fmt::Display for UpstreamFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "origin answered {}", self.1)
+        write!(f, "origin answered {}", self.0)
     }
 }
 
@@ -320,51 +339,66 @@ where
             }
             let mut probe = Response::new(());
             *probe.status_mut() = ps.status;
-            *probe.headers_mut() = merged.clone();
+            *probe.headers_mut() = merged;
             let (probe, ()) = probe.into_parts();
-            let value = StoredResponse::new(ps.status, &merged, ps.body).encode();
-            return Ok(to_fill(
-                decide(&policy_req, &probe, &opts.defaults),
-                value,
-                &side,
-            ));
+            let stored = StoredResponse::new(ps.status, &probe.headers, ps.body.clone());
+            return Ok(match decide(&policy_req, &probe, &opts.defaults) {
+                Decision::Store { ttl, selector } => Fill::Store {
+                    value: stored.encode(),
+                    ttl,
+                    selector: selector.map(Bytes::from),
+                },
+                Decision::Pass(detail) => own(
+                    &side,
+                    detail,
+                    Response::from_parts(probe, ResponseBody::full(ps.body)),
+                ),
+            });
         }
     }
 
+    let failed = rparts.status.is_server_error();
     match buffer(Box::pin(body), opts.max_body).await? {
         Buffered::Overflow { prefix, rest } => {
-            let mut st = lock(&side);
-            st.detail = Some("too-large");
-            st.streamed = Some(Response::from_parts(
-                rparts,
-                ResponseBody::stream(prefix, rest),
-            ));
-            Ok(Fill::Pass {
-                value: Bytes::new(),
-            })
+            let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
+            if failed {
+                // Still a failure (stale-if-error, the failed signal), never a pass marker.
+                let status = res.status();
+                lock(&side).own = Some(res);
+                return Err(Box::new(UpstreamFailure(status)));
+            }
+            Ok(own(&side, "too-large", res))
         }
         Buffered::Complete(bytes) => {
-            let stored = StoredResponse::new(rparts.status, &rparts.headers, bytes);
-            if rparts.status.is_server_error() {
-                return Err(Box::new(UpstreamFailure(stored.encode(), rparts.status)));
+            if failed {
+                let status = rparts.status;
+                lock(&side).own = Some(Response::from_parts(rparts, ResponseBody::full(bytes)));
+                return Err(Box::new(UpstreamFailure(status)));
             }
-            let decision = decide(&policy_req, &rparts, &opts.defaults);
-            Ok(to_fill(decision, stored.encode(), &side))
+            Ok(match decide(&policy_req, &rparts, &opts.defaults) {
+                Decision::Store { ttl, selector } => Fill::Store {
+                    value: StoredResponse::new(rparts.status, &rparts.headers, bytes).encode(),
+                    ttl,
+                    selector: selector.map(Bytes::from),
+                },
+                Decision::Pass(detail) => own(
+                    &side,
+                    detail,
+                    Response::from_parts(rparts, ResponseBody::full(bytes)),
+                ),
+            })
         }
     }
 }
 
-fn to_fill<B>(decision: Decision, value: Bytes, side: &Side<B>) -> Fill {
-    match decision {
-        Decision::Store { ttl, selector } => Fill::Store {
-            value,
-            ttl,
-            selector: selector.map(Bytes::from),
-        },
-        Decision::Pass(detail) => {
-            lock(side).detail = Some(detail);
-            Fill::Pass { value }
-        }
+/// A response for this request alone (passed: never stored, never shared): kept whole, with its
+/// `Set-Cookie`, in the caller's side state; the engine's value is empty.
+fn own<B>(side: &Side<B>, detail: &'static str, res: Response<ResponseBody<B>>) -> Fill {
+    let mut st = lock(side);
+    st.detail = Some(detail);
+    st.own = Some(res);
+    Fill::Pass {
+        value: Bytes::new(),
     }
 }
 
@@ -375,20 +409,17 @@ fn respond<B>(
     side: &Side<B>,
 ) -> Response<ResponseBody<B>> {
     let detail = lock(side).detail;
-    // Our own fill ran and its body was too large to buffer: stream it (passed, or bypassed
-    // because the backend is down).
+    // Our own fill ran and its response is ours alone (passed, too large, or while the store
+    // is down).
     if matches!(served.status, Status::Passed | Status::Bypass) {
-        if let Some(mut res) = lock(side).streamed.take() {
-            res.headers_mut().insert(
-                CACHE_STATUS,
-                cache_status::for_status(&opts.name, served.status, None, detail),
-            );
-            return res;
+        if let Some(res) = lock(side).own.take() {
+            let cs = cache_status::for_status(&opts.name, served.status, None, detail);
+            return finish_own(res, cs, req);
         }
     }
     let Some(stored) = StoredResponse::decode(&served.value) else {
         // Cannot happen for values this layer wrote; a foreign writer under our prefix could.
-        return error_response(opts, Error::FillPanicked);
+        return error_response(opts, Error::FillPanicked, req, side);
     };
     let now = now_ms();
     let (age, ttl) = match &served.meta {
@@ -439,7 +470,9 @@ fn respond<B>(
         return res;
     }
 
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    if status != StatusCode::NO_CONTENT && !status.is_informational() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     let body = if req.method == Method::HEAD {
         ResponseBody::empty()
     } else {
@@ -454,6 +487,10 @@ fn respond<B>(
 /// Does the client's conditional request match the stored response (RFC 9110 section 13)?
 fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
     let inm: Vec<&HeaderValue> = req.get_all(header::IF_NONE_MATCH).iter().collect();
+    if inm.iter().any(|v| v.as_bytes().trim_ascii() == b"*") {
+        // "*" matches any current representation, and we have one.
+        return true;
+    }
     if !inm.is_empty() {
         let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
@@ -461,10 +498,7 @@ fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
         let ours = weak(etag);
         return inm.iter().any(|v| {
             v.to_str()
-                .map(|s| {
-                    s.split(',')
-                        .any(|t| t.trim() == "*" || weak(t.trim()) == ours)
-                })
+                .map(|s| s.split(',').any(|t| weak(t.trim()) == ours))
                 .unwrap_or(false)
         });
     }
@@ -483,26 +517,29 @@ fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }
 
-fn error_response<B>(opts: &Options, e: Error) -> Response<ResponseBody<B>> {
+fn error_response<B>(
+    opts: &Options,
+    e: Error,
+    req: &Parts,
+    side: &Side<B>,
+) -> Response<ResponseBody<B>> {
     let (status, detail, body): (StatusCode, &str, &str) = match &e {
         Error::Fill(err) => {
             if let Some(up) = err.downcast_ref::<UpstreamFailure>() {
-                if let Some(stored) = StoredResponse::decode(&up.0) {
-                    let mut headers = stored.headers;
-                    headers.insert(
-                        CACHE_STATUS,
-                        cache_status::error(
-                            &opts.name,
-                            Some(stored.status.as_u16()),
-                            "origin-error",
-                        ),
-                    );
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(stored.body.len()));
-                    let mut res = Response::new(ResponseBody::full(stored.body));
-                    *res.status_mut() = stored.status;
-                    *res.headers_mut() = headers;
-                    return res;
+                let code = up.0.as_u16();
+                // Our own fill got the origin's error: relay it whole. Others waiting on that
+                // fill get a generic 502 (the error page may be private).
+                if let Some(res) = lock(side).own.take() {
+                    let cs = cache_status::error(&opts.name, Some(code), "origin-error");
+                    return finish_own(res, cs, req);
                 }
+                return plain_error(
+                    opts,
+                    StatusCode::BAD_GATEWAY,
+                    Some(code),
+                    "origin-error",
+                    "the origin failed\n",
+                );
             }
             (StatusCode::BAD_GATEWAY, "origin-error", "origin error\n")
         }
@@ -524,6 +561,16 @@ fn error_response<B>(opts: &Options, e: Error) -> Response<ResponseBody<B>> {
         Error::FillPanicked => (StatusCode::BAD_GATEWAY, "fill-failed", "the fill failed\n"),
     };
     tracing::debug!(error = %e, "serving an error response");
+    plain_error(opts, status, None, detail, body)
+}
+
+fn plain_error<B>(
+    opts: &Options,
+    status: StatusCode,
+    fwd_status: Option<u16>,
+    detail: &str,
+    body: &'static str,
+) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     let h = res.headers_mut();
@@ -532,6 +579,23 @@ fn error_response<B>(opts: &Options, e: Error) -> Response<ResponseBody<B>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    h.insert(CACHE_STATUS, cache_status::error(&opts.name, None, detail));
+    h.insert(
+        CACHE_STATUS,
+        cache_status::error(&opts.name, fwd_status, detail),
+    );
+    res
+}
+
+/// This request's own response: its Cache-Status, and no body for a HEAD.
+fn finish_own<B>(
+    mut res: Response<ResponseBody<B>>,
+    cs: HeaderValue,
+    req: &Parts,
+) -> Response<ResponseBody<B>> {
+    res.headers_mut().insert(CACHE_STATUS, cs);
+    if req.method == Method::HEAD {
+        let (parts, _) = res.into_parts();
+        return Response::from_parts(parts, ResponseBody::empty());
+    }
     res
 }

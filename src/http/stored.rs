@@ -47,9 +47,17 @@ impl StoredResponse {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u32>().ok())
             .unwrap_or(0);
+        // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
+        let named: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
         let mut kept = HeaderMap::with_capacity(headers.len());
         for (n, v) in headers {
-            if !skip_on_store(n) {
+            if !skip_on_store(n) && !named.iter().any(|c| c == n.as_str()) {
                 kept.append(n.clone(), v.clone());
             }
         }
