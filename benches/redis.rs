@@ -40,6 +40,42 @@ async fn hit_once(e: &Stampede) {
     assert_eq!(s.status, Status::Hit);
 }
 
+type Origin = tower::util::BoxCloneSyncService<
+    http::Request<http_body_util::Full<bytes::Bytes>>,
+    http::Response<http_body_util::Full<bytes::Bytes>>,
+    std::convert::Infallible,
+>;
+
+/// The HTTP layer on the same engine, in front of an origin with a 1 KiB cacheable body.
+fn layer_on(e: &Stampede) -> tower_stampede::http::StampedeService<Origin> {
+    use tower_layer::Layer;
+    let origin = tower::service_fn(
+        |_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header("cache-control", "max-age=3600")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                        b'x';
+                        VALUE_LEN
+                    ])))
+                    .unwrap(),
+            )
+        },
+    );
+    tower_stampede::http::StampedeLayer::new(e.clone()).layer(Origin::new(origin))
+}
+
+async fn layer_hit(svc: &tower_stampede::http::StampedeService<Origin>) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let req = http::Request::get("http://bench.test/hot")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let b = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(b.len(), VALUE_LEN);
+}
+
 async fn raw_get(conn: &redis::aio::MultiplexedConnection, key: &str) {
     let mut c = conn.clone();
     let v: Vec<u8> = redis::cmd("GET")
@@ -55,7 +91,7 @@ fn mean_of<F: Fn() -> Duration>(f: F, n: u32) -> Duration {
     (0..n).map(|_| f()).sum::<Duration>() / n
 }
 
-fn hit(c: &mut Criterion, server: &servers::Server) -> (Duration, Duration) {
+fn hit(c: &mut Criterion, server: &servers::Server) -> (Duration, Duration, Duration) {
     let rt = rt();
     let backend = rt.block_on(async {
         RedisBackend::builder(server.url())
@@ -77,17 +113,27 @@ fn hit(c: &mut Criterion, server: &servers::Server) -> (Duration, Duration) {
         .await
         .unwrap();
     });
+    let svc = layer_on(&e);
+    rt.block_on(layer_hit(&svc)); // the layer's first request fills its own entry
     let mut g = c.benchmark_group("redis_hit_1KiB");
     g.bench_function("raw_get_same_connection", |b| {
         b.to_async(&rt).iter(|| raw_get(&conn, &key))
     });
     g.bench_function("engine_hit", |b| b.to_async(&rt).iter(|| hit_once(&e)));
+    g.bench_function("layer_hit", |b| b.to_async(&rt).iter(|| layer_hit(&svc)));
     g.finish();
 
     // The ratio, from one interleaved run (criterion's figures above are the detailed ones).
     let block = 2_000u32;
-    let (mut raw, mut eng) = (Duration::ZERO, Duration::ZERO);
+    let (mut raw, mut eng, mut lay) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..5 {
+        lay += rt.block_on(async {
+            let t = Instant::now();
+            for _ in 0..block {
+                layer_hit(&svc).await;
+            }
+            t.elapsed() / block
+        });
         raw += rt.block_on(async {
             let t = Instant::now();
             for _ in 0..block {
@@ -103,7 +149,7 @@ fn hit(c: &mut Criterion, server: &servers::Server) -> (Duration, Duration) {
             t.elapsed() / block
         });
     }
-    (raw / 5, eng / 5)
+    (raw / 5, eng / 5, lay / 5)
 }
 
 /// One waiter's wait: A fills `key` (20 ms), B waits on A's lease; returns the time from the end
@@ -205,13 +251,17 @@ fn wakeup(c: &mut Criterion, server: &servers::Server) -> (Duration, Duration) {
 fn main() {
     let server = servers::Server::redis();
     let mut c = Criterion::default().configure_from_args();
-    let (raw, eng) = hit(&mut c, &server);
+    let (raw, eng, lay) = hit(&mut c, &server);
     let (sig, poll) = wakeup(&mut c, &server);
     c.final_summary();
     println!();
     println!(
         "redis hit: engine {eng:?} vs raw GET {raw:?} on the same connection: ratio {:.2}",
         eng.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "redis hit through the HTTP layer {lay:?} vs raw GET {raw:?}: ratio {:.2}",
+        lay.as_secs_f64() / raw.as_secs_f64()
     );
     println!(
         "fill -> waiter served: pub/sub {sig:?} vs polling only {poll:?}: polling/pubsub ratio {:.1}",
