@@ -441,9 +441,11 @@ pub async fn run() -> i32 {
             .lines()
             .map(str::trim)
             .filter(|l| {
-                ["rror", "WARN", "warn", "crit", "alert", "emerg", "panic"]
-                    .iter()
-                    .any(|w| l.contains(w))
+                [
+                    "rror", "WARN", "[warn]", "[crit]", "[alert]", "[emerg]", "panic",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
             })
             .collect();
         if !notable.is_empty() {
@@ -1310,7 +1312,7 @@ async fn hits(
     if logged.is_some() {
         rows.push(Row {
             title: "the same hits as ratios to nginx with its default access log (combined format, to a file)".into(),
-            target: "(for comparison with the issue's nginx figures, which match this setup)".into(),
+            target: "(for comparison: Debian's stock nginx.conf logs every request)".into(),
             cells: vs_logged,
         });
     }
