@@ -204,6 +204,9 @@ struct Inner {
     /// The last `Vary` selector seen per slot, so a hit on a varying entry is one round trip.
     /// Sharded: every HTTP lookup reads it.
     memo: Vec<Mutex<HashMap<Digest, Bytes>>>,
+    /// Slots whose lease is held by a failed fill, until about when it expires. Read only when a
+    /// lease is found held.
+    failed: Mutex<HashMap<Digest, (Instant, Failure)>>,
 }
 
 const MEMO_SHARDS: usize = 16;
@@ -340,6 +343,7 @@ impl Stampede {
                 memo: (0..MEMO_SHARDS)
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
+                failed: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -999,6 +1003,11 @@ impl Stampede {
                 }
                 Acquire::Held { remaining } => {
                     metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
+                    // The lease is held by a fill that failed (here, or signalled from another
+                    // instance): take the fallback now instead of waiting out the lease.
+                    if let Some(f) = self.recent_failure(&key.slot) {
+                        return (Shared::Failed(f), None);
+                    }
                     waited = true;
                     if let Some((value, meta)) = looked.stale_in(now_ms(), false) {
                         return (
@@ -1047,6 +1056,7 @@ impl Stampede {
                             metrics::counter!("stampede_signals_total", "signal" => sig.as_str())
                                 .increment(1);
                             if sig == Signal::Failed {
+                                self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
                                 return (Shared::Failed(Failure::Elsewhere), None);
                             }
                         }
@@ -1147,12 +1157,16 @@ impl Stampede {
                 metrics::counter!("stampede_fills_total", "outcome" => "timeout").increment(1);
                 // Keep the lease until it expires: the source sees at most one call per lease.
                 let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
-                (Shared::Failed(Failure::Timeout(cfg.fill_timeout)), None)
+                let f = Failure::Timeout(cfg.fill_timeout);
+                self.remember_failure(&key.slot, cfg.lease, &f);
+                (Shared::Failed(f), None)
             }
             FillRun::Done(Err(e)) => {
                 metrics::counter!("stampede_fills_total", "outcome" => "error").increment(1);
                 let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
-                (Shared::Failed(Failure::Fill(Arc::from(e))), None)
+                let f = Failure::Fill(Arc::from(e));
+                self.remember_failure(&key.slot, cfg.lease, &f);
+                (Shared::Failed(f), None)
             }
             FillRun::Done(Ok(Fill::Unshared { value })) => {
                 metrics::counter!("stampede_fills_total", "outcome" => "unshared").increment(1);
@@ -1186,6 +1200,7 @@ impl Stampede {
                     Ok(WriteOutcome::Stored) => {
                         metrics::counter!("stampede_fills_total", "outcome" => "stored")
                             .increment(1);
+                        self.forget_failure(&key.slot);
                         if let Some(sel) = &selector {
                             self.memo_set(&key.slot, sel.clone());
                         }
@@ -1452,6 +1467,33 @@ impl Stampede {
             }
         }
         Ok(looked)
+    }
+
+    /// Remembers that the lease on `slot` is held by a failed fill for about `for_`, so callers
+    /// of this process that find it held take their fallback at once.
+    fn remember_failure(&self, slot: &Digest, for_: Duration, f: &Failure) {
+        let mut m = self.inner.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MEMO_CAP {
+            let now = Instant::now();
+            m.retain(|_, (until, _)| *until > now);
+        }
+        m.insert(*slot, (Instant::now() + for_, f.clone()));
+    }
+
+    fn recent_failure(&self, slot: &Digest) -> Option<Failure> {
+        let m = self.inner.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get(slot) {
+            Some((until, f)) if *until > Instant::now() => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    fn forget_failure(&self, slot: &Digest) {
+        self.inner
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(slot);
     }
 
     fn memo_shard(&self, slot: &Digest) -> std::sync::MutexGuard<'_, HashMap<Digest, Bytes>> {

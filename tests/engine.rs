@@ -449,16 +449,20 @@ async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     );
     assert_eq!(calls.get(), 1);
 
-    // Inside the failed lease nobody calls the source again: B waits, and the lease
-    // expiring (at 5 s) is what lets the next fill run.
-    let t = tokio::spawn({
-        let b = b.clone();
-        let f = filler(&calls, ms(1), "recovered", minute());
-        async move { b.get_or_fill("fail", f).await }
-    });
-    tokio::time::sleep(secs(2)).await;
+    // Inside the failed lease nobody calls the source again, and nobody waits the lease out:
+    // a new call gets the fallback at once. Once the lease expires, the next call fills.
+    let t0 = Instant::now();
+    let r = b
+        .get_or_fill("fail", filler(&calls, ms(1), "too early", minute()))
+        .await;
+    assert!(matches!(r, Err(Error::FailedElsewhere)), "{r:?}");
+    assert!(t0.elapsed() < ms(100), "no waiting on a failed lease");
     assert_eq!(calls.get(), 1, "no second fill before the lease expires");
-    let s = t.await.unwrap().unwrap();
+    tokio::time::sleep(secs(5)).await;
+    let s = b
+        .get_or_fill("fail", filler(&calls, ms(1), "recovered", minute()))
+        .await
+        .unwrap();
     assert_eq!(&s.value[..], b"recovered");
     assert_eq!(calls.get(), 2);
 
@@ -474,6 +478,20 @@ async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
         .unwrap();
     assert_eq!(&s.value[..], b"old");
     assert_eq!(s.status, Status::Stale(StaleReason::Error));
+    // While that failed lease lives, more callers get the stale copy at once, with no call to
+    // the source (one per lease).
+    let before = calls.get();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let s = a
+            .get_or_fill("fail-sie", failing(&calls, ms(1)))
+            .await
+            .unwrap();
+        assert_eq!(s.status, Status::Stale(StaleReason::Error));
+        assert!(t0.elapsed() < ms(100));
+        tokio::time::sleep(ms(100)).await;
+    }
+    assert_eq!(calls.get(), before, "one source call per lease");
 }
 
 fn stored_fence(mem: &MemoryBackend, key: &str) -> (u64, Option<Vec<u8>>) {
