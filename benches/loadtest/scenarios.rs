@@ -1133,7 +1133,40 @@ fn per_request(
     }
 }
 
-/// Rows: hot-key hits (1 KiB) and the ceilings, all as ratios to nginx.
+/// One throughput target of the hit rows.
+struct HitTarget<'a> {
+    key: &'static str,
+    port: u16,
+    path: String,
+    route: Option<std::sync::Arc<origin::Route>>,
+    store: Option<&'a Server>,
+    runs: Vec<Result<Throughput, String>>,
+    notes: Vec<String>,
+}
+
+impl HitTarget<'_> {
+    /// The best round (interference from other processes only ever lowers a figure).
+    fn best(&self) -> Result<Throughput, String> {
+        let best = self
+            .runs
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .max_by(|a, b| a.rps.total_cmp(&b.rps))
+            .cloned();
+        match best {
+            Some(t) => Ok(t),
+            None => Err(self
+                .runs
+                .iter()
+                .find_map(|r| r.as_ref().err().cloned())
+                .unwrap_or_else(|| "not measured".into())),
+        }
+    }
+}
+
+/// Rows: hot-key hits (1 KiB) and the ceilings, all as ratios to nginx. Every target is
+/// measured `LOADTEST_HIT_ROUNDS` times (default 2), the rounds interleaved, and its best round
+/// reported: a compile on the shared cores during one round then does not decide a ratio.
 async fn hits(
     o: &Origin,
     systems: &[Sys],
@@ -1142,18 +1175,19 @@ async fn hits(
     redis_url: Option<String>,
     diag: &mut Diag,
 ) -> Vec<Row> {
+    let rounds: usize = std::env::var("LOADTEST_HIT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .clamp(1, 10);
     let pool = load::pool();
-    let mut res: BTreeMap<&'static str, Result<Throughput, String>> = BTreeMap::new();
-    let mut logging: Option<Result<Throughput, String>> = None;
+    let hot = || RouteCfg {
+        body_len: 1024,
+        ..RouteCfg::new(ORIGIN_MS, "public, max-age=3600")
+    };
+    let mut targets: Vec<HitTarget> = Vec::new();
     for s in systems {
-        eprintln!("loadtest: hot-key hits: {}", s.id);
-        let r = o.route(
-            &format!("hot-{}", s.id),
-            RouteCfg {
-                body_len: 1024,
-                ..RouteCfg::new(ORIGIN_MS, "public, max-age=3600")
-            },
-        );
+        let r = o.route(&format!("hot-{}", s.id), hot());
         let path = r.path();
         let w1 = load::get(&pool, s.a, &path, s.flavor, Duration::from_secs(10)).await;
         let w2 = load::get(&pool, s.a, &path, s.flavor, Duration::from_secs(10)).await;
@@ -1162,82 +1196,127 @@ async fn hits(
             "memcached" => sv.url().starts_with("memcache://"),
             _ => false,
         });
-        let counters_before = store.map(store_counters);
-        let before = r.calls();
-        let (warm, out) = tp.measure(s.a, &path, s.id).await;
-        let during = r.calls() - before;
-        let store_note = match (store, counters_before, &out) {
-            (Some(sv), Some(b), Ok(t)) => format!(
-                "; store commands per request (warm-up included): {}",
-                per_request(&b, &store_counters(sv), t.requests + warm)
-            ),
-            _ => String::new(),
-        };
-        if let Ok(t) = &out {
-            diag.push(format!(
-                "hits / {}: warm-up {:?} then {:?}; {} {:.0} req/s, {} requests, p50 {}, p99 {}, non-2xx {}, {}; origin calls during the run {during}{store_note}",
-                s.id,
-                w1.cache,
-                w2.cache,
-                t.tool,
-                t.rps,
-                t.requests,
-                fmt_ms(t.p50),
-                fmt_ms(t.p99),
-                t.non2xx,
-                t.socket_errors
-            ));
-        } else if let Err(e) = &out {
-            diag.push(format!("hits / {}: {e}", s.id));
-        }
-        res.insert(s.id, out);
-        settle().await;
+        targets.push(HitTarget {
+            key: s.id,
+            port: s.a,
+            path,
+            route: Some(r),
+            store,
+            runs: Vec::new(),
+            notes: vec![format!("warm-up {:?} then {:?}", w1.cache, w2.cache)],
+        });
         if let Some(port) = s.logging {
-            eprintln!("loadtest: hot-key hits: nginx with its default access log");
-            let r = o.route(
-                "hot-nginx-logging",
-                RouteCfg {
-                    body_len: 1024,
-                    ..RouteCfg::new(ORIGIN_MS, "public, max-age=3600")
-                },
+            let r = o.route("hot-nginx-logging", hot());
+            let w = load::get(&pool, port, &r.path(), s.flavor, Duration::from_secs(10)).await;
+            targets.push(HitTarget {
+                key: "nginx-logging",
+                port,
+                path: r.path(),
+                route: Some(r),
+                store: None,
+                runs: Vec::new(),
+                notes: vec![format!("warm-up {:?}", w.cache)],
+            });
+        }
+    }
+    // The ceilings, in the same run and the same rounds.
+    let mut tasks = Vec::new();
+    match origin::bare_hyper(1024).await {
+        Ok((addr, task)) => {
+            tasks.push(task);
+            targets.push(HitTarget {
+                key: "bare-hyper",
+                port: addr.port(),
+                path: "/".into(),
+                route: None,
+                store: None,
+                runs: Vec::new(),
+                notes: Vec::new(),
+            });
+        }
+        Err(e) => diag.push(format!("hits / bare hyper: {e}")),
+    }
+    if let Some(url) = &redis_url {
+        match origin::hyper_redis_get(url, 1024).await {
+            Ok((addr, task)) => {
+                tasks.push(task);
+                targets.push(HitTarget {
+                    key: "hyper-redis-get",
+                    port: addr.port(),
+                    path: "/".into(),
+                    route: None,
+                    store: None,
+                    runs: Vec::new(),
+                    notes: Vec::new(),
+                });
+            }
+            Err(e) => diag.push(format!("hits / hyper + Redis GET: {e}")),
+        }
+    }
+    for round in 0..rounds {
+        for t in targets.iter_mut() {
+            eprintln!(
+                "loadtest: hot-key hits, round {}/{rounds}: {}",
+                round + 1,
+                t.key
             );
-            let _ = load::get(&pool, port, &r.path(), s.flavor, Duration::from_secs(10)).await;
-            let (_, t) = tp.measure(port, &r.path(), "nginx-logging").await;
-            if let Ok(t) = &t {
-                diag.push(format!(
-                    "hits / nginx with the default access log: {:.0} req/s, p99 {}, non-2xx {}",
-                    t.rps,
-                    fmt_ms(t.p99),
-                    t.non2xx
+            let counters_before = t.store.map(store_counters);
+            let calls_before = t.route.as_ref().map(|r| r.calls());
+            let name = format!("{}-{}", t.key, round + 1);
+            let (warm, out) = tp.measure(t.port, &t.path, &name).await;
+            let mut note = match &out {
+                Ok(m) => format!(
+                    "round {}: {} {:.0} req/s, {} requests, p50 {}, p99 {}, non-2xx {}{}",
+                    round + 1,
+                    m.tool,
+                    m.rps,
+                    m.requests,
+                    fmt_ms(m.p50),
+                    fmt_ms(m.p99),
+                    m.non2xx,
+                    if m.socket_errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", m.socket_errors)
+                    }
+                ),
+                Err(e) => format!("round {}: {e}", round + 1),
+            };
+            if let (Some(r), Some(before)) = (&t.route, calls_before) {
+                note.push_str(&format!(", origin calls {}", r.calls() - before));
+            }
+            if let (Some(sv), Some(before), Ok(m)) = (t.store, &counters_before, &out) {
+                note.push_str(&format!(
+                    ", store commands per request (warm-up included): {}",
+                    per_request(before, &store_counters(sv), m.requests + warm)
                 ));
             }
-            logging = Some(t);
+            t.notes.push(note);
+            t.runs.push(out);
             settle().await;
         }
     }
-    // The ceilings, in the same run.
-    eprintln!("loadtest: ceilings");
-    let bare = match origin::bare_hyper(1024).await {
-        Ok((addr, task)) => {
-            let (_, t) = tp.measure(addr.port(), "/", "bare-hyper").await;
-            task.abort();
-            t
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    settle().await;
-    let with_redis = match redis_url {
-        Some(url) => match origin::hyper_redis_get(&url, 1024).await {
-            Ok((addr, task)) => {
-                let (_, t) = tp.measure(addr.port(), "/", "hyper-redis-get").await;
-                task.abort();
-                Some(t)
+    for task in tasks {
+        task.abort();
+    }
+    for t in &targets {
+        diag.push(format!("hits / {}: {}", t.key, t.notes.join("; ")));
+    }
+    let mut res: BTreeMap<&'static str, Result<Throughput, String>> = BTreeMap::new();
+    let mut logging = None;
+    let mut bare = None;
+    let mut with_redis = None;
+    for t in &targets {
+        match t.key {
+            "nginx-logging" => logging = Some(t.best()),
+            "bare-hyper" => bare = Some(t.best()),
+            "hyper-redis-get" => with_redis = Some(t.best()),
+            k => {
+                res.insert(k, t.best());
             }
-            Err(e) => Some(Err(e)),
-        },
-        None => None,
-    };
-
+        }
+    }
+    let bare = bare.unwrap_or_else(|| Err("not started".into()));
     let nginx = ok_of(&res, "nginx").map(|t| t.rps);
     let nginx_p99 = ok_of(&res, "nginx").map(|t| t.p99);
     // The same figures against nginx with its default access log (the issue's baseline).
@@ -1305,7 +1384,9 @@ async fn hits(
         format!("in-process, 64 connections, {} s", tp.secs)
     };
     let mut rows = vec![Row {
-        title: format!("hot-key hits, 1 KiB, {tool}: req/s, p99 (nginx: access_log off)"),
+        title: format!(
+            "hot-key hits, 1 KiB, {tool}, best of {rounds} interleaved rounds: req/s, p99 (nginx: access_log off)"
+        ),
         target: "memory >= 1.5x nginx, Redis >= 1.1x, Memcached >= 1.0x; p99 no worse than nginx's (issue: nginx 55-65k, Varnish 52-63k)".into(),
         cells,
     }];
