@@ -118,15 +118,18 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("expected a size like 1048576, 512k or 1m, got {s:?}"))
 }
 
-/// The client's address, carried to the upstream request in an extension.
-#[derive(Clone, Copy, Debug)]
-struct Peer(SocketAddr);
-
 /// Forwards to the upstream over a pooled keep-alive client. Never fails: an unreachable or
 /// hanging upstream is a 502 or 504 response, which the layer treats like any 5xx (stale-if-error,
 /// the failed signal).
+/// One per connection, so it knows the client's address for the forwarding headers; cloned
+/// for every request by the layer (a fill owns its service), so it is one `Arc` and an address.
 #[derive(Clone)]
 struct Proxy {
+    shared: Arc<ProxyInner>,
+    peer: SocketAddr,
+}
+
+struct ProxyInner {
     client: Client<HttpConnector, Body>,
     upstream: Uri,
     timeout: Duration,
@@ -149,9 +152,7 @@ impl Service<Request<Body>> for Proxy {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let this = self.clone();
         strip_hop_by_hop(req.headers_mut());
-        if let Some(Peer(peer)) = req.extensions().get::<Peer>().copied() {
-            add_forwarding(req.headers_mut(), peer);
-        }
+        add_forwarding(req.headers_mut(), self.peer);
         Box::pin(async move {
             let pq = req
                 .uri()
@@ -159,13 +160,13 @@ impl Service<Request<Body>> for Proxy {
                 .map(|p| p.as_str())
                 .unwrap_or("/")
                 .to_string();
-            let mut parts = this.upstream.clone().into_parts();
+            let mut parts = this.shared.upstream.clone().into_parts();
             parts.path_and_query = pq.parse().ok();
             *req.uri_mut() = match Uri::from_parts(parts) {
                 Ok(u) => u,
                 Err(_) => return Ok(status(StatusCode::BAD_REQUEST, "bad request target\n")),
             };
-            match tokio::time::timeout(this.timeout, this.client.request(req)).await {
+            match tokio::time::timeout(this.shared.timeout, this.shared.client.request(req)).await {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -395,34 +396,65 @@ async fn admin(
     Ok(())
 }
 
-type Served = Response<BoxBody<Bytes, std::io::Error>>;
+type Served = Response<OutBody>;
+
+/// The layer's body with a concrete error type (see `serve`), without boxing it again.
+struct OutBody(tower_stampede::http::ResponseBody<Body>);
+
+impl hyper::body::Body for OutBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll_frame(cx)
+            .map_err(std::io::Error::other)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.size_hint()
+    }
+}
 
 /// One request through the stack. A plain function returning a boxed future, and a body with a
 /// concrete error type, so the connection future spawned per connection stays provably `Send`
 /// (rustc cannot see through the nested async blocks otherwise).
 fn serve(
     mut svc: StampedeService<Proxy>,
-    peer: SocketAddr,
     req: Request<Incoming>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Served, Infallible>> + Send>> {
-    let started = std::time::Instant::now();
-    let (mut parts, body) = req.into_parts();
-    // The peer travels in an extension; forwarding headers are added only when a request
-    // actually goes upstream, so a hit costs no header rewriting.
-    parts.extensions.insert(Peer(peer));
-    let (method, path) = (parts.method.clone(), parts.uri.path().to_string());
+    // Forwarding headers are added by `Proxy` only when a request actually goes upstream, so
+    // a hit costs no header rewriting.
+    let (parts, body) = req.into_parts();
+    // What the access log line needs, taken only when it is on.
+    let log = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        (
+            std::time::Instant::now(),
+            parts.method.clone(),
+            parts.uri.path().to_string(),
+        )
+    });
     let req = Request::from_parts(parts, body.map_err(box_err).boxed());
     // The proxy service is always ready; the layer's poll_ready delegates to it.
     let fut = svc.call(req);
     Box::pin(async move {
         let res = fut.await?;
-        tracing::debug!(
-            %method, %path, status = res.status().as_u16(),
-            cache = res.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
-            ms = started.elapsed().as_millis() as u64,
-            "request"
-        );
-        Ok(res.map(|b| b.map_err(std::io::Error::other).boxed()))
+        if let Some((started, method, path)) = log {
+            tracing::debug!(
+                %method, %path, status = res.status().as_u16(),
+                cache = res.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
+                ms = started.elapsed().as_millis() as u64,
+                "request"
+            );
+        }
+        Ok(res.map(OutBody))
     })
 }
 
@@ -499,12 +531,11 @@ async fn main() -> Result<(), BoxError> {
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
-    let proxy = Proxy {
+    let proxy = Arc::new(ProxyInner {
         client,
         upstream,
         timeout: args.fill_timeout,
-    };
-    let svc = layer.layer(proxy);
+    });
 
     if let Some(a) = args.admin {
         admin(a, prom).await?;
@@ -535,9 +566,9 @@ async fn main() -> Result<(), BoxError> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = svc.clone();
+                let svc = layer.layer(Proxy { shared: proxy.clone(), peer });
                 let conn_svc =
-                    hyper::service::service_fn(move |req: Request<Incoming>| serve(svc.clone(), peer, req));
+                    hyper::service::service_fn(move |req: Request<Incoming>| serve(svc.clone(), req));
                 let mut stop = stop_rx.clone();
                 let guard = live.clone();
                 tokio::spawn(async move {

@@ -12,14 +12,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub(crate) fn now_ms() -> u64 {
     let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_millis() as i64);
     let tokio_now = tokio::time::Instant::now().into_std();
     let real_now = std::time::Instant::now();
-    let shift = if tokio_now >= real_now {
-        tokio_now.duration_since(real_now).as_nanos() as i128
-    } else {
-        -(real_now.duration_since(tokio_now).as_nanos() as i128)
+    // Whole milliseconds either way; i64 arithmetic (no 128-bit division on every hit).
+    let shift = match tokio_now.checked_duration_since(real_now) {
+        Some(ahead) => ahead.as_millis() as i64,
+        None => -(real_now.duration_since(tokio_now).as_millis() as i64),
     };
-    ((wall + shift) / 1_000_000).clamp(0, i128::from(u64::MAX)) as u64
+    wall.saturating_add(shift).max(0) as u64
 }

@@ -207,6 +207,36 @@ struct Inner {
     /// Slots whose lease is held by a failed fill, until about when it expires. Read only when a
     /// lease is found held.
     failed: Mutex<HashMap<Digest, (Instant, Failure)>>,
+    /// Per-request metric handles, registered with the `metrics` recorder on the first call:
+    /// looking a labelled counter up in the registry on every hit costs more than the hit.
+    hot: std::sync::OnceLock<HotMetrics>,
+}
+
+const OUTCOMES: [&str; 8] = [
+    "hit",
+    "stale",
+    "stored",
+    "not_stored",
+    "collapsed",
+    "passed",
+    "bypass",
+    "error",
+];
+
+struct HotMetrics {
+    /// `stampede_requests_total{outcome}`, indexed like [`OUTCOMES`].
+    requests: [metrics::Counter; OUTCOMES.len()],
+    call_seconds: metrics::Histogram,
+}
+
+impl HotMetrics {
+    fn register() -> Self {
+        HotMetrics {
+            requests: OUTCOMES
+                .map(|o| metrics::counter!("stampede_requests_total", "outcome" => o)),
+            call_seconds: metrics::histogram!("stampede_call_seconds"),
+        }
+    }
 }
 
 const MEMO_SHARDS: usize = 16;
@@ -344,6 +374,7 @@ impl Stampede {
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
                 failed: Mutex::new(HashMap::new()),
+                hot: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -424,15 +455,16 @@ impl Stampede {
             tracing::debug_span!("stampede", key = %key.slot, outcome = tracing::field::Empty);
         let started = Instant::now();
         let res = self.call(key, fill).instrument(span.clone()).await;
-        let outcome = match &res {
-            Ok(s) => status_label(s.status),
-            Err(_) => "error",
+        let i = match &res {
+            Ok(s) => status_index(s.status),
+            Err(_) => OUTCOMES.len() - 1,
         };
-        span.record("outcome", outcome);
-        metrics::counter!("stampede_requests_total", "outcome" => outcome).increment(1);
+        span.record("outcome", OUTCOMES[i]);
+        let hot = self.inner.hot.get_or_init(HotMetrics::register);
+        hot.requests[i].increment(1);
         // Hits are counted above; timing them would cost more than it tells.
-        if outcome != "hit" {
-            metrics::histogram!("stampede_call_seconds").record(started.elapsed().as_secs_f64());
+        if i != 0 {
+            hot.call_seconds.record(started.elapsed().as_secs_f64());
         }
         res
     }
@@ -452,21 +484,96 @@ impl Stampede {
             .map(|_| ())
     }
 
+    /// The hit path: one lookup, and the value when it is fresh or inside stale-while-revalidate.
+    /// Everything else continues in [`miss`](Self::miss), boxed, so a hit neither builds nor
+    /// moves the miss path's large state machine.
     async fn call<F, Fut, E>(&self, key: CacheKey, fill: F) -> Result<Served, Error>
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let cfg = &self.inner.cfg;
-        let deadline = Instant::now() + cfg.wait_timeout;
+        let deadline = Instant::now() + self.inner.cfg.wait_timeout;
+        let first = self.lookup(&key).await;
+        let mut fill = Some(fill);
+        if let Ok(looked) = &first {
+            if let Some(served) = self.serve_stored(&key, looked, now_ms(), || fill.take()) {
+                return Ok(served);
+            }
+        }
+        let Some(fill) = fill else {
+            return Err(Error::FillPanicked);
+        };
+        Box::pin(self.miss(key, fill, deadline, first)).await
+    }
+
+    /// A fresh entry (refreshed early when XFetch says so), or one inside stale-while-revalidate
+    /// (refreshed in the background); `None` for anything else.
+    fn serve_stored<F, Fut, E>(
+        &self,
+        key: &CacheKey,
+        looked: &Looked,
+        now: u64,
+        take_fill: impl FnOnce() -> Option<F>,
+    ) -> Option<Served>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
+        let Found::Entry { value, meta, .. } = &looked.found else {
+            return None;
+        };
+        let status = if meta.is_fresh(now) {
+            if self.xfetch_due(meta, now) {
+                if let Some(f) = take_fill() {
+                    metrics::counter!("stampede_early_refresh_total").increment(1);
+                    self.spawn_refresh(key.clone(), looked.clone(), f);
+                }
+            }
+            Status::Hit
+        } else if meta.in_swr(now) {
+            metrics::counter!("stampede_stale_served_total", "reason" => "swr").increment(1);
+            if let Some(f) = take_fill() {
+                self.spawn_refresh(key.clone(), looked.clone(), f);
+            }
+            Status::Stale(StaleReason::Revalidating)
+        } else {
+            return None;
+        };
+        Some(Served {
+            value: value.clone(),
+            meta: Some(*meta),
+            status,
+        })
+    }
+
+    /// Everything but a hit: `first` is the lookup [`call`](Self::call) made (so a miss costs no
+    /// second read); later rounds look up again.
+    async fn miss<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        fill: F,
+        deadline: Instant,
+        first: BackendResult<Looked>,
+    ) -> Result<Served, Error>
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
         let fill = FillCell::new(fill);
         let mut last_stale: Option<(Bytes, Meta)> = None;
+        let mut first = Some(first);
         loop {
             if Instant::now() >= deadline {
                 return self.fallback(&key, last_stale, fill.take()).await;
             }
-            let looked = match self.lookup(&key).await {
+            let looked = match first.take() {
+                Some(r) => r,
+                None => self.lookup(&key).await,
+            };
+            let looked = match looked {
                 Ok(l) => l,
                 Err(_) => {
                     let Some(fill) = fill.take() else {
@@ -479,32 +586,10 @@ impl Stampede {
             if let Some(st) = looked.stale_in(now, true) {
                 last_stale = Some(st);
             }
+            if let Some(served) = self.serve_stored(&key, &looked, now, || fill.take()) {
+                return Ok(served);
+            }
             match &looked.found {
-                Found::Entry { value, meta, .. } if meta.is_fresh(now) => {
-                    if self.xfetch_due(meta, now) {
-                        if let Some(f) = fill.take() {
-                            metrics::counter!("stampede_early_refresh_total").increment(1);
-                            self.spawn_refresh(key.clone(), looked.clone(), f);
-                        }
-                    }
-                    return Ok(Served {
-                        value: value.clone(),
-                        meta: Some(*meta),
-                        status: Status::Hit,
-                    });
-                }
-                Found::Entry { value, meta, .. } if meta.in_swr(now) => {
-                    metrics::counter!("stampede_stale_served_total", "reason" => "swr")
-                        .increment(1);
-                    if let Some(f) = fill.take() {
-                        self.spawn_refresh(key.clone(), looked.clone(), f);
-                    }
-                    return Ok(Served {
-                        value: value.clone(),
-                        meta: Some(*meta),
-                        status: Status::Stale(StaleReason::Revalidating),
-                    });
-                }
                 Found::Pass => {
                     let Some(f) = fill.take() else {
                         return Err(Error::FillPanicked);
@@ -651,7 +736,7 @@ impl Stampede {
                     }
                     // A background refresh that could not take the lease, or a vanished
                     // flight: compete ourselves, one backoff step later.
-                    tokio::time::sleep(jitter(cfg.backoff.min)).await;
+                    tokio::time::sleep(jitter(self.inner.cfg.backoff.min)).await;
                     continue;
                 }
             }
@@ -1406,7 +1491,12 @@ impl Stampede {
                 ..Looked::default()
             });
         };
-        let header = Header::parse(&bytes);
+        // One parse of the record; the bare header only when the record is undecodable.
+        let record = Record::decode(&bytes);
+        let header = match &record {
+            Some(r) => Some(*r.header()),
+            None => Header::parse(&bytes),
+        };
         let mut looked = Looked {
             seen_fence: header.map_or(0, |h| h.fence),
             epoch: header.map_or(0, |h| h.epoch),
@@ -1414,7 +1504,7 @@ impl Stampede {
             selector: None,
             found: Found::Nothing,
         };
-        match Record::decode(&bytes) {
+        match record {
             None => {
                 metrics::counter!("stampede_undecodable_total").increment(1);
             }
@@ -1564,15 +1654,16 @@ impl Stampede {
     }
 }
 
-fn status_label(s: Status) -> &'static str {
+/// The index of a status's label in [`OUTCOMES`].
+fn status_index(s: Status) -> usize {
     match s {
-        Status::Hit => "hit",
-        Status::Stale(_) => "stale",
-        Status::Stored => "stored",
-        Status::NotStored => "not_stored",
-        Status::Collapsed => "collapsed",
-        Status::Passed => "passed",
-        Status::Bypass => "bypass",
+        Status::Hit => 0,
+        Status::Stale(_) => 1,
+        Status::Stored => 2,
+        Status::NotStored => 3,
+        Status::Collapsed => 4,
+        Status::Passed => 5,
+        Status::Bypass => 6,
     }
 }
 

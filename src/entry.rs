@@ -104,14 +104,19 @@ impl Header {
 }
 
 fn parse_digits(b: &[u8]) -> Option<u64> {
-    let mut v: u64 = 0;
+    // At most 20 digits fit a u128 without overflow checks per digit; the range check is once.
+    if b.len() > 38 {
+        return None;
+    }
+    let mut v: u128 = 0;
     for &c in b {
-        if !c.is_ascii_digit() {
+        let d = c.wrapping_sub(b'0');
+        if d > 9 {
             return None;
         }
-        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+        v = v * 10 + u128::from(d);
     }
-    Some(v)
+    u64::try_from(v).ok()
 }
 
 /// Freshness windows of a stored value.

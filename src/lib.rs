@@ -9,6 +9,10 @@
 //! The [`Stampede`] engine protects any async computation with
 //! [`get_or_fill`](Stampede::get_or_fill); the [`http`] module wraps it as a Tower layer for
 //! HTTP services (axum, hyper, any `ServiceBuilder` stack).
+//!
+//! Metrics are emitted through the `metrics` facade (`stampede_requests_total{outcome}`,
+//! `stampede_fills_total{outcome}`, ...; the README lists them). Install the recorder before
+//! the engine serves its first request: the per-request handles are registered then, once.
 #![warn(missing_docs, rust_2018_idioms)]
 #![deny(unreachable_pub)]
 #![forbid(unsafe_code)]

@@ -2,6 +2,7 @@
 
 use http::HeaderValue;
 
+use super::stored::decimal;
 use crate::engine::{StaleReason, Status};
 
 /// The header name.
@@ -26,33 +27,50 @@ pub(crate) fn sanitize_name(name: &str) -> String {
 }
 
 /// The value for a served entry. `ttl` is the remaining freshness in seconds (negative once
-/// stale).
+/// stale). Built byte by byte, without `format!`: it is on every hit.
 pub(crate) fn for_status(
     name: &str,
     status: Status,
     ttl: Option<i64>,
     pass_detail: Option<&str>,
 ) -> HeaderValue {
-    let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
-    let v = match status {
-        Status::Hit => format!("{name}; hit{ttl}"),
+    let (mid, with_ttl, tail): (&str, bool, &str) = match status {
+        Status::Hit => ("; hit", true, ""),
         Status::Stale(StaleReason::Revalidating) => {
-            format!("{name}; hit{ttl}; detail=stale-while-revalidate")
+            ("; hit", true, "; detail=stale-while-revalidate")
         }
-        Status::Stale(StaleReason::Error) => {
-            format!("{name}; fwd=stale{ttl}; detail=stale-if-error")
-        }
-        Status::Stale(StaleReason::Deadline) => format!("{name}; hit{ttl}; detail=wait-timeout"),
-        Status::Stored => format!("{name}; fwd=uri-miss; stored{ttl}"),
-        Status::NotStored => format!("{name}; fwd=uri-miss; detail=superseded"),
-        Status::Collapsed => format!("{name}; fwd=uri-miss; collapsed{ttl}"),
-        Status::Passed => format!(
-            "{name}; fwd=uri-miss; detail={}",
-            pass_detail.unwrap_or("uncacheable")
+        Status::Stale(StaleReason::Error) => ("; fwd=stale", true, "; detail=stale-if-error"),
+        Status::Stale(StaleReason::Deadline) => ("; hit", true, "; detail=wait-timeout"),
+        Status::Stored => ("; fwd=uri-miss; stored", true, ""),
+        Status::NotStored => ("; fwd=uri-miss; detail=superseded", false, ""),
+        Status::Collapsed => ("; fwd=uri-miss; collapsed", true, ""),
+        Status::Passed => (
+            "; fwd=uri-miss; detail=",
+            false,
+            pass_detail.unwrap_or("uncacheable"),
         ),
-        Status::Bypass => format!("{name}; fwd=bypass; detail=backend-down"),
+        Status::Bypass => ("; fwd=bypass; detail=backend-down", false, ""),
     };
-    HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
+    let mut digits = [0u8; 21];
+    let ttl = match (with_ttl, ttl) {
+        (true, Some(t)) => decimal(&mut digits, t.unsigned_abs(), t < 0),
+        _ => &[],
+    };
+    let ttl_label: &[u8] = if ttl.is_empty() { b"" } else { b"; ttl=" };
+    let parts = [
+        name.as_bytes(),
+        mid.as_bytes(),
+        ttl_label,
+        ttl,
+        tail.as_bytes(),
+    ];
+    // Exactly sized, so the value is one allocation.
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+        .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
 }
 
 /// `fwd=bypass; detail=...` for requests the cache does not handle.
@@ -68,4 +86,35 @@ pub(crate) fn error(name: &str, fwd_status: Option<u16>, detail: &str) -> Header
         .unwrap_or_default();
     HeaderValue::try_from(format!("{name}; fwd=uri-miss{fs}; detail={detail}"))
         .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_as_rfc_9211() {
+        let v = |st, ttl, d| for_status("tower-stampede", st, ttl, d);
+        assert_eq!(
+            v(Status::Hit, Some(59), None),
+            "tower-stampede; hit; ttl=59"
+        );
+        assert_eq!(v(Status::Hit, Some(0), None), "tower-stampede; hit; ttl=0");
+        assert_eq!(
+            v(Status::Stale(StaleReason::Error), Some(-12), None),
+            "tower-stampede; fwd=stale; ttl=-12; detail=stale-if-error"
+        );
+        assert_eq!(
+            v(Status::Stored, Some(i64::MIN), None),
+            "tower-stampede; fwd=uri-miss; stored; ttl=-9223372036854775808"
+        );
+        assert_eq!(
+            v(Status::Passed, Some(5), Some("private")),
+            "tower-stampede; fwd=uri-miss; detail=private"
+        );
+        assert_eq!(
+            v(Status::Collapsed, None, None),
+            "tower-stampede; fwd=uri-miss; collapsed"
+        );
+    }
 }

@@ -10,14 +10,20 @@ pub(crate) fn url_slot(uri: &Uri, headers: &HeaderMap) -> Digest {
     let scheme = uri.scheme_str().unwrap_or("http");
     let authority = uri
         .authority()
-        .map(|a| a.as_str().to_ascii_lowercase())
+        .map(|a| a.as_str())
         .or_else(|| {
             headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(|h| h.to_ascii_lowercase())
         })
         .unwrap_or_default();
+    // Hosts are case-insensitive; most arrive lower-case already, and then cost no copy.
+    let authority: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        authority.to_ascii_lowercase().into()
+    } else {
+        authority.into()
+    };
     Digest::of_fields([
         "http".as_bytes(),
         b"GET",

@@ -16,7 +16,7 @@ use super::cache_status::{self, CACHE_STATUS};
 use super::freshness::{decide, Decision};
 use super::key::{url_slot, user_slot, variant_of};
 use super::layer::{CookiePolicy, Options, Shared};
-use super::stored::{is_hop_by_hop, StoredResponse};
+use super::stored::{header_int, is_hop_by_hop, StoredResponse};
 use crate::clock::now_ms;
 use crate::engine::{CacheKey, Fill, Prev, Served, Status};
 use crate::error::{BoxError, Error};
@@ -167,7 +167,14 @@ struct SideState<B> {
     detail: Option<&'static str>,
 }
 
-type Side<B> = Arc<Mutex<SideState<B>>>;
+type Side<B> = Mutex<SideState<B>>;
+
+/// One request's head and side state, in one allocation shared by its selector, its fill and
+/// its response.
+struct ReqState<B> {
+    parts: Parts,
+    side: Side<B>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -219,25 +226,26 @@ where
     };
 
     let (parts, _body) = req.into_parts();
-    let parts = Arc::new(parts);
-    let sel_parts = parts.clone();
+    let state = Arc::new(ReqState {
+        parts,
+        side: Mutex::new(SideState {
+            own: None,
+            detail: None,
+        }),
+    });
+    let sel_state = state.clone();
     let key = CacheKey::from_digest(slot).with_selector(Arc::new(move |sel: &[u8]| {
-        variant_of(sel, &sel_parts.headers)
-    }));
-    let side: Side<ResB> = Arc::new(Mutex::new(SideState {
-        own: None,
-        detail: None,
+        variant_of(sel, &sel_state.parts.headers)
     }));
     let fill = {
-        let parts = parts.clone();
-        let side = side.clone();
+        let state = state.clone();
         let shared = shared.clone();
-        move |prev: Option<Prev>| fill_from_origin(inner, parts, prev, shared, side)
+        move |prev: Option<Prev>| fill_from_origin(inner, state, prev, shared)
     };
     let served = shared.engine.get_or_fill_with(key, fill).await;
     Ok(match served {
-        Ok(s) => respond(opts, s, &parts, &side),
-        Err(e) => error_response(opts, e, &parts, &side),
+        Ok(s) => respond(opts, s, &state.parts, &state.side),
+        Err(e) => error_response(opts, e, &state.parts, &state.side),
     })
 }
 
@@ -277,10 +285,9 @@ impl std::error::Error for UpstreamFailure {}
 
 async fn fill_from_origin<S, ReqB, ResB>(
     mut inner: S,
-    parts: Arc<Parts>,
+    state: Arc<ReqState<ResB>>,
     prev: Option<Prev>,
     shared: Arc<Shared>,
-    side: Side<ResB>,
 ) -> Result<Fill, BoxError>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
@@ -292,6 +299,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let opts = &shared.opts;
+    let (parts, side) = (&state.parts, &state.side);
     let headers = fill_headers(&parts.headers);
     let mut policy_req = Request::new(());
     *policy_req.uri_mut() = parts.uri.clone();
@@ -349,7 +357,7 @@ where
                     selector: selector.map(Bytes::from),
                 },
                 Decision::Pass(detail) => own(
-                    &side,
+                    side,
                     detail,
                     Response::from_parts(probe, ResponseBody::full(ps.body)),
                 ),
@@ -364,7 +372,7 @@ where
             if failed {
                 // Still a failure (stale-if-error, the failed signal), never a pass marker.
                 let status = res.status();
-                lock(&side).own = Some(res);
+                lock(side).own = Some(res);
                 return Err(Box::new(UpstreamFailure(status)));
             }
             Ok(own(&side, "too-large", res))
@@ -372,7 +380,7 @@ where
         Buffered::Complete(bytes) => {
             if failed {
                 let status = rparts.status;
-                lock(&side).own = Some(Response::from_parts(rparts, ResponseBody::full(bytes)));
+                lock(side).own = Some(Response::from_parts(rparts, ResponseBody::full(bytes)));
                 return Err(Box::new(UpstreamFailure(status)));
             }
             Ok(match decide(&policy_req, &rparts, &opts.defaults) {
@@ -382,7 +390,7 @@ where
                     selector: selector.map(Bytes::from),
                 },
                 Decision::Pass(detail) => own(
-                    &side,
+                    side,
                     detail,
                     Response::from_parts(rparts, ResponseBody::full(bytes)),
                 ),
@@ -442,7 +450,7 @@ fn respond<B>(
             Status::Hit | Status::Stale(_) | Status::Collapsed
         )
     {
-        headers.insert(header::AGE, HeaderValue::from(age));
+        headers.insert(header::AGE, header_int(age));
     }
     headers.insert(CACHE_STATUS, cs);
 
@@ -470,8 +478,12 @@ fn respond<B>(
         return res;
     }
 
-    if status != StatusCode::NO_CONTENT && !status.is_informational() {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // Stored with the entry since this version; entries written before it get one here.
+    if status != StatusCode::NO_CONTENT
+        && !status.is_informational()
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        headers.insert(header::CONTENT_LENGTH, header_int(body.len() as u64));
     }
     let body = if req.method == Method::HEAD {
         ResponseBody::empty()

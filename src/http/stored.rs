@@ -40,6 +40,33 @@ fn skip_on_store(name: &HeaderName) -> bool {
         || name.as_str() == "cache-status"
 }
 
+/// `magnitude` in decimal, `-` first when `negative`, written at the end of `buf`.
+pub(crate) fn decimal(buf: &mut [u8; 21], magnitude: u64, negative: bool) -> &[u8] {
+    let mut m = magnitude;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if negative {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+/// A header value holding `n` in decimal, in one exact-size allocation (`HeaderValue::from(u64)`
+/// makes two).
+pub(crate) fn header_int(n: u64) -> HeaderValue {
+    let mut buf = [0u8; 21];
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(decimal(&mut buf, n, false)))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
 impl StoredResponse {
     pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
         let origin_age = headers
@@ -55,11 +82,16 @@ impl StoredResponse {
             .flat_map(|v| v.split(','))
             .map(|n| n.trim().to_ascii_lowercase())
             .collect();
-        let mut kept = HeaderMap::with_capacity(headers.len());
+        let mut kept = HeaderMap::with_capacity(headers.len() + 1);
         for (n, v) in headers {
             if !skip_on_store(n) && !named.iter().any(|c| c == n.as_str()) {
                 kept.append(n.clone(), v.clone());
             }
+        }
+        // Our own Content-Length, from the body we hold (the origin's may have described a
+        // transfer): stored, so serving a hit slices it instead of formatting it.
+        if status != StatusCode::NO_CONTENT && !status.is_informational() {
+            kept.insert(header::CONTENT_LENGTH, header_int(body.len() as u64));
         }
         StoredResponse {
             status,
@@ -99,7 +131,8 @@ impl StoredResponse {
         let status = StatusCode::from_u16(buf.get_u16_le()).ok()?;
         let origin_age = buf.get_u32_le();
         let count = buf.get_u16_le() as usize;
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for what serving adds (Age, Cache-Status, Content-Length) without regrowing.
+        let mut headers = HeaderMap::with_capacity(count + 3);
         for _ in 0..count {
             if buf.remaining() < 2 {
                 return None;
@@ -144,6 +177,14 @@ mod tests {
         assert_eq!(&d.body[..], b"body");
         assert!(d.headers.get(header::CONNECTION).is_none());
         assert_eq!(d.headers.get(header::VARY).unwrap(), "accept-encoding");
+        assert_eq!(d.headers.get(header::CONTENT_LENGTH).unwrap(), "4");
+    }
+
+    #[test]
+    fn header_int_is_decimal() {
+        for n in [0, 7, 10, 1080, u64::MAX] {
+            assert_eq!(header_int(n), HeaderValue::from(n));
+        }
     }
 
     #[test]
