@@ -91,8 +91,11 @@ const ITEM_OVERHEAD: usize = 72;
 const CAS_ATTEMPTS: usize = 8;
 /// The default item size limit: memcached's default `-I 1m`.
 pub const DEFAULT_ITEM_SIZE_LIMIT: usize = 1024 * 1024;
-/// The default number of connections per server.
-pub const DEFAULT_CONNECTIONS_PER_SERVER: usize = 8;
+/// The default number of connections per server. `memcache::exp` runs one exchange at a time on
+/// a connection (no pipelining), so this is how many lookups can be in flight per server; in the
+/// load test (64 clients, 2 cores) 32 did best: 8, 16, 32 and 64 gave about 0.32x, 0.45x, 0.51x
+/// and 0.40x nginx's hit rate.
+pub const DEFAULT_CONNECTIONS_PER_SERVER: usize = 32;
 const DEFAULT_PORT: u16 = 11211;
 
 /// The seconds sent for a TTL: `ceil(ttl) + 1`, at least 2, at most 30 days (see the module
@@ -272,7 +275,7 @@ fn parse_url(url: &str) -> Result<Vec<String>, ConfigError> {
 
 impl MemcachedBackend {
     /// A backend on the servers of `url` (`memcache://host:port[,host:port...]`) with the
-    /// defaults: prefix `ts:`, 8 connections per server, 1 MiB items.
+    /// defaults: prefix `ts:`, 32 connections per server, 1 MiB items.
     pub async fn connect(url: impl Into<String>) -> BackendResult<Self> {
         Self::builder(url).build().await
     }
