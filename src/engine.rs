@@ -454,7 +454,7 @@ impl Stampede {
         let span =
             tracing::debug_span!("stampede", key = %key.slot, outcome = tracing::field::Empty);
         let started = Instant::now();
-        let res = self.call(key, fill).instrument(span.clone()).await;
+        let res = self.call(key, fill, started).instrument(span.clone()).await;
         let i = match &res {
             Ok(s) => status_index(s.status),
             Err(_) => OUTCOMES.len() - 1,
@@ -487,13 +487,18 @@ impl Stampede {
     /// The hit path: one lookup, and the value when it is fresh or inside stale-while-revalidate.
     /// Everything else continues in [`miss`](Self::miss), boxed, so a hit neither builds nor
     /// moves the miss path's large state machine.
-    async fn call<F, Fut, E>(&self, key: CacheKey, fill: F) -> Result<Served, Error>
+    async fn call<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        fill: F,
+        arrived: Instant,
+    ) -> Result<Served, Error>
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let deadline = Instant::now() + self.inner.cfg.wait_timeout;
+        let deadline = arrived + self.inner.cfg.wait_timeout;
         let first = self.lookup(&key).await;
         let mut fill = Some(fill);
         if let Ok(looked) = &first {
@@ -589,14 +594,11 @@ impl Stampede {
             if let Some(served) = self.serve_stored(&key, &looked, now, || fill.take()) {
                 return Ok(served);
             }
-            match &looked.found {
-                Found::Pass => {
-                    let Some(f) = fill.take() else {
-                        return Err(Error::FillPanicked);
-                    };
-                    return self.run_passed(&key, f, last_stale).await;
-                }
-                _ => {}
+            if let Found::Pass = &looked.found {
+                let Some(f) = fill.take() else {
+                    return Err(Error::FillPanicked);
+                };
+                return self.run_passed(&key, f, last_stale).await;
             }
             metrics::counter!("stampede_misses_total").increment(1);
 
