@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::conformance::{self, Harness};
 use common::servers::Server;
-use common::Counter;
+use common::{outage_config, Counter};
 use tower_stampede::backend::memcached::MemcachedBackend;
 use tower_stampede::backend::{Acquire, Backend, FencedWrite, Signal, Token, WriteOutcome};
 use tower_stampede::entry::{Header, Kind, Record};
@@ -722,4 +722,78 @@ async fn a_server_that_is_down_is_an_error_and_the_engine_fails_open() {
         .await
         .unwrap();
     assert_eq!(served.status, Status::Bypass);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_fails_open_and_sigcont_brings_hits_back() {
+    let server = Server::memcached();
+    let backend = MemcachedBackend::builder(server.url())
+        .io_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    // The backend's own call to a stopped server ends with an error (bounded by its I/O
+    // timeout; the outer timeout only keeps a regression from hanging the suite).
+    server.pause();
+    let direct = tokio::time::timeout(
+        Duration::from_secs(20),
+        backend.fetch(&Digest::of_key("k"), None),
+    )
+    .await
+    .expect("a call to a stopped memcached returns");
+    assert!(direct.is_err(), "{direct:?}");
+    server.resume();
+    let engine = Stampede::with_config(backend, outage_config()).unwrap();
+    common::pause_fails_open_and_resume_brings_hits_back(&server, &engine).await;
+}
+
+/// Hundreds of concurrent calls pipelined on one connection, values from 1 byte to 300 KB
+/// (replies split over many reads): every caller gets its own key's value. The server gets
+/// 256 MB so that nothing is evicted between the rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pipelined_connection_keeps_every_reply_with_its_command() {
+    const KEYS: usize = 300;
+    let server = Server::memcached_with(&["-m", "256"]);
+    let backend = MemcachedBackend::builder(server.url())
+        .connections_per_server(1)
+        .build()
+        .await
+        .unwrap();
+    let engine = Stampede::with_config(backend, config()).unwrap();
+    let value_of = |i: usize| -> Bytes {
+        let len = 1 + (i * 7919) % 300_000;
+        let mut v = format!("key-{i}:").into_bytes();
+        v.extend((0..len).map(|j| b'a' + ((i + j) % 26) as u8));
+        Bytes::from(v)
+    };
+    for round in 0..2 {
+        let mut tasks = Vec::new();
+        for i in 0..KEYS {
+            let engine = engine.clone();
+            let want = value_of(i);
+            tasks.push(tokio::spawn(async move {
+                let fill = want.clone();
+                let s = engine
+                    .get_or_fill(format!("pipe-{i}"), move || async move {
+                        Ok::<_, std::io::Error>(Fill::store(
+                            fill,
+                            Ttl::fresh(Duration::from_secs(60)),
+                        ))
+                    })
+                    .await
+                    .unwrap();
+                (i, s.status, s.value == want)
+            }));
+        }
+        for t in tasks {
+            let (i, status, same) = t.await.unwrap();
+            assert!(same, "round {round}, key {i}: the value of another key");
+            let expected = if round == 0 {
+                Status::Stored
+            } else {
+                Status::Hit
+            };
+            assert_eq!(status, expected, "round {round}, key {i}");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::conformance::{self, Harness};
 use common::servers::Server;
-use common::Counter;
+use common::{call, outage_config, Counter};
 use tower_stampede::backend::redis::{redis, RedisBackend};
 use tower_stampede::backend::{Acquire, Backend, Signal};
 use tower_stampede::entry::Header;
@@ -340,21 +340,6 @@ async fn grants_stay_above_the_entry_after_the_counter_is_lost_or_redis_restarts
     }
 }
 
-fn outage_config() -> Config {
-    Config::default()
-        .backend_timeout(Duration::from_millis(100))
-        .breaker(3, Duration::from_millis(500))
-}
-
-async fn call(engine: &Stampede, key: String) -> tower_stampede::Served {
-    engine
-        .get_or_fill(key, || async {
-            Ok::<_, std::io::Error>(Fill::store("origin", Ttl::fresh(Duration::from_secs(60))))
-        })
-        .await
-        .expect("every call is served from the origin, Redis or not")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_fails_open_and_hits_come_back_after_a_restart() {
     let mut server = Server::redis();
@@ -416,27 +401,7 @@ async fn kill_9_under_load_fails_open_and_hits_come_back_after_a_restart() {
 async fn sigstop_opens_the_breaker_and_sigcont_closes_it() {
     let server = Server::redis();
     let engine = Stampede::with_config(backend(&server).await, outage_config()).unwrap();
-    assert_eq!(call(&engine, "k".into()).await.status, Status::Stored);
-    assert_eq!(call(&engine, "k".into()).await.status, Status::Hit);
-
-    server.pause();
-    for i in 0..10 {
-        let s = call(&engine, format!("paused-{i}")).await;
-        assert_eq!(s.status, Status::Bypass);
-    }
-    assert!(engine.breaker_open(), "a hung Redis opens the breaker");
-
-    server.resume();
-    let mut back = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if call(&engine, "k".into()).await.status == Status::Hit {
-            back = true;
-            break;
-        }
-    }
-    assert!(back, "caching resumes after SIGCONT and the cooldown");
-    assert!(!engine.breaker_open());
+    common::pause_fails_open_and_resume_brings_hits_back(&server, &engine).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

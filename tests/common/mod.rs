@@ -19,3 +19,51 @@ impl Counter {
         self.0.load(Ordering::SeqCst)
     }
 }
+
+/// Outage tests: a short per-call backend timeout and a breaker that opens after 3 failures.
+pub fn outage_config() -> tower_stampede::Config {
+    tower_stampede::Config::default()
+        .backend_timeout(std::time::Duration::from_millis(100))
+        .breaker(3, std::time::Duration::from_millis(500))
+}
+
+/// One call whose fill always succeeds: whatever the store does, it must be served.
+pub async fn call(engine: &tower_stampede::Stampede, key: String) -> tower_stampede::Served {
+    engine
+        .get_or_fill(key, || async {
+            Ok::<_, std::io::Error>(tower_stampede::Fill::store(
+                "origin",
+                tower_stampede::Ttl::fresh(std::time::Duration::from_secs(60)),
+            ))
+        })
+        .await
+        .expect("every call is served from the origin, store or not")
+}
+
+/// SIGSTOP of the store: calls are served from the origin (`Bypass`) and the breaker opens;
+/// SIGCONT: hits on `"k"` (stored before) come back with the same engine, breaker closed.
+pub async fn pause_fails_open_and_resume_brings_hits_back(
+    server: &servers::Server,
+    engine: &tower_stampede::Stampede,
+) {
+    use tower_stampede::Status;
+    assert_eq!(call(engine, "k".into()).await.status, Status::Stored);
+    assert_eq!(call(engine, "k".into()).await.status, Status::Hit);
+    server.pause();
+    for i in 0..10 {
+        let s = call(engine, format!("paused-{i}")).await;
+        assert_eq!(s.status, Status::Bypass);
+    }
+    assert!(engine.breaker_open(), "a hung store opens the breaker");
+    server.resume();
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if call(engine, "k".into()).await.status == Status::Hit {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "caching resumes after SIGCONT and the cooldown");
+    assert!(!engine.breaker_open());
+}

@@ -1,34 +1,48 @@
-//! The adapter over `memcache::exp`, the crate's async meta-protocol client: the one file of the
-//! backend that names it. The module is marked experimental (the version is pinned with `=`), so
-//! the rest of the backend speaks the small [`Cmd`] / [`Reply`] vocabulary below, and a change of
-//! client touches only this file.
+//! The meta-protocol client: the one file of the backend that speaks bytes on the wire. The
+//! rest of the backend speaks the small [`Cmd`] / [`Reply`] vocabulary below.
 //!
-//! Every command maps to one meta command with exactly the flags listed on its variant; `exp`
-//! adds `f` (client flags) to every `mg` and an `O<n>` opaque to each command of a batch, and
-//! checks that the replies echo them in order.
+//! Each server gets a few long-lived connections, and each connection is **pipelined**: any
+//! number of callers write their commands on it without waiting for one another, and one reader
+//! hands the replies back in order (memcached answers the commands of a connection in the order
+//! it read them, and none of ours is quiet-mode, so every command has exactly one reply). Under
+//! load, one `write` carries the commands of many requests and one `read` their replies, which is
+//! what a hit path that must keep up with an HTTP server needs. (Up to 0.1 this backend used
+//! `memcache::exp`, which runs one exchange at a time per pooled connection: a hit cost a pool
+//! checkout, a liveness probe, a write and a read of its own; see the README's figures.)
+//!
+//! Failures: a connection that breaks (EOF, reset, a reply that does not parse) fails the
+//! commands in flight on it and is dialled again by the next call; a command that gets no reply
+//! within the I/O timeout fails, and its connection is closed (a stopped or partitioned server
+//! would otherwise collect every later command too). A failed command may still have been
+//! applied: the backend's CAS and fence checks make every step safe to repeat.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use memcache::exp::{
-    self as mc, AsyncMetaClient, GetStatus, MetaClientBuilder, MutationStatus, Op, OpResult, Router,
-};
+use tokio::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backend::{BackendError, BackendResult};
 
 /// One meta command.
 #[derive(Debug)]
 pub(super) enum Cmd {
-    /// `mg <key> f [v] [c] [t]`.
+    /// `mg <key> [v] f [c] [t]`.
     Get {
         key: String,
         value: bool,
         cas: bool,
         ttl: bool,
     },
-    /// `ms <key> <len> [ME] c F<flags> T<secs> [C<cas>]`: `Cond::Add` is mode `E` (add; mode `A`
-    /// would append), `Cond::Cas` stores only over that exact item version.
+    /// `ms <key> <len> [ME] c [F<flags>] T<secs> [C<cas>]`: `Cond::Add` is mode `E` (add; mode
+    /// `A` would append), `Cond::Cas` stores only over that exact item version.
     Set {
         key: String,
         value: Bytes,
@@ -89,7 +103,8 @@ pub(super) enum Reply {
     Counter(u64),
     /// `SERVER_ERROR object too large for cache`: nothing was stored.
     TooLarge,
-    /// `CLIENT_ERROR ...`: the server refused the command (e.g. `ma` on a non-numeric value).
+    /// `CLIENT_ERROR ...` (or `ERROR`): the server refused the command (e.g. `ma` on a
+    /// non-numeric value).
     Rejected(String),
 }
 
@@ -101,185 +116,627 @@ pub(super) struct Options {
     pub(super) io_timeout: Duration,
 }
 
-/// A pooled client over one or more servers. Cheap to clone.
+/// The longest reply line we accept (ours are a few dozen bytes).
+const MAX_LINE: usize = 8 * 1024;
+/// The largest value we accept in a `VA` reply (memcached's `-I` tops out at 1 GiB; a length
+/// above this is a desynchronised stream, not an item of ours).
+const MAX_VALUE: usize = 1 << 30;
+/// Commands of several callers gathered into one `write`, at most about this many bytes.
+const MAX_WRITE: usize = 64 * 1024;
+
+/// A client over one or more servers. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Client {
-    inner: AsyncMetaClient,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ids: Vec<String>,
+    servers: Vec<Arc<Server>>,
+    opts: Options,
+}
+
+struct Server {
+    addrs: Vec<SocketAddr>,
+    slots: Vec<Slot>,
+    rr: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slot {
+    live: Mutex<Option<Conn>>,
+    /// Held while dialling, so one caller dials and the others wait for its connection.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+/// The sending side of one pipelined connection.
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    jobs: mpsc::UnboundedSender<Job>,
+    kill: Arc<Notify>,
+}
+
+/// What one caller puts on a connection: its encoded commands and where their replies go.
+struct Job {
+    wire: Vec<u8>,
+    kinds: Kinds,
+    reply: oneshot::Sender<Vec<BackendResult<Reply>>>,
+}
+
+/// The reply shapes a job expects, in order (one for the usual single command).
+enum Kinds {
+    One(Kind),
+    Many(Vec<Kind>),
+}
+
+impl Kinds {
+    fn len(&self) -> usize {
+        match self {
+            Kinds::One(_) => 1,
+            Kinds::Many(v) => v.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<Kind> {
+        match self {
+            Kinds::One(k) if i == 0 => Some(*k),
+            Kinds::One(_) => None,
+            Kinds::Many(v) => v.get(i).copied(),
+        }
+    }
+}
+
+/// Which command a reply answers (the same status line means different things).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Get,
+    Set,
+    Delete,
+    Incr,
+}
+
+/// A job written to the socket, waiting for its replies.
+struct InFlight {
+    sent: Instant,
+    kinds: Kinds,
+    replies: Vec<BackendResult<Reply>>,
+    reply: oneshot::Sender<Vec<BackendResult<Reply>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Client {
-    /// Resolves the servers (`host:port` each) and sets up the pools; connections are dialled
-    /// lazily, so a server that is down now surfaces as errors on use, not here.
+    /// Resolves the servers (`host:port` each); connections are dialled on first use, so a
+    /// server that is down now surfaces as errors on use, not here.
     pub(super) async fn new(servers: &[String], opts: &Options) -> BackendResult<Self> {
         let n = opts.connections_per_server.max(1);
-        let inner = MetaClientBuilder::new()
-            .router(SlotRouter)
-            .max_idle(n)
-            .max_connections(Some(n))
-            .connect_timeout(Some(opts.connect_timeout))
-            .io_timeout(Some(opts.io_timeout))
-            .connect_multiple_async(servers.iter().cloned())
-            .await
-            .map_err(|e| BackendError::with_source("memcached: cannot resolve the servers", e))?;
-        Ok(Client { inner })
+        let mut out = Vec::with_capacity(servers.len());
+        for s in servers {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(s.as_str())
+                .await
+                .map_err(|e| {
+                    BackendError::with_source(
+                        format!("memcached: cannot resolve the server {s:?}"),
+                        e,
+                    )
+                })?
+                .collect();
+            if addrs.is_empty() {
+                return Err(BackendError::new(format!(
+                    "memcached: the server {s:?} resolves to no address"
+                )));
+            }
+            out.push(Arc::new(Server {
+                addrs,
+                slots: (0..n).map(|_| Slot::default()).collect(),
+                rr: AtomicUsize::new(0),
+                next_id: AtomicU64::new(1),
+            }));
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                ids: servers.to_vec(),
+                servers: out,
+                opts: opts.clone(),
+            }),
+        })
     }
 
     /// One command.
     pub(super) async fn one(&self, cmd: Cmd) -> BackendResult<Reply> {
-        let op = to_op(cmd);
-        classify(self.inner.run(op).await)
+        let server = self.server_for(&cmd);
+        let mut wire = Vec::with_capacity(96);
+        let kind = encode(&cmd, &mut wire)?;
+        let mut replies = self.run(server, wire, Kinds::One(kind)).await?;
+        replies
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))
     }
 
     /// Several commands pipelined in one round trip. They must share a server (the backend only
     /// batches the keys of one slot, which the router keeps together); the server runs them in
     /// order. One result per command, in order.
-    pub(super) async fn batch(&self, mut cmds: Vec<Cmd>) -> Vec<BackendResult<Reply>> {
-        if cmds.len() == 1 {
-            if let Some(cmd) = cmds.pop() {
-                return vec![self.one(cmd).await];
+    pub(super) async fn batch(&self, cmds: Vec<Cmd>) -> Vec<BackendResult<Reply>> {
+        let n = cmds.len();
+        let Some(first) = cmds.first() else {
+            return Vec::new();
+        };
+        let server = self.server_for(first);
+        let mut wire = Vec::with_capacity(96 * n);
+        let mut kinds = Vec::with_capacity(n);
+        for cmd in &cmds {
+            match encode(cmd, &mut wire) {
+                Ok(k) => kinds.push(k),
+                Err(e) => {
+                    let msg = e.to_string();
+                    return (0..n)
+                        .map(|_| Err(BackendError::new(msg.clone())))
+                        .collect();
+                }
             }
         }
-        let n = cmds.len();
-        let ops: Vec<Op> = cmds.into_iter().map(to_op).collect();
-        match self.inner.run_batch(ops).await {
-            Ok(results) => results.into_iter().map(classify).collect(),
+        match self.run(server, wire, Kinds::Many(kinds)).await {
+            Ok(replies) => replies,
             Err(e) => {
                 let msg = e.to_string();
                 (0..n)
-                    .map(|_| Err(BackendError::new(format!("memcached: {msg}"))))
+                    .map(|_| Err(BackendError::new(msg.clone())))
                     .collect()
             }
         }
     }
+
+    fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
+        let key = match cmd {
+            Cmd::Get { key, .. }
+            | Cmd::Set { key, .. }
+            | Cmd::Delete { key, .. }
+            | Cmd::Incr { key, .. } => key,
+        };
+        let i = server_index(key.as_bytes(), &self.inner.ids);
+        &self.inner.servers[i.min(self.inner.servers.len() - 1)]
+    }
+
+    /// Puts one job on a connection of `server` and waits for its replies.
+    async fn run(
+        &self,
+        server: &Arc<Server>,
+        wire: Vec<u8>,
+        kinds: Kinds,
+    ) -> BackendResult<Vec<BackendResult<Reply>>> {
+        let opts = &self.inner.opts;
+        let i = server.rr.fetch_add(1, Ordering::Relaxed) % server.slots.len();
+        let (tx, rx) = oneshot::channel();
+        let mut job = Job {
+            wire,
+            kinds,
+            reply: tx,
+        };
+        // A send fails only on a connection that has already ended, before anything of this
+        // job was written: dial again and resend, once.
+        let mut conn = self.conn(server, i).await?;
+        if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
+            forget(server, i, conn.id);
+            job = back;
+            conn = self.conn(server, i).await?;
+            if conn.jobs.send(job).is_err() {
+                forget(server, i, conn.id);
+                return Err(BackendError::new("memcached: connection closed"));
+            }
+        }
+        match tokio::time::timeout(opts.io_timeout, rx).await {
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(_)) => Err(BackendError::new(
+                "memcached: connection lost before the reply",
+            )),
+            Err(_) => {
+                // Replies on this connection are late: everything queued behind ours would be
+                // too. Close it; the next call dials a fresh one.
+                if forget(server, i, conn.id) {
+                    conn.kill.notify_one();
+                }
+                Err(BackendError::new(format!(
+                    "memcached: no reply within {:?}",
+                    opts.io_timeout
+                )))
+            }
+        }
+    }
+
+    /// The live connection of slot `i`, dialling it if it has none.
+    async fn conn(&self, server: &Arc<Server>, i: usize) -> BackendResult<Conn> {
+        let slot = &server.slots[i];
+        if let Some(c) = lock(&slot.live).as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = &self.inner.opts;
+        let dial = async {
+            let _dialing = slot.dialing.lock().await;
+            if let Some(c) = lock(&slot.live).as_ref() {
+                return Ok(c.clone());
+            }
+            let stream = TcpStream::connect(server.addrs.as_slice())
+                .await
+                .map_err(|e| BackendError::with_source("memcached: connect", e))?;
+            let _ = stream.set_nodelay(true);
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let conn = Conn {
+                id: server.next_id.fetch_add(1, Ordering::Relaxed),
+                jobs,
+                kill: Arc::new(Notify::new()),
+            };
+            *lock(&slot.live) = Some(conn.clone());
+            let (server, id, kill) = (server.clone(), conn.id, conn.kill.clone());
+            let io_timeout = opts.io_timeout;
+            tokio::spawn(async move {
+                drive(stream, rx, &kill, io_timeout).await;
+                forget(&server, i, id);
+            });
+            Ok(conn)
+        };
+        match tokio::time::timeout(opts.connect_timeout, dial).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::new(format!(
+                "memcached: connect: timed out after {:?}",
+                opts.connect_timeout
+            ))),
+        }
+    }
 }
 
-fn to_op(cmd: Cmd) -> Op {
-    match cmd {
+/// Clears slot `i` if it still holds connection `id`; true if it did.
+fn forget(server: &Server, i: usize, id: u64) -> bool {
+    let mut live = lock(&server.slots[i].live);
+    if live.as_ref().is_some_and(|c| c.id == id) {
+        *live = None;
+        true
+    } else {
+        false
+    }
+}
+
+/// Runs one connection until it breaks, is killed, owes a reply for longer than `io_timeout`,
+/// or every sender is gone. Commands in flight when it ends get no reply (their callers see the
+/// connection lost). The watchdog is what closes a connection to a hung server when callers
+/// give up first (the engine's own timeout is usually shorter and drops the waiting call).
+async fn drive(
+    stream: TcpStream,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    kill: &Notify,
+    io_timeout: Duration,
+) {
+    let (mut rd, mut wr) = stream.into_split();
+    let flight: Mutex<VecDeque<InFlight>> = Mutex::new(VecDeque::new());
+    let writer = async {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        while let Some(job) = jobs.recv().await {
+            buf.clear();
+            let mut next = Some(job);
+            let sent = Instant::now();
+            {
+                // Queue before writing, so the reader can never see a reply it cannot place.
+                let mut q = lock(&flight);
+                while let Some(job) = next.take() {
+                    buf.extend_from_slice(&job.wire);
+                    q.push_back(InFlight {
+                        sent,
+                        replies: Vec::with_capacity(job.kinds.len()),
+                        kinds: job.kinds,
+                        reply: job.reply,
+                    });
+                    if buf.len() < MAX_WRITE {
+                        next = jobs.try_recv().ok();
+                    }
+                }
+            }
+            wr.write_all(&buf).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let reader = async {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            loop {
+                let want = {
+                    let q = lock(&flight);
+                    q.front().and_then(|f| f.kinds.get(f.replies.len()))
+                };
+                let Some(kind) = want else {
+                    if !buf.is_empty() {
+                        return Err::<(), _>(protocol(
+                            "bytes from the server that answer no command",
+                        ));
+                    }
+                    break;
+                };
+                let Some(reply) = parse(kind, &mut buf)? else {
+                    break;
+                };
+                let mut q = lock(&flight);
+                let Some(front) = q.front_mut() else {
+                    return Err(protocol("a reply with no command waiting"));
+                };
+                front.replies.push(reply);
+                if front.replies.len() == front.kinds.len() {
+                    if let Some(done) = q.pop_front() {
+                        drop(q);
+                        let _ = done.reply.send(done.replies);
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            if rd.read_buf(&mut buf).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+        }
+    };
+    let watchdog = async {
+        let mut tick = tokio::time::interval((io_timeout / 2).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let late = lock(&flight)
+                .front()
+                .is_some_and(|f| f.sent.elapsed() > io_timeout);
+            if late {
+                return std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("memcached: no reply within {io_timeout:?}"),
+                );
+            }
+        }
+    };
+    let ended = tokio::select! {
+        r = writer => r.err(),
+        r = reader => r.err(),
+        e = watchdog => Some(e),
+        _ = kill.notified() => None,
+    };
+    if let Some(e) = ended {
+        tracing::debug!(error = %e, "memcached connection ended");
+    }
+}
+
+fn protocol(what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("memcached: {what}"),
+    )
+}
+
+/// A key memcached takes as is: 1 to 250 bytes, no spaces or control characters. The backend
+/// builds only such keys; this guards the wire against a bug there.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 250 && key.bytes().all(|b| b > b' ' && b != 0x7f)
+}
+
+fn push_num(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn push_flag(out: &mut Vec<u8>, flag: u8, n: u64) {
+    out.push(b' ');
+    out.push(flag);
+    push_num(out, n);
+}
+
+/// Appends the wire form of `cmd` to `out`; the reply kind it expects.
+fn encode(cmd: &Cmd, out: &mut Vec<u8>) -> BackendResult<Kind> {
+    let key = match cmd {
+        Cmd::Get { key, .. }
+        | Cmd::Set { key, .. }
+        | Cmd::Delete { key, .. }
+        | Cmd::Incr { key, .. } => key,
+    };
+    if !valid_key(key) {
+        return Err(BackendError::new(format!(
+            "memcached: invalid key ({} bytes)",
+            key.len()
+        )));
+    }
+    let kind = match cmd {
         Cmd::Get {
-            key,
-            value,
-            cas,
-            ttl,
+            value, cas, ttl, ..
         } => {
-            let mut meta = mc::Meta::NONE;
-            if cas {
-                meta = meta.cas();
+            out.extend_from_slice(b"mg ");
+            out.extend_from_slice(key.as_bytes());
+            if *value {
+                out.extend_from_slice(b" v");
             }
-            if ttl {
-                meta = meta.ttl();
+            out.extend_from_slice(b" f");
+            if *cas {
+                out.extend_from_slice(b" c");
             }
-            let mut get = mc::Get::new(key).meta(meta);
-            if !value {
-                get = get.without_value();
+            if *ttl {
+                out.extend_from_slice(b" t");
             }
-            get.into()
+            Kind::Get
         }
         Cmd::Set {
-            key,
             value,
             secs,
             flags,
             cond,
+            ..
         } => {
-            let set = mc::Set::new(key, &value[..])
-                .client_flags(flags)
-                .ttl(mc::Ttl::secs(secs.max(1)))
-                .return_cas();
-            match cond {
-                Cond::Add => set.add(),
-                Cond::Cas(cas) => set.compare_cas(cas),
+            out.extend_from_slice(b"ms ");
+            out.extend_from_slice(key.as_bytes());
+            out.push(b' ');
+            push_num(out, value.len() as u64);
+            if matches!(cond, Cond::Add) {
+                out.extend_from_slice(b" ME");
             }
-            .into()
+            out.extend_from_slice(b" c");
+            if *flags != 0 {
+                push_flag(out, b'F', u64::from(*flags));
+            }
+            push_flag(out, b'T', u64::from((*secs).max(1)));
+            if let Cond::Cas(c) = cond {
+                push_flag(out, b'C', *c);
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(value);
+            Kind::Set
         }
-        Cmd::Delete { key, cas } => {
-            let del = mc::Delete::new(key);
-            match cas {
-                Some(c) => del.compare_cas(c),
-                None => del,
+        Cmd::Delete { cas, .. } => {
+            out.extend_from_slice(b"md ");
+            out.extend_from_slice(key.as_bytes());
+            if let Some(c) = cas {
+                push_flag(out, b'C', *c);
             }
-            .into()
+            Kind::Delete
         }
         Cmd::Incr {
-            key,
             delta,
             initial,
             secs,
-        } => mc::Arithmetic::new(key)
-            .delta(delta)
-            .initial(initial, secs.max(1))
-            .ttl(mc::Ttl::secs(secs.max(1)))
-            .into(),
-    }
+            ..
+        } => {
+            let secs = u64::from((*secs).max(1));
+            out.extend_from_slice(b"ma ");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b" v");
+            push_flag(out, b'D', *delta);
+            push_flag(out, b'N', secs);
+            push_flag(out, b'J', *initial);
+            push_flag(out, b'T', secs);
+            Kind::Incr
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    Ok(kind)
 }
 
-fn classify(res: mc::Result<OpResult>) -> BackendResult<Reply> {
-    match res {
-        Ok(OpResult::Get(g)) => Ok(match g.status {
-            GetStatus::Hit => Reply::Item(Item {
-                value: g.value.map(Bytes::from),
-                flags: g.client_flags.unwrap_or(0),
-                cas: g.item.cas,
-                ttl: g.item.ttl,
-            }),
-            // A zero-byte item carrying another client's lease flags, or any status this
-            // version does not know: nothing of ours is there.
-            _ => Reply::Miss,
-        }),
-        Ok(OpResult::Mutation(m)) => match m.status {
-            MutationStatus::Applied => Ok(Reply::Done(m.cas)),
-            MutationStatus::AlreadyExists => Ok(Reply::NotStored),
-            MutationStatus::CasMismatch => Ok(Reply::Exists),
-            MutationStatus::NotFound => Ok(Reply::NotFound),
-            other => Err(BackendError::new(format!(
-                "memcached: unexpected mutation status {other:?}"
+/// Parses one reply from the front of `buf`: `Ok(None)` when it is not all there yet. An `Err`
+/// means the stream cannot be trusted any more (the connection is closed); a reply that parses
+/// but does not fit the command is an `Err` for that command only.
+fn parse(kind: Kind, buf: &mut BytesMut) -> std::io::Result<Option<BackendResult<Reply>>> {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > MAX_LINE {
+            return Err(protocol("reply line too long"));
+        }
+        return Ok(None);
+    };
+    if nl == 0 || buf[nl - 1] != b'\r' {
+        return Err(protocol("reply line without CRLF"));
+    }
+    let line = &buf[..nl - 1];
+    let mut tokens = line.split(|&b| b == b' ').filter(|t| !t.is_empty());
+    let code = tokens.next().unwrap_or_default();
+    if code == b"VA" {
+        let len = tokens
+            .next()
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(|t| t.parse::<usize>().ok())
+            .filter(|&n| n <= MAX_VALUE)
+            .ok_or_else(|| protocol("VA without a valid length"))?;
+        let item = item_flags(tokens);
+        let total = nl + 1 + len + 2;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        if &buf[total - 2..total] != b"\r\n" {
+            return Err(protocol("value without its CRLF"));
+        }
+        buf.advance(nl + 1);
+        let value = buf.split_to(len).freeze();
+        buf.advance(2);
+        return Ok(Some(match kind {
+            Kind::Get => Ok(Reply::Item(Item {
+                value: Some(value),
+                ..item
+            })),
+            Kind::Incr => std::str::from_utf8(&value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Reply::Counter)
+                .ok_or_else(|| BackendError::new("memcached: ma returned a non-numeric value")),
+            _ => Err(BackendError::new(format!(
+                "memcached: unexpected VA reply to {kind:?}"
             ))),
-        },
-        Ok(OpResult::Arithmetic(a)) => match (a.status, a.value) {
-            (MutationStatus::Applied, Some(v)) => Ok(Reply::Counter(v)),
-            (MutationStatus::NotFound, _) => Ok(Reply::NotFound),
-            (MutationStatus::CasMismatch, _) => Ok(Reply::Exists),
-            (status, _) => Err(BackendError::new(format!(
-                "memcached: unexpected arithmetic reply {status:?}"
-            ))),
-        },
-        Ok(other) => Err(BackendError::new(format!(
-            "memcached: unexpected reply {other:?}"
-        ))),
-        Err(e) => {
-            // A written command that failed is reported as `Ambiguous`; a server or client
-            // error line means the server answered, so look at what it said.
-            let said = match &e {
-                mc::Error::Ambiguous { source, .. } => source.as_ref(),
-                other => other,
-            };
-            match said {
-                mc::Error::Server(msg) if msg.contains("too large") => Ok(Reply::TooLarge),
-                mc::Error::Rejected(msg) => Ok(Reply::Rejected(msg.clone())),
-                _ => Err(BackendError::with_source("memcached", e)),
+        }));
+    }
+    let reply = match (code, kind) {
+        (b"HD", Kind::Get) => Ok(Reply::Item(item_flags(tokens))),
+        (b"HD", Kind::Set | Kind::Delete) => Ok(Reply::Done(item_flags(tokens).cas)),
+        (b"EN", Kind::Get) => Ok(Reply::Miss),
+        (b"NS", Kind::Set | Kind::Incr) => Ok(Reply::NotStored),
+        (b"EX", Kind::Set | Kind::Delete | Kind::Incr) => Ok(Reply::Exists),
+        (b"NF", Kind::Set | Kind::Delete | Kind::Incr) => Ok(Reply::NotFound),
+        (b"ERROR", _) => Ok(Reply::Rejected("ERROR".into())),
+        (b"CLIENT_ERROR", _) => Ok(Reply::Rejected(rest_of(line, code))),
+        (b"SERVER_ERROR", _) => {
+            let msg = rest_of(line, code);
+            if msg.contains("too large") {
+                Ok(Reply::TooLarge)
+            } else {
+                Err(BackendError::new(format!("memcached: SERVER_ERROR {msg}")))
             }
         }
+        (other, kind) => Err(BackendError::new(format!(
+            "memcached: unexpected reply {:?} to {kind:?}",
+            String::from_utf8_lossy(other)
+        ))),
+    };
+    buf.advance(nl + 1);
+    Ok(Some(reply))
+}
+
+fn rest_of(line: &[u8], code: &[u8]) -> String {
+    String::from_utf8_lossy(&line[code.len()..])
+        .trim()
+        .to_string()
+}
+
+/// The `f`, `c` and `t` return flags of an `mg` / `ms` reply.
+fn item_flags<'a>(tokens: impl Iterator<Item = &'a [u8]>) -> Item {
+    let mut item = Item::default();
+    for t in tokens {
+        let (Some(&flag), Some(v)) = (t.first(), std::str::from_utf8(&t[1..]).ok()) else {
+            continue;
+        };
+        match flag {
+            b'f' => item.flags = v.parse().unwrap_or(0),
+            b'c' => item.cas = v.parse().ok(),
+            b't' => item.ttl = v.parse().ok(),
+            _ => {}
+        }
     }
+    item
 }
 
 /// Routes every key by the hash tag `{<digest>}` it carries, so all parts of one slot (lease,
 /// fence counter, entry, variants) share a server. Rendezvous hashing with a hash of our own
 /// (FNV-1a + a SplitMix64 finaliser) rather than `std`'s `DefaultHasher`, whose output may change
 /// between Rust releases: two instances built by different compilers must route alike.
-struct SlotRouter;
-
-impl Router for SlotRouter {
-    fn route(&self, key: &[u8], servers: &[String]) -> usize {
-        let tag = hash_tag(key);
-        let k = fnv1a(tag);
-        let mut best = (0usize, 0u64);
-        for (i, s) in servers.iter().enumerate() {
-            let score = mix(k ^ fnv1a(s.as_bytes()));
-            if i == 0 || score > best.1 {
-                best = (i, score);
-            }
+fn route(key: &[u8], servers: &[String]) -> usize {
+    let k = fnv1a(hash_tag(key));
+    let mut best = (0usize, 0u64);
+    for (i, s) in servers.iter().enumerate() {
+        let score = mix(k ^ fnv1a(s.as_bytes()));
+        if i == 0 || score > best.1 {
+            best = (i, score);
         }
-        best.0
     }
+    best.0
 }
 
 /// The bytes between the first `{` and the next `}`, or the whole key without a tag.
@@ -314,7 +771,7 @@ pub(super) fn server_index(key: &[u8], servers: &[String]) -> usize {
     if servers.is_empty() {
         return 0;
     }
-    SlotRouter.route(key, servers).min(servers.len() - 1)
+    route(key, servers).min(servers.len() - 1)
 }
 
 /// Checks that `host:port` names a socket address or a resolvable host form (the port must be
@@ -360,6 +817,126 @@ mod tests {
             counts[server_index(key.as_bytes(), &servers)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 700), "{counts:?}");
+    }
+
+    fn wire(cmd: Cmd) -> String {
+        let mut out = Vec::new();
+        encode(&cmd, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn commands_on_the_wire() {
+        let key = || "ts:{ab}:l".to_string();
+        let get = |value, cas, ttl| Cmd::Get {
+            key: key(),
+            value,
+            cas,
+            ttl,
+        };
+        assert_eq!(wire(get(true, false, false)), "mg ts:{ab}:l v f\r\n");
+        assert_eq!(wire(get(false, true, true)), "mg ts:{ab}:l f c t\r\n");
+        let set = |cond, flags| Cmd::Set {
+            key: key(),
+            value: Bytes::from_static(b"tok"),
+            secs: 0,
+            flags,
+            cond,
+        };
+        assert_eq!(wire(set(Cond::Add, 0)), "ms ts:{ab}:l 3 ME c T1\r\ntok\r\n");
+        assert_eq!(
+            wire(set(Cond::Cas(42), 7)),
+            "ms ts:{ab}:l 3 c F7 T1 C42\r\ntok\r\n"
+        );
+        let del = Cmd::Delete {
+            key: key(),
+            cas: Some(9),
+        };
+        assert_eq!(wire(del), "md ts:{ab}:l C9\r\n");
+        let incr = Cmd::Incr {
+            key: key(),
+            delta: 1,
+            initial: 5,
+            secs: 60,
+        };
+        assert_eq!(wire(incr), "ma ts:{ab}:l v D1 N60 J5 T60\r\n");
+        for bad in ["", "a b", "a\nb", &"k".repeat(251)] {
+            let cmd = Cmd::Delete {
+                key: bad.to_string(),
+                cas: None,
+            };
+            assert!(encode(&cmd, &mut Vec::new()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replies_parse_only_when_whole() {
+        let whole = b"VA 5 f3 c17 t-1\r\nhello\r\nEN\r\n";
+        // Every split point: nothing until the first reply is whole, then it and the rest.
+        for cut in 0..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            let first = parse(Kind::Get, &mut buf).unwrap();
+            if cut < 24 {
+                assert!(first.is_none(), "cut {cut}");
+                continue;
+            }
+            let Some(Ok(Reply::Item(item))) = first else {
+                panic!("cut {cut}: {first:?}");
+            };
+            assert_eq!(item.value.as_deref(), Some(&b"hello"[..]));
+            assert_eq!((item.flags, item.cas, item.ttl), (3, Some(17), Some(-1)));
+        }
+        let mut buf = BytesMut::from(&whole[..]);
+        assert!(matches!(
+            parse(Kind::Get, &mut buf),
+            Ok(Some(Ok(Reply::Item(_))))
+        ));
+        assert!(matches!(
+            parse(Kind::Get, &mut buf),
+            Ok(Some(Ok(Reply::Miss)))
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn reply_codes_by_command() {
+        let one = |kind, text: &str| {
+            let mut buf = BytesMut::from(text.as_bytes());
+            parse(kind, &mut buf).unwrap().unwrap()
+        };
+        assert!(matches!(
+            one(Kind::Set, "HD c5\r\n"),
+            Ok(Reply::Done(Some(5)))
+        ));
+        assert!(matches!(one(Kind::Set, "NS\r\n"), Ok(Reply::NotStored)));
+        assert!(matches!(one(Kind::Delete, "EX\r\n"), Ok(Reply::Exists)));
+        assert!(matches!(one(Kind::Delete, "NF\r\n"), Ok(Reply::NotFound)));
+        assert!(matches!(
+            one(Kind::Incr, "VA 2\r\n12\r\n"),
+            Ok(Reply::Counter(12))
+        ));
+        assert!(one(Kind::Incr, "VA 1\r\nx\r\n").is_err());
+        assert!(matches!(
+            one(Kind::Set, "SERVER_ERROR object too large for cache\r\n"),
+            Ok(Reply::TooLarge)
+        ));
+        assert!(one(Kind::Set, "SERVER_ERROR out of memory\r\n").is_err());
+        assert!(matches!(
+            one(Kind::Incr, "CLIENT_ERROR non-numeric\r\n"),
+            Ok(Reply::Rejected(_))
+        ));
+        assert!(one(Kind::Get, "NS\r\n").is_err());
+        // A stream that cannot be trusted: the connection is closed.
+        for bad in ["VA x\r\n", "VA 1\r\nab\r\n", "HD\n", "\r\n"] {
+            let mut buf = BytesMut::from(bad.as_bytes());
+            let r = parse(Kind::Get, &mut buf);
+            assert!(
+                r.is_err() || matches!(r, Ok(Some(Err(_)))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        let mut long = BytesMut::from(&vec![b'x'; MAX_LINE + 1][..]);
+        assert!(parse(Kind::Get, &mut long).is_err());
     }
 
     #[test]
