@@ -226,7 +226,11 @@ impl MemcachedBuilder {
         if servers.is_empty() {
             return Err(BackendError::new("memcached: no server given"));
         }
-        let client = Client::new(&servers, &self.opts).await?;
+        let opts = Options {
+            max_value: self.item_size_limit,
+            ..self.opts
+        };
+        let client = Client::new(&servers, &opts).await?;
         Ok(MemcachedBackend {
             inner: Arc::new(Inner {
                 client,
@@ -289,6 +293,7 @@ impl MemcachedBackend {
                 connections_per_server: DEFAULT_CONNECTIONS_PER_SERVER,
                 connect_timeout: Duration::from_secs(1),
                 io_timeout: Duration::from_secs(1),
+                max_value: DEFAULT_ITEM_SIZE_LIMIT,
             },
         }
     }

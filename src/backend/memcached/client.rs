@@ -114,13 +114,14 @@ pub(super) struct Options {
     pub(super) connections_per_server: usize,
     pub(super) connect_timeout: Duration,
     pub(super) io_timeout: Duration,
+    /// The largest value a reply may carry (the backend's item size limit): a longer `VA` is a
+    /// stream out of step or not memcached, and closes the connection before anything that
+    /// size is allocated.
+    pub(super) max_value: usize,
 }
 
 /// The longest reply line we accept (ours are a few dozen bytes).
 const MAX_LINE: usize = 8 * 1024;
-/// The largest value we accept in a `VA` reply (memcached's `-I` tops out at 1 GiB; a length
-/// above this is a desynchronised stream, not an item of ours).
-const MAX_VALUE: usize = 1 << 30;
 /// Commands of several callers gathered into one `write`, at most about this many bytes.
 const MAX_WRITE: usize = 64 * 1024;
 
@@ -213,6 +214,9 @@ impl Client {
     /// Resolves the servers (`host:port` each); connections are dialled on first use, so a
     /// server that is down now surfaces as errors on use, not here.
     pub(super) async fn new(servers: &[String], opts: &Options) -> BackendResult<Self> {
+        if servers.is_empty() {
+            return Err(BackendError::new("memcached: no server given"));
+        }
         let n = opts.connections_per_server.max(1);
         let mut out = Vec::with_capacity(servers.len());
         for s in servers {
@@ -371,9 +375,9 @@ impl Client {
             };
             *lock(&slot.live) = Some(conn.clone());
             let (server, id, kill) = (server.clone(), conn.id, conn.kill.clone());
-            let io_timeout = opts.io_timeout;
+            let (io_timeout, max_value) = (opts.io_timeout, opts.max_value);
             tokio::spawn(async move {
-                drive(stream, rx, &kill, io_timeout).await;
+                drive(stream, rx, &kill, io_timeout, max_value).await;
                 forget(&server, i, id);
             });
             Ok(conn)
@@ -408,6 +412,7 @@ async fn drive(
     mut jobs: mpsc::UnboundedReceiver<Job>,
     kill: &Notify,
     io_timeout: Duration,
+    max_value: usize,
 ) {
     let (mut rd, mut wr) = stream.into_split();
     let flight: Mutex<VecDeque<InFlight>> = Mutex::new(VecDeque::new());
@@ -453,7 +458,7 @@ async fn drive(
                     }
                     break;
                 };
-                let Some(reply) = parse(kind, &mut buf)? else {
+                let Some(reply) = parse(kind, &mut buf, max_value)? else {
                     break;
                 };
                 let mut q = lock(&flight);
@@ -627,7 +632,11 @@ fn encode(cmd: &Cmd, out: &mut Vec<u8>) -> BackendResult<Kind> {
 /// Parses one reply from the front of `buf`: `Ok(None)` when it is not all there yet. An `Err`
 /// means the stream cannot be trusted any more (the connection is closed); a reply that parses
 /// but does not fit the command is an `Err` for that command only.
-fn parse(kind: Kind, buf: &mut BytesMut) -> std::io::Result<Option<BackendResult<Reply>>> {
+fn parse(
+    kind: Kind,
+    buf: &mut BytesMut,
+    max_value: usize,
+) -> std::io::Result<Option<BackendResult<Reply>>> {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         if buf.len() > MAX_LINE {
             return Err(protocol("reply line too long"));
@@ -645,7 +654,7 @@ fn parse(kind: Kind, buf: &mut BytesMut) -> std::io::Result<Option<BackendResult
             .next()
             .and_then(|t| std::str::from_utf8(t).ok())
             .and_then(|t| t.parse::<usize>().ok())
-            .filter(|&n| n <= MAX_VALUE)
+            .filter(|&n| n <= max_value)
             .ok_or_else(|| protocol("VA without a valid length"))?;
         let item = item_flags(tokens);
         let total = nl + 1 + len + 2;
@@ -875,7 +884,7 @@ mod tests {
         // Every split point: nothing until the first reply is whole, then it and the rest.
         for cut in 0..whole.len() {
             let mut buf = BytesMut::from(&whole[..cut]);
-            let first = parse(Kind::Get, &mut buf).unwrap();
+            let first = parse(Kind::Get, &mut buf, 1 << 20).unwrap();
             if cut < 24 {
                 assert!(first.is_none(), "cut {cut}");
                 continue;
@@ -888,11 +897,11 @@ mod tests {
         }
         let mut buf = BytesMut::from(&whole[..]);
         assert!(matches!(
-            parse(Kind::Get, &mut buf),
+            parse(Kind::Get, &mut buf, 1 << 20),
             Ok(Some(Ok(Reply::Item(_))))
         ));
         assert!(matches!(
-            parse(Kind::Get, &mut buf),
+            parse(Kind::Get, &mut buf, 1 << 20),
             Ok(Some(Ok(Reply::Miss)))
         ));
         assert!(buf.is_empty());
@@ -902,7 +911,7 @@ mod tests {
     fn reply_codes_by_command() {
         let one = |kind, text: &str| {
             let mut buf = BytesMut::from(text.as_bytes());
-            parse(kind, &mut buf).unwrap().unwrap()
+            parse(kind, &mut buf, 1 << 20).unwrap().unwrap()
         };
         assert!(matches!(
             one(Kind::Set, "HD c5\r\n"),
@@ -927,16 +936,22 @@ mod tests {
         ));
         assert!(one(Kind::Get, "NS\r\n").is_err());
         // A stream that cannot be trusted: the connection is closed.
-        for bad in ["VA x\r\n", "VA 1\r\nab\r\n", "HD\n", "\r\n"] {
+        for bad in [
+            "VA 1048577\r\n",
+            "VA x\r\n",
+            "VA 1\r\nab\r\n",
+            "HD\n",
+            "\r\n",
+        ] {
             let mut buf = BytesMut::from(bad.as_bytes());
-            let r = parse(Kind::Get, &mut buf);
+            let r = parse(Kind::Get, &mut buf, 1 << 20);
             assert!(
                 r.is_err() || matches!(r, Ok(Some(Err(_)))),
                 "{bad:?}: {r:?}"
             );
         }
         let mut long = BytesMut::from(&vec![b'x'; MAX_LINE + 1][..]);
-        assert!(parse(Kind::Get, &mut long).is_err());
+        assert!(parse(Kind::Get, &mut long, 1 << 20).is_err());
     }
 
     #[test]
