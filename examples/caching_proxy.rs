@@ -170,6 +170,11 @@ impl Service<Request<Body>> for Proxy {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    // RFC 9110 section 7.6.3: in every message forwarded, responses too. It is
+                    // stored with the response, so hits carry it at no cost.
+                    parts
+                        .headers
+                        .append(header::VIA, HeaderValue::from_static(VIA));
                     Ok(Response::from_parts(parts, body.map_err(box_err).boxed()))
                 }
                 Ok(Err(e)) => {
@@ -225,6 +230,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// What this proxy adds to `Via` (RFC 9110 section 7.6.3), on requests and responses.
+const VIA: &str = "1.1 tower-stampede";
+
 /// Via, X-Forwarded-For and Forwarded on the way in.
 fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     let ip = peer.ip().to_string();
@@ -248,7 +256,7 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(v) = HeaderValue::try_from(fwd) {
         h.append("forwarded", v);
     }
-    h.append(header::VIA, HeaderValue::from_static("1.1 tower-stampede"));
+    h.append(header::VIA, HeaderValue::from_static(VIA));
 }
 
 async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {

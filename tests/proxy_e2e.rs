@@ -182,6 +182,30 @@ async fn get(c: &HttpClient, url: String) -> Result<(StatusCode, Bytes), String>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_via_whether_fetched_or_hit() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let proxy = Proxy::start(addr, &[]);
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let req = Request::get(proxy.url("/slow?ms=1"))
+            .header("host", "app.test")
+            .body(Empty::new())
+            .unwrap();
+        let res = c.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let h = res.headers();
+        let via: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(via, ["1.1 tower-stampede"], "one Via of ours");
+        let cs = h.get("cache-status").unwrap().to_str().unwrap().to_string();
+        seen.push(cs.split("; ").nth(1).unwrap_or_default().to_string());
+    }
+    assert_eq!(seen, ["fwd=uri-miss", "hit"]);
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncacheable_url_is_not_serialized() {
     let up = Upstream::default();
     let addr = up.start().await;
