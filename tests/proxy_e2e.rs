@@ -58,9 +58,12 @@ impl Proxy {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn caching_proxy");
-        let p = Proxy { child, port };
+        let mut p = Proxy { child, port };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("the proxy exited before listening ({status}); its stderr is above");
+            }
             assert!(
                 Instant::now() < deadline,
                 "the proxy did not listen within 20 s"
@@ -237,6 +240,26 @@ async fn an_uncacheable_url_is_not_serialized() {
     );
 }
 
+/// Sends a request in the background and returns once it has reached the upstream.
+async fn in_flight(
+    up: &Upstream,
+    c: &HttpClient,
+    url: String,
+) -> tokio::task::JoinHandle<Result<(StatusCode, Bytes), String>> {
+    let before = up.calls();
+    let c = c.clone();
+    let task = tokio::spawn(async move { get(&c, url).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.calls() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task
+}
+
 #[cfg(feature = "redis")]
 mod with_redis {
     use super::*;
@@ -273,6 +296,61 @@ mod with_redis {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_finishes_the_fill_in_flight_and_leaves_no_lease() {
+        let redis = Server::redis();
+        let up = Upstream::default();
+        let addr = up.start().await;
+        let store = redis.url();
+        // A long lease: a lease left behind would still be there when we look.
+        let args = [
+            "--store",
+            store.as_str(),
+            "--lease",
+            "20s",
+            "--wait-timeout",
+            "30s",
+        ];
+        let mut a = Proxy::start(addr, &args);
+        let c = client();
+        let first = in_flight(&up, &c, a.url("/slow?ms=1500")).await;
+        let killed = Command::new("kill")
+            .args(["-TERM", &a.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let (s, body) = first
+            .await
+            .unwrap()
+            .expect("the request in flight is answered");
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+        // The process exits by itself, successfully (the bound only keeps a hang from hanging
+        // the suite).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = a.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "exit status {status}");
+        // Its fill was stored and its lease released: nothing of it is left but the entry.
+        let leases = redis.raw("KEYS *:l");
+        assert_eq!(leases, "*0\r\n", "no lease left behind");
+        let b = Proxy::start(addr, &args);
+        let (s, body) = get(&c, b.url("/slow?ms=1500")).await.unwrap();
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+        assert_eq!(
+            up.calls(),
+            1,
+            "the other proxy is served from the stored entry"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn killing_the_lease_holder_costs_at_most_one_lease() {
         let redis = Server::redis();
         let up = Upstream::default();
@@ -290,17 +368,7 @@ mod with_redis {
         let b = Proxy::start(addr, &args);
         let c = client();
         // A takes the lease and starts a 3 s fill.
-        let ca = c.clone();
-        let ua = a.url("/slow?ms=3000");
-        let first = tokio::spawn(async move { get(&ca, ua).await });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while up.calls() == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "the first fill never reached the upstream"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let first = in_flight(&up, &c, a.url("/slow?ms=3000")).await;
         // B's requests wait on A's lease...
         let mut tasks = Vec::new();
         for _ in 0..100 {
