@@ -797,3 +797,46 @@ async fn one_pipelined_connection_keeps_every_reply_with_its_command() {
         }
     }
 }
+
+fn curr_connections(server: &Server) -> u64 {
+    let stats = server.raw("stats");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("STAT curr_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no curr_connections in {stats:?}"))
+}
+
+/// Dropping the backend closes its connections (their tasks end with the client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_backend_closes_its_connections() {
+    let server = Server::memcached();
+    let before = curr_connections(&server);
+    let b = MemcachedBackend::builder(server.url())
+        .connections_per_server(3)
+        .build()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(b.meta_get("nothing").await.unwrap(), None);
+    }
+    assert_eq!(
+        curr_connections(&server),
+        before + 3,
+        "three connections made"
+    );
+    drop(b);
+    let mut closed = false;
+    for _ in 0..200 {
+        if curr_connections(&server) == before {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        closed,
+        "connections still open: {}",
+        curr_connections(&server) - before
+    );
+}

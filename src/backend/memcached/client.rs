@@ -161,6 +161,9 @@ struct Conn {
 
 /// What one caller puts on a connection: its encoded commands and where their replies go.
 struct Job {
+    /// When the caller handed it over: the watchdog counts from here, so time spent waiting
+    /// behind a stuck write counts too.
+    queued: Instant,
     wire: Vec<u8>,
     kinds: Kinds,
     reply: oneshot::Sender<Vec<BackendResult<Reply>>>,
@@ -316,12 +319,14 @@ impl Client {
         let i = server.rr.fetch_add(1, Ordering::Relaxed) % server.slots.len();
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
+            queued: Instant::now(),
             wire,
             kinds,
             reply: tx,
         };
-        // A send fails only on a connection that has already ended, before anything of this
-        // job was written: dial again and resend, once.
+        // A send that fails found the connection's task already gone, so nothing of this job
+        // was written: dial again and resend, once. (A connection that ends just after the
+        // send drops the job unwritten; its caller sees the connection lost.)
         let mut conn = self.conn(server, i).await?;
         if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
             forget(server, i, conn.id);
@@ -374,11 +379,15 @@ impl Client {
                 kill: Arc::new(Notify::new()),
             };
             *lock(&slot.live) = Some(conn.clone());
-            let (server, id, kill) = (server.clone(), conn.id, conn.kill.clone());
+            // The task holds the server weakly: when the client is dropped, the slots and their
+            // senders go with it, and every connection task ends.
+            let (server, id, kill) = (Arc::downgrade(server), conn.id, conn.kill.clone());
             let (io_timeout, max_value) = (opts.io_timeout, opts.max_value);
             tokio::spawn(async move {
                 drive(stream, rx, &kill, io_timeout, max_value).await;
-                forget(&server, i, id);
+                if let Some(server) = server.upgrade() {
+                    forget(&server, i, id);
+                }
             });
             Ok(conn)
         };
@@ -421,24 +430,28 @@ async fn drive(
         while let Some(job) = jobs.recv().await {
             buf.clear();
             let mut next = Some(job);
-            let sent = Instant::now();
             {
                 // Queue before writing, so the reader can never see a reply it cannot place.
                 let mut q = lock(&flight);
                 while let Some(job) = next.take() {
-                    buf.extend_from_slice(&job.wire);
-                    q.push_back(InFlight {
-                        sent,
-                        replies: Vec::with_capacity(job.kinds.len()),
-                        kinds: job.kinds,
-                        reply: job.reply,
-                    });
+                    // A caller that already gave up (its timeout fired) is not written at all.
+                    if !job.reply.is_closed() {
+                        buf.extend_from_slice(&job.wire);
+                        q.push_back(InFlight {
+                            sent: job.queued,
+                            replies: Vec::with_capacity(job.kinds.len()),
+                            kinds: job.kinds,
+                            reply: job.reply,
+                        });
+                    }
                     if buf.len() < MAX_WRITE {
                         next = jobs.try_recv().ok();
                     }
                 }
             }
-            wr.write_all(&buf).await?;
+            if !buf.is_empty() {
+                wr.write_all(&buf).await?;
+            }
         }
         Ok::<(), std::io::Error>(())
     };
@@ -482,7 +495,8 @@ async fn drive(
         }
     };
     let watchdog = async {
-        let mut tick = tokio::time::interval((io_timeout / 2).max(Duration::from_millis(10)));
+        let period = (io_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -657,7 +671,9 @@ fn parse(
             .filter(|&n| n <= max_value)
             .ok_or_else(|| protocol("VA without a valid length"))?;
         let item = item_flags(tokens);
-        let total = nl + 1 + len + 2;
+        let total = (nl + 3)
+            .checked_add(len)
+            .ok_or_else(|| protocol("VA length out of range"))?;
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -666,7 +682,15 @@ fn parse(
             return Err(protocol("value without its CRLF"));
         }
         buf.advance(nl + 1);
-        let value = buf.split_to(len).freeze();
+        // Small values are copied out, so the read buffer is not held by a response in flight
+        // and its space is reused; large ones are handed over without a copy.
+        let value = if len <= 16 * 1024 {
+            let v = Bytes::copy_from_slice(&buf[..len]);
+            buf.advance(len);
+            v
+        } else {
+            buf.split_to(len).freeze()
+        };
         buf.advance(2);
         return Ok(Some(match kind {
             Kind::Get => Ok(Reply::Item(Item {
@@ -690,7 +714,14 @@ fn parse(
         (b"NS", Kind::Set | Kind::Incr) => Ok(Reply::NotStored),
         (b"EX", Kind::Set | Kind::Delete | Kind::Incr) => Ok(Reply::Exists),
         (b"NF", Kind::Set | Kind::Delete | Kind::Incr) => Ok(Reply::NotFound),
-        (b"ERROR", _) => Ok(Reply::Rejected("ERROR".into())),
+        // A bare ERROR is memcached not knowing the command (a server without the meta
+        // protocol, a proxy in between): after an `ms` it would read the value as a command
+        // and answer again, so the replies can no longer be matched: close the connection.
+        (b"ERROR", _) => {
+            return Err(protocol(
+                "ERROR: the server does not speak the meta protocol",
+            ))
+        }
         (b"CLIENT_ERROR", _) => Ok(Reply::Rejected(rest_of(line, code))),
         (b"SERVER_ERROR", _) => {
             let msg = rest_of(line, code);
@@ -950,6 +981,10 @@ mod tests {
                 "{bad:?}: {r:?}"
             );
         }
+        // A bare ERROR (a command the server does not know) closes the connection: the
+        // replies after it cannot be matched any more.
+        let mut buf = BytesMut::from(&b"ERROR\r\n"[..]);
+        assert!(parse(Kind::Set, &mut buf, 1 << 20).is_err());
         let mut long = BytesMut::from(&vec![b'x'; MAX_LINE + 1][..]);
         assert!(parse(Kind::Get, &mut long, 1 << 20).is_err());
     }
