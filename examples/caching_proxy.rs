@@ -450,7 +450,7 @@ fn serve(
         )
     });
     let req = Request::from_parts(parts, body.map_err(box_err).boxed());
-    // The proxy service is always ready; the layer's poll_ready delegates to it.
+    // Both the layer and the proxy service are always ready: no poll_ready to drive.
     let fut = svc.call(req);
     Box::pin(async move {
         let res = fut.await?;

@@ -87,7 +87,10 @@ pub(crate) fn decide(
         Err(()) => return Decision::Pass("vary-star"),
     };
     let d = directives(&res.headers);
-    if d.no_cache || d.no_store {
+    if d.no_store {
+        return Decision::Pass("no-store");
+    }
+    if d.no_cache {
         return Decision::Pass("no-cache");
     }
     let now = SystemTime::now();
@@ -193,20 +196,18 @@ mod tests {
 
     #[test]
     fn private_set_cookie_no_store_vary_star_pass() {
-        for h in [
-            [("cache-control", "private, max-age=60")],
-            [("set-cookie", "a=b")],
-            [("cache-control", "no-store")],
-            [("vary", "*")],
-            [("cache-control", "no-cache")],
+        for (h, why) in [
+            ([("cache-control", "private, max-age=60")], "not-storable"),
+            ([("set-cookie", "a=b")], "set-cookie"),
+            ([("cache-control", "no-store")], "no-store"),
+            ([("vary", "*")], "vary-star"),
+            ([("cache-control", "no-cache")], "no-cache"),
+            ([("cache-control", "no-cache, no-store")], "no-store"),
         ] {
-            assert!(
-                matches!(
-                    decide(&req(), &res(200, &h), &defaults(Some(10))),
-                    Decision::Pass(_)
-                ),
-                "{h:?}"
-            );
+            match decide(&req(), &res(200, &h), &defaults(Some(10))) {
+                Decision::Pass(got) => assert_eq!(got, why, "{h:?}"),
+                other => panic!("{h:?}: {other:?}"),
+            }
         }
     }
 
