@@ -1,12 +1,12 @@
 //! The meta-protocol client: the one file of the backend that speaks bytes on the wire. The
 //! rest of the backend speaks the small [`Cmd`] / [`Reply`] vocabulary below.
 //!
-//! Each server gets a few long-lived connections, and each connection is **pipelined**: any
+//! Each server gets one long-lived connection (or a few), each **pipelined**: any
 //! number of callers write their commands on it without waiting for one another, and one reader
 //! hands the replies back in order (memcached answers the commands of a connection in the order
 //! it read them, and none of ours is quiet-mode, so every command has exactly one reply). Under
 //! load, one `write` carries the commands of many requests and one `read` their replies, which is
-//! what a hit path that must keep up with an HTTP server needs. (Up to 0.1 this backend used
+//! what a hit path that must keep up with an HTTP server needs. (Earlier commits used
 //! `memcache::exp`, which runs one exchange at a time per pooled connection: a hit cost a pool
 //! checkout, a liveness probe, a write and a read of its own; see the README's figures.)
 //!
