@@ -47,11 +47,19 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        let up = format!("http://{upstream}");
+        let mut args = vec!["--upstream", up.as_str()];
+        args.extend_from_slice(extra);
+        Proxy::spawn(&args, &[])
+    }
+
+    /// The proxy with exactly these arguments (and `--listen`) and environment variables.
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proxy {
         let port = free_port();
         let child = Command::new(proxy_bin())
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", &format!("http://{upstream}")])
-            .args(extra)
+            .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -238,6 +246,135 @@ async fn an_uncacheable_url_is_not_serialized() {
         100,
         "the upstream saw 100 requests at once"
     );
+}
+
+async fn send(
+    c: &HttpClient,
+    method: http::Method,
+    url: String,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("host", "app.test")
+        .body(Empty::new())
+        .unwrap();
+    let res = c.request(req).await.expect("the proxy answers");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+fn cache_status(h: &http::HeaderMap) -> &str {
+    h.get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502_and_a_hanging_one_a_504() {
+    let c = client();
+    // Nothing listens on this port.
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dead = Proxy::start(closed, &[]);
+    let (s, _, body) = send(&c, http::Method::GET, dead.url("/x")).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{body:?}");
+
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let slow = Proxy::start(addr, &["--fill-timeout", "300ms"]);
+    let (s, h, _) = send(&c, http::Method::GET, slow.url("/slow?ms=5000")).await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{}", cache_status(&h));
+    assert_eq!(up.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_post_passes_through_and_invalidates_the_url() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let proxy = Proxy::start(addr, &[]);
+    let c = client();
+    let url = || proxy.url("/slow?ms=1");
+    let (_, h, body) = send(&c, http::Method::GET, url()).await;
+    assert_eq!(
+        (cache_status(&h).contains("stored"), &body[..]),
+        (true, &b"call 1"[..])
+    );
+    let (_, h, body) = send(&c, http::Method::GET, url()).await;
+    assert_eq!(
+        (cache_status(&h).contains("hit"), &body[..]),
+        (true, &b"call 1"[..])
+    );
+    let (s, h, body) = send(&c, http::Method::POST, url()).await;
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 2"[..]));
+    assert!(
+        cache_status(&h).contains("fwd=bypass"),
+        "{}",
+        cache_status(&h)
+    );
+    let (_, h, body) = send(&c, http::Method::GET, url()).await;
+    assert_eq!(
+        (cache_status(&h).contains("stored"), &body[..]),
+        (true, &b"call 3"[..]),
+        "the POST invalidated the entry"
+    );
+    assert_eq!(up.calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let upstream = format!("http://{addr}");
+    // Every flag can come from the environment: here the upstream and the admin address.
+    let proxy = Proxy::spawn(
+        &[],
+        &[("STAMPEDE_UPSTREAM", &upstream), ("STAMPEDE_ADMIN", &admin)],
+    );
+    let c = client();
+    let (s, _, body) = send(&c, http::Method::GET, proxy.url("/slow?ms=1")).await;
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&admin).is_err() {
+        assert!(Instant::now() < deadline, "the admin port never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, _, _) = send(&c, http::Method::GET, format!("http://{admin}/healthz")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, metrics) = send(&c, http::Method::GET, format!("http://{admin}/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        metrics.contains("stampede_requests_total{outcome=\"stored\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        up.calls(),
+        1,
+        "the admin endpoints never reach the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_upstream_it_runs_its_demo_upstream() {
+    let proxy = Proxy::spawn(&[], &[]);
+    let c = client();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let c = c.clone();
+        let u = proxy.url("/slow");
+        tasks.push(tokio::spawn(
+            async move { send(&c, http::Method::GET, u).await },
+        ));
+    }
+    for t in tasks {
+        let (s, _, body) = t.await.unwrap();
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"slow response #1\n"[..]));
+    }
+    let (_, _, count) = send(&c, http::Method::GET, proxy.url("/count")).await;
+    let count = String::from_utf8_lossy(&count);
+    assert!(count.starts_with("upstream calls: 1 (/slow)"), "{count}");
 }
 
 /// Sends a request in the background and returns once it has reached the upstream.
