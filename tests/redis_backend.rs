@@ -418,16 +418,15 @@ async fn a_waiter_is_woken_by_the_filled_signal() {
         .await
         .unwrap()
         .expect("the Redis backend has signals");
-    let a = Stampede::new(ba);
-    // B polls rarely (every 3 s), so it is the signal that wakes it; nothing below asserts
-    // on time.
-    let b = Stampede::with_config(
-        bb,
-        Config::default()
-            .backoff(Duration::from_secs(3), Duration::from_secs(3))
-            .wait_timeout(Duration::from_secs(20)),
-    )
-    .unwrap();
+    // A holds a 60 s lease and B polls every 30 s, so B's first poll would come 30 s after it
+    // starts waiting: only the `filled` signal can serve it sooner. The bound below (15 s, for
+    // a fill of 0.5 s) is what tells the two apart; it is not a measurement (the bench is).
+    let long = Config::default()
+        .lease(Duration::from_secs(60))
+        .backoff(Duration::from_secs(30), Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(100));
+    let a = Stampede::with_config(ba, long.clone()).unwrap();
+    let b = Stampede::with_config(bb, long).unwrap();
     let fills = Counter::default();
     let fa = fills.clone();
     let holder = tokio::spawn(async move {
@@ -441,16 +440,19 @@ async fn a_waiter_is_woken_by_the_filled_signal() {
     wait_for_lease(&observer, key, true).await;
     let fb = fills.clone();
     let started = std::time::Instant::now();
-    let waiter = b
-        .get_or_fill(key, move || async move {
+    let waiter = tokio::time::timeout(
+        Duration::from_secs(15),
+        b.get_or_fill(key, move || async move {
             fb.inc();
             Ok::<_, std::io::Error>(Fill::store(
                 "waiter's own",
                 Ttl::fresh(Duration::from_secs(60)),
             ))
-        })
-        .await
-        .unwrap();
+        }),
+    )
+    .await
+    .expect("the waiter was woken by the signal, not by its 30 s poll")
+    .unwrap();
     eprintln!("waiter served after {:?}", started.elapsed());
     assert_eq!(waiter.status, Status::Collapsed);
     assert_eq!(&waiter.value[..], b"filled");
