@@ -70,25 +70,38 @@ async fn signals_are_delivered() {
 
 #[tokio::test]
 async fn budget_evicts_least_recently_used() {
-    use tower_stampede::backend::{Acquire, Backend, Token};
+    use tower_stampede::backend::{Acquire, Backend};
     let mem = MemoryBackend::new(64 * 1024);
     let value = vec![7u8; 1024];
     let ttl = Duration::from_secs(60);
+    let slot = |i: u32| tower_stampede::Digest::of_key(i.to_le_bytes());
     for i in 0..500u32 {
-        let s = tower_stampede::Digest::of_key(i.to_le_bytes());
+        let s = slot(i);
         let Acquire::Acquired { token, fence } = mem.try_acquire(&s, ttl, 0).await.unwrap() else {
             panic!("fresh slot must be free")
         };
         let w = conformance::write(s, token, fence, &value, ttl);
         mem.write(w).await.unwrap();
-        let _ = Token::NONE;
+        // Slot 0 is read before every write: always the most recently used.
+        assert!(
+            mem.fetch(&slot(0), None).await.unwrap().entry.is_some(),
+            "slot 0, read before every write, was evicted at write {i}"
+        );
     }
     let used = mem.used_bytes();
     assert!(
         used <= 64 * 1024,
         "store holds {used} bytes over its 64 KiB budget"
     );
-    // The most recent write is still there.
-    let last = tower_stampede::Digest::of_key(499u32.to_le_bytes());
-    assert!(mem.fetch(&last, None).await.unwrap().entry.is_some());
+    // The most recent write is still there; the early slots nobody read again are gone (the
+    // eviction samples, so allow a few survivors).
+    assert!(mem.fetch(&slot(499), None).await.unwrap().entry.is_some());
+    let mut early = 0;
+    for i in 1..=100 {
+        early += mem.fetch(&slot(i), None).await.unwrap().entry.is_some() as usize;
+    }
+    assert!(
+        early <= 10,
+        "{early} of the 100 oldest unread slots survived"
+    );
 }

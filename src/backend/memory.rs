@@ -244,8 +244,13 @@ impl Shard {
         while self.bytes > budget && !self.order.is_empty() && rounds < 64 {
             rounds += 1;
             let mut victim: Option<(Digest, Instant)> = None;
-            for _ in 0..EVICTION_SAMPLES.min(self.order.len()) {
-                let d = self.order[fastrand::usize(..self.order.len())];
+            // A small shard is scanned whole (exact LRU); a larger one sampled. Sampling a
+            // handful of slots with replacement could otherwise draw the same recently used
+            // slot every time and evict it.
+            let n = self.order.len();
+            let exact = n <= EVICTION_SAMPLES;
+            for k in 0..EVICTION_SAMPLES.min(n) {
+                let d = self.order[if exact { k } else { fastrand::usize(..n) }];
                 let s = &self.slots[&d];
                 if s.live_lease(now).is_some() {
                     continue;
