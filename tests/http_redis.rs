@@ -58,13 +58,23 @@ where
     >,
     S::Error: std::fmt::Debug,
 {
+    send_with(svc, path, &[]).await
+}
+
+async fn send_with<S>(svc: S, path: &str, headers: &[(&str, &str)]) -> (String, Bytes)
+where
+    S: Service<
+        Request<Full<Bytes>>,
+        Response = Response<tower_stampede::http::ResponseBody<Full<Bytes>>>,
+    >,
+    S::Error: std::fmt::Debug,
+{
+    let mut req = Request::get(path).header("host", "app.test");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     let res = svc
-        .oneshot(
-            Request::get(path)
-                .header("host", "app.test")
-                .body(Full::default())
-                .unwrap(),
-        )
+        .oneshot(req.body(Full::default()).unwrap())
         .await
         .unwrap();
     let cs = res
@@ -139,4 +149,60 @@ async fn redis_gone_means_bypass_from_the_origin_then_caching_resumes() {
         }
     }
     assert!(resumed, "hits came back after Redis restarted");
+}
+
+/// A hit on a `Vary` URL is one command (`MGET` of the entry's Vary head and the variant) once
+/// the process knows the URL's Vary list; the first hit in a process that never saw the URL
+/// needs the head first (`GET`, then `MGET`): the variant's key is a digest of the request
+/// headers the head names, which a script could not compute on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vary_hit_is_one_command_once_the_process_knows_the_vary_list() {
+    use common::servers::Monitor;
+    const GZIP: &[(&str, &str)] = &[("accept-encoding", "gzip")];
+    let server = Server::redis();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let origin = tower::service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("cache-control", "max-age=60")
+                    .header("vary", "accept-encoding")
+                    .body(Full::new(Bytes::from(format!("call {n}"))))
+                    .unwrap(),
+            )
+        }
+    });
+    let filler = layer(&server, Config::default())
+        .await
+        .layer(origin.clone());
+    let (cs, body) = send_with(filler, "/v", GZIP).await;
+    assert!(cs.contains("stored"), "{cs}");
+    assert_eq!(&body[..], b"call 1");
+
+    // Another process: its own backend and engine, nothing in memory about "/v".
+    let other = layer(&server, Config::default()).await;
+    let mut monitor = Monitor::start(&server);
+    server.mark("m1");
+    let (cs1, _) = send_with(other.layer(origin.clone()), "/v", GZIP).await;
+    server.mark("m2");
+    let (cs2, body2) = send_with(other.layer(origin.clone()), "/v", GZIP).await;
+    server.mark("m3");
+    assert!(
+        cs1.contains("; hit") && cs2.contains("; hit"),
+        "{cs1} / {cs2}"
+    );
+    assert_eq!(&body2[..], b"call 1");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(monitor.until("m1").is_empty());
+    let first = monitor.until("m2");
+    assert_eq!(first.len(), 2, "first hit in the process: {first:#?}");
+    assert!(
+        first[0].starts_with("\"GET\"") && first[1].starts_with("\"MGET\""),
+        "{first:#?}"
+    );
+    let then = monitor.until("m3");
+    assert_eq!(then.len(), 1, "every later hit: {then:#?}");
+    assert!(then[0].starts_with("\"MGET\""), "{then:#?}");
 }

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::conformance::{self, Harness};
-use common::servers::Server;
+use common::servers::{Monitor, Server};
 use common::{call, outage_config, Counter};
 use tower_stampede::backend::redis::{redis, RedisBackend};
 use tower_stampede::backend::{Acquire, Backend, Signal};
@@ -139,53 +138,6 @@ async fn one_fill_for_1000_callers_over_four_engines() {
     assert_eq!(statuses.get("Stored"), Some(&1), "{statuses:?}");
 }
 
-/// `MONITOR` on a raw connection: the commands clients send, in the order the server runs them.
-/// Commands that a script runs are marked `[<db> lua]`; those are not round trips.
-struct Monitor {
-    reader: BufReader<TcpStream>,
-}
-
-impl Monitor {
-    fn start(server: &Server) -> Monitor {
-        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"MONITOR\r\n").unwrap();
-        let mut reader = BufReader::new(s);
-        let mut ok = String::new();
-        reader.read_line(&mut ok).unwrap();
-        assert_eq!(ok.trim(), "+OK");
-        Monitor { reader }
-    }
-
-    /// The client commands seen up to the `ECHO <marker>` sent by `mark`, markers excluded.
-    fn until(&mut self, marker: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            let mut line = String::new();
-            let n = self.reader.read_line(&mut line).expect("monitor line");
-            assert!(n > 0, "monitor closed");
-            let line = line.trim();
-            if line.contains("\"ECHO\"") {
-                if line.contains(&format!("\"{marker}\"")) {
-                    return out;
-                }
-                continue;
-            }
-            if line.contains(" lua]") {
-                continue;
-            }
-            // "+1700000000.123456 [0 127.0.0.1:1234] "GET" "key"": keep the command part.
-            let cmd = line.split("] ").nth(1).unwrap_or(line).to_string();
-            out.push(cmd);
-        }
-    }
-}
-
-fn mark(server: &Server, marker: &str) {
-    let reply = server.raw(&format!("ECHO {marker}"));
-    assert!(reply.contains(marker), "{reply}");
-}
-
 #[tokio::test]
 async fn a_hit_is_one_command_and_a_filling_miss_at_most_three() {
     let server = Server::redis();
@@ -194,11 +146,11 @@ async fn a_hit_is_one_command_and_a_filling_miss_at_most_three() {
         || async { Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60)))) };
     let mut monitor = Monitor::start(&server);
 
-    mark(&server, "m1");
+    server.mark("m1");
     let miss = engine.get_or_fill("rt", fill).await.unwrap();
-    mark(&server, "m2");
+    server.mark("m2");
     let hit = engine.get_or_fill("rt", fill).await.unwrap();
-    mark(&server, "m3");
+    server.mark("m3");
 
     assert_eq!(miss.status, Status::Stored);
     assert_eq!(hit.status, Status::Hit);

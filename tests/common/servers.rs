@@ -3,7 +3,7 @@
 //!
 //! A missing binary is a test failure with a clear message, never a silent skip.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -263,5 +263,55 @@ impl Drop for Server {
             self.signal("-CONT");
         }
         self.kill();
+    }
+}
+
+/// `MONITOR` on a raw connection: the commands clients send, in the order the server runs them.
+/// Commands that a script runs are marked `[<db> lua]`; those are not round trips.
+pub struct Monitor {
+    reader: BufReader<TcpStream>,
+}
+
+impl Monitor {
+    pub fn start(server: &Server) -> Monitor {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"MONITOR\r\n").unwrap();
+        let mut reader = BufReader::new(s);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "+OK");
+        Monitor { reader }
+    }
+
+    /// The client commands seen up to the `ECHO <marker>` sent by `mark`, markers excluded.
+    pub fn until(&mut self, marker: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("monitor line");
+            assert!(n > 0, "monitor closed");
+            let line = line.trim();
+            if line.contains("\"ECHO\"") {
+                if line.contains(&format!("\"{marker}\"")) {
+                    return out;
+                }
+                continue;
+            }
+            if line.contains(" lua]") {
+                continue;
+            }
+            // "+1700000000.123456 [0 127.0.0.1:1234] "GET" "key"": keep the command part.
+            let cmd = line.split("] ").nth(1).unwrap_or(line).to_string();
+            out.push(cmd);
+        }
+    }
+}
+
+impl Server {
+    /// `ECHO <marker>`, for [`Monitor::until`] to find.
+    pub fn mark(&self, marker: &str) {
+        let reply = self.raw(&format!("ECHO {marker}"));
+        assert!(reply.contains(marker), "{reply}");
     }
 }
