@@ -596,40 +596,40 @@ async fn a_key_function_can_bypass() {
 
 #[tokio::test(start_paused = true)]
 async fn works_on_an_axum_router() {
-    use axum::{routing::get as aget, Router};
     let runs = Arc::new(AtomicUsize::new(0));
-    let r2 = runs.clone();
-    let app: Router = Router::new()
-        .route(
-            "/slow",
-            aget(move || {
-                let r = r2.clone();
-                async move {
-                    tokio::time::sleep(ms(200)).await;
-                    format!("handler ran {} times", r.fetch_add(1, Ordering::SeqCst) + 1)
-                }
-            }),
-        )
+    let app = slow_route(runs.clone())
         .route_layer(StampedeLayer::in_memory().default_ttl(Duration::from_secs(10)));
     let mut tasks = Vec::new();
     for _ in 0..200 {
-        let app = app.clone();
-        tasks.push(tokio::spawn(async move {
-            let res = app
-                .oneshot(
-                    Request::get("/slow")
-                        .body(axum::body::Body::empty())
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            res.into_body().collect().await.unwrap().to_bytes()
-        }));
+        let req = Request::get("/slow")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        tasks.push(tokio::spawn(send_axum(app.clone(), req)));
     }
     for t in tasks {
         assert_eq!(&t.await.unwrap()[..], b"handler ran 1 times");
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// `GET /slow`: 200 ms, and a body that says how many times the handler has run.
+fn slow_route(runs: Arc<AtomicUsize>) -> axum::Router {
+    use axum::routing::get as aget;
+    axum::Router::new().route(
+        "/slow",
+        aget(move || {
+            let r = runs.clone();
+            async move {
+                tokio::time::sleep(ms(200)).await;
+                format!("handler ran {} times", r.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+        }),
+    )
+}
+
+async fn send_axum(app: axum::Router, req: Request<axum::body::Body>) -> Bytes {
+    let res = app.oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap().to_bytes()
 }
 
 /// A store that is always down.
@@ -893,4 +893,180 @@ async fn a_get_with_a_body_bypasses() {
         .unwrap();
     let g = send(&svc, req).await;
     assert!(g.cs().contains("detail=request-body"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn works_as_a_router_wide_layer_too() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = slow_route(runs.clone())
+        .layer(StampedeLayer::in_memory().default_ttl(Duration::from_secs(10)));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let req = Request::get("/slow")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move { send_axum(app, req).await }));
+    }
+    for t in tasks {
+        assert_eq!(&t.await.unwrap()[..], b"handler ran 1 times");
+    }
+    // A route the router does not have: its 404 comes through the layer too.
+    let req = Request::get("/nope")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert!(res.headers().contains_key("cache-status"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vary_star_response_is_never_stored() {
+    let origin = Origin::new(ms(10), |_, n| {
+        let mut r = ok("max-age=60", format!("run {n}"));
+        r.headers_mut().insert(header::VARY, "*".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let a = send(&svc, get("http://a.test/star")).await;
+    let b = send(&svc, get("http://a.test/star")).await;
+    assert!(a.cs().contains("detail=vary-star"), "{}", a.cs());
+    assert_eq!((&a.body[..], &b.body[..]), (&b"run 1"[..], &b"run 2"[..]));
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_while_revalidate_serves_the_stale_copy_and_refreshes_once() {
+    let origin = Origin::new(ms(100), |_, n| {
+        ok("max-age=1, stale-while-revalidate=30", format!("run {n}"))
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    assert_eq!(
+        &send(&svc, get("http://a.test/swr")).await.body[..],
+        b"run 1"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            send(&svc, get("http://a.test/swr")).await
+        }));
+    }
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!(&g.body[..], b"run 1", "the stale copy at once");
+        assert!(
+            g.cs().contains("; hit") && g.cs().contains("detail=stale-while-revalidate"),
+            "{}",
+            g.cs()
+        );
+    }
+    // One background refresh for all fifty.
+    tokio::time::sleep(ms(500)).await;
+    assert_eq!(origin.calls(), 2);
+    let g = send(&svc, get("http://a.test/swr")).await;
+    assert_eq!(&g.body[..], b"run 2");
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+}
+
+#[tokio::test(start_paused = true)]
+async fn freshness_comes_from_s_maxage_expires_and_no_cache_is_not_stored() {
+    let far = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(600));
+    let cc = header::CACHE_CONTROL;
+    let cases = [
+        // A shared cache uses s-maxage over max-age.
+        (
+            "s-maxage",
+            cc.clone(),
+            "max-age=0, s-maxage=60".to_string(),
+            true,
+        ),
+        ("expires", header::EXPIRES, far, true),
+        ("no-cache", cc.clone(), "max-age=60, no-cache".into(), false),
+        ("no-store", cc, "max-age=60, no-store".into(), false),
+    ];
+    for (name, k, v, cached) in cases {
+        let origin = Origin::new(ms(1), move |_, n| {
+            let mut r = ok("", format!("run {n}"));
+            r.headers_mut().insert(k.clone(), v.parse().unwrap());
+            r
+        });
+        let svc = StampedeLayer::in_memory().layer(origin.service());
+        let first = send(&svc, get("http://a.test/f")).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let second = send(&svc, get("http://a.test/f")).await;
+        if cached {
+            assert!(first.cs().contains("stored"), "{name}: {}", first.cs());
+            assert!(second.cs().contains("; hit"), "{name}: {}", second.cs());
+            assert_eq!(origin.calls(), 1, "{name}");
+        } else {
+            assert!(
+                first.cs().contains(&format!("detail={name}")),
+                "{name}: {}",
+                first.cs()
+            );
+            assert_eq!(&second.body[..], b"run 2", "{name}");
+            assert_eq!(origin.calls(), 2, "{name}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn cookie_and_authorization_requests_under_concurrency_get_their_own_answers() {
+    // The origin answers per user, and says the answer is cacheable: the layer still never
+    // shares it, because of the request.
+    let origin = Origin::new(ms(100), |req, _| {
+        let who = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .or_else(|| req.headers().get(header::COOKIE))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        ok("", format!("for {who}"))
+    });
+    let svc = StampedeLayer::in_memory()
+        .default_ttl(Duration::from_secs(60))
+        .layer(origin.service());
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let svc = svc.clone();
+        let (name, value) = if i % 2 == 0 {
+            (header::AUTHORIZATION, format!("Bearer {i}"))
+        } else {
+            (header::COOKIE, format!("session={i}"))
+        };
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get("http://a.test/me")
+                .header(name, &value)
+                .body(Full::default())
+                .unwrap();
+            (value, send(&svc, req).await)
+        }));
+    }
+    for t in tasks {
+        let (value, g) = t.await.unwrap();
+        assert_eq!(g.body, Bytes::from(format!("for {value}")));
+        assert!(g.cs().contains("fwd=bypass"), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 100);
+    assert_eq!(origin.peak(), 100, "bypassed requests run in parallel");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cookie_policy_cache_opts_in() {
+    let origin = Origin::new(ms(1), |_, n| ok("", format!("run {n}")));
+    let svc = StampedeLayer::in_memory()
+        .default_ttl(Duration::from_secs(60))
+        .cookies(CookiePolicy::Cache)
+        .layer(origin.service());
+    for c in ["session=a", "session=b"] {
+        let req = Request::get("http://a.test/c")
+            .header(header::COOKIE, c)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(&send(&svc, req).await.body[..], b"run 1");
+    }
+    assert_eq!(origin.calls(), 1);
 }
