@@ -797,3 +797,39 @@ async fn rediss_with_a_private_ca() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A URL with a user, a password and a database number: the backend authenticates, and every
+/// key lands in that database; a wrong password is a clear connect error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_with_user_password_and_db_is_honoured() {
+    let server = Server::redis();
+    let reply = server.raw("ACL SETUSER app on >s3cret ~* &* +@all");
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let url = format!("redis://app:s3cret@127.0.0.1:{}/3", server.port());
+    let engine = Stampede::new(RedisBackend::builder(url.as_str()).connect().await.unwrap());
+    let served = call(&engine, "in-db-3".into()).await;
+    assert_eq!(served.status, Status::Stored);
+    assert_eq!(call(&engine, "in-db-3".into()).await.status, Status::Hit);
+
+    let keys = |db: u8| {
+        let url = format!("redis://app:s3cret@127.0.0.1:{}/{db}", server.port());
+        async move {
+            let client = redis::Client::open(url).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("KEYS")
+                .arg("*")
+                .query_async::<Vec<String>>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!keys(3).await.is_empty(), "the entry is in db 3");
+    assert!(keys(0).await.is_empty(), "nothing in db 0");
+
+    let wrong = format!("redis://app:nope@127.0.0.1:{}/3", server.port());
+    let err = RedisBackend::builder(wrong.as_str())
+        .connect()
+        .await
+        .expect_err("a wrong password cannot connect");
+    eprintln!("{err}");
+}
