@@ -14,8 +14,8 @@ use common::Counter;
 use tokio::time::Instant;
 use tower_stampede::backend::memory::MemoryBackend;
 use tower_stampede::backend::{
-    Acquire, Backend, BackendResult, BoxFuture, FencedWrite, Fetched, Signal, Subscription, Token,
-    WriteOutcome,
+    Acquire, Backend, BackendError, BackendResult, BoxFuture, FencedWrite, Fetched, Signal,
+    Subscription, Token, WriteOutcome,
 };
 use tower_stampede::entry::{Header, Kind, Record};
 use tower_stampede::{Config, Digest, Error, Fill, StaleReason, Stampede, Status, Ttl};
@@ -125,6 +125,8 @@ async fn two_instances_sharing_a_backend_fill_once() {
 struct Gate {
     inner: MemoryBackend,
     hook: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    /// Every `extend` fails (and is counted) when set.
+    fail_extends: Option<Counter>,
 }
 
 impl Backend for Gate {
@@ -158,6 +160,10 @@ impl Backend for Gate {
         t: Token,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<bool>> {
+        if let Some(n) = &self.fail_extends {
+            n.inc();
+            return Box::pin(async { Err(BackendError::new("extend refused by the test")) });
+        }
         self.inner.extend(s, t, ttl)
     }
     fn release<'a>(
@@ -195,6 +201,7 @@ async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
     let b2 = b.clone();
     let gate = Gate {
         inner: mem.clone(),
+        fail_extends: None,
         hook: Mutex::new(Some(Box::pin(async move {
             let s = b2.get_or_fill("race", bf).await.unwrap();
             assert_eq!(s.status, Status::Stored);
@@ -339,6 +346,48 @@ async fn a_fill_longer_than_its_lease_keeps_it_by_extension() {
     assert_eq!(s.status, Status::Collapsed);
     assert_eq!(ta.await.unwrap().unwrap().status, Status::Stored);
     assert_eq!(calls.get(), 1, "the extended lease kept B from filling");
+}
+
+/// A holder whose extends fail keeps filling: its lease lapses, another instance takes the next
+/// lease and stores first, and the first holder's late write is refused by the fence.
+#[tokio::test(start_paused = true)]
+async fn a_failed_extend_does_not_stop_the_fill_and_the_fence_decides() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default()
+        .lease(secs(1))
+        .wait_timeout(secs(10))
+        .backend_timeout(secs(5));
+    let extends = Counter::default();
+    let a = Stampede::with_config(
+        Gate {
+            inner: mem.clone(),
+            hook: Mutex::new(None),
+            fail_extends: Some(extends.clone()),
+        },
+        cfg.clone(),
+    )
+    .unwrap();
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let fa = filler(&calls, secs(4), "from-a", minute());
+    let ta = tokio::spawn(async move { a.get_or_fill("lapsed", fa).await });
+    // A's lease has lapsed (its extends failed); B takes the next one and fills quickly.
+    tokio::time::sleep(secs(2)).await;
+    let sb = b
+        .get_or_fill("lapsed", filler(&calls, ms(100), "from-b", minute()))
+        .await
+        .unwrap();
+    assert_eq!((sb.status, &sb.value[..]), (Status::Stored, &b"from-b"[..]));
+    let sa = ta.await.unwrap().unwrap();
+    assert!(extends.get() >= 1, "A tried to extend");
+    assert_eq!(&sa.value[..], b"from-a", "A's fill ran to the end");
+    assert_eq!(sa.status, Status::NotStored, "A's older fence lost");
+    assert_eq!(calls.get(), 2);
+    let now = b
+        .get_or_fill("lapsed", filler(&calls, ms(1), "again", minute()))
+        .await
+        .unwrap();
+    assert_eq!((now.status, &now.value[..]), (Status::Hit, &b"from-b"[..]));
 }
 
 #[tokio::test(start_paused = true)]
