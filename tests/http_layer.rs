@@ -518,8 +518,9 @@ async fn a_stale_entry_is_revalidated_with_its_validators() {
     assert!(origin.seen.lock().unwrap()[1]
         .1
         .contains_key(header::IF_NONE_MATCH));
-    // Freshened by the 304's max-age=60.
-    tokio::time::advance(Duration::from_secs(10)).await;
+    // Freshened by the 304's max-age=60. (Half a second more than the Age asserted: the
+    // clocks are read in whole milliseconds, and Age is rounded down.)
+    tokio::time::advance(ms(10_500)).await;
     let g = send(&svc, get(u)).await;
     assert!(g.cs().contains("; hit"), "{}", g.cs());
     assert_eq!(&g.body[..], b"original body");
@@ -549,10 +550,12 @@ async fn age_counts_time_in_the_cache() {
     let origin = Origin::new(ms(1), |_, _| ok("max-age=60", "x"));
     let svc = StampedeLayer::in_memory().layer(origin.service());
     send(&svc, get("http://a.test/age")).await;
-    tokio::time::advance(Duration::from_secs(5)).await;
+    // Half a second more than the Age asserted: the clocks are read in whole milliseconds,
+    // and Age is rounded down (an exact 5 s could read 4.999 s).
+    tokio::time::advance(ms(5_500)).await;
     let g = send(&svc, get("http://a.test/age")).await;
     assert_eq!(g.headers.get(header::AGE).unwrap(), "5");
-    assert_eq!(g.cs(), "tower-stampede; hit; ttl=55");
+    assert_eq!(g.cs(), "tower-stampede; hit; ttl=54");
 }
 
 #[tokio::test(start_paused = true)]
