@@ -62,6 +62,17 @@ pub(super) enum Cmd {
     },
 }
 
+impl Cmd {
+    fn key(&self) -> &str {
+        match self {
+            Cmd::Get { key, .. }
+            | Cmd::Set { key, .. }
+            | Cmd::Delete { key, .. }
+            | Cmd::Incr { key, .. } => key,
+        }
+    }
+}
+
 /// The condition of a [`Cmd::Set`].
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Cond {
@@ -274,37 +285,21 @@ impl Client {
         };
         let server = self.server_for(first);
         let mut wire = Vec::with_capacity(96 * n);
-        let mut kinds = Vec::with_capacity(n);
-        for cmd in &cmds {
-            match encode(cmd, &mut wire) {
-                Ok(k) => kinds.push(k),
-                Err(e) => {
-                    let msg = e.to_string();
-                    return (0..n)
-                        .map(|_| Err(BackendError::new(msg.clone())))
-                        .collect();
-                }
-            }
-        }
-        match self.run(server, wire, Kinds::Many(kinds)).await {
-            Ok(replies) => replies,
-            Err(e) => {
-                let msg = e.to_string();
-                (0..n)
-                    .map(|_| Err(BackendError::new(msg.clone())))
-                    .collect()
-            }
-        }
+        let sent = match cmds.iter().map(|c| encode(c, &mut wire)).collect() {
+            Ok(kinds) => self.run(server, wire, Kinds::Many(kinds)).await,
+            Err(e) => Err(e),
+        };
+        // A failure of the whole exchange is every command's failure.
+        sent.unwrap_or_else(|e| {
+            let msg = e.to_string();
+            (0..n)
+                .map(|_| Err(BackendError::new(msg.clone())))
+                .collect()
+        })
     }
 
     fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
-        let key = match cmd {
-            Cmd::Get { key, .. }
-            | Cmd::Set { key, .. }
-            | Cmd::Delete { key, .. }
-            | Cmd::Incr { key, .. } => key,
-        };
-        let i = server_index(key.as_bytes(), &self.inner.ids);
+        let i = server_index(cmd.key().as_bytes(), &self.inner.ids);
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
     }
 
@@ -558,12 +553,7 @@ fn push_flag(out: &mut Vec<u8>, flag: u8, n: u64) {
 
 /// Appends the wire form of `cmd` to `out`; the reply kind it expects.
 fn encode(cmd: &Cmd, out: &mut Vec<u8>) -> BackendResult<Kind> {
-    let key = match cmd {
-        Cmd::Get { key, .. }
-        | Cmd::Set { key, .. }
-        | Cmd::Delete { key, .. }
-        | Cmd::Incr { key, .. } => key,
-    };
+    let key = cmd.key();
     if !valid_key(key) {
         return Err(BackendError::new(format!(
             "memcached: invalid key ({} bytes)",
@@ -682,15 +672,9 @@ fn parse(
             return Err(protocol("value without its CRLF"));
         }
         buf.advance(nl + 1);
-        // Small values are copied out, so the read buffer is not held by a response in flight
-        // and its space is reused; large ones are handed over without a copy.
-        let value = if len <= 16 * 1024 {
-            let v = Bytes::copy_from_slice(&buf[..len]);
-            buf.advance(len);
-            v
-        } else {
-            buf.split_to(len).freeze()
-        };
+        // Handed over without a copy: the HTTP layer copies small values once per response
+        // anyway (`http::service::respond`), which also lets go of this buffer.
+        let value = buf.split_to(len).freeze();
         buf.advance(2);
         return Ok(Some(match kind {
             Kind::Get => Ok(Reply::Item(Item {
