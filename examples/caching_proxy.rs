@@ -82,6 +82,11 @@ struct Args {
     /// Byte budget of the memory store.
     #[arg(long, env = "STAMPEDE_MEMORY", default_value = "64m", value_parser = parse_bytes)]
     memory: usize,
+    /// Redis only: keep up to this many bytes of records in process, kept coherent by Redis
+    /// (client-side caching with `CLIENT TRACKING`), so hot hits skip the round trip; 0 turns
+    /// it off.
+    #[arg(long, env = "STAMPEDE_NEAR_CACHE", default_value = "32m", value_parser = parse_bytes)]
+    near_cache: usize,
     /// Per-call timeout of the store (slower counts as a store error; the proxy then fails open).
     #[arg(long, env = "STAMPEDE_BACKEND_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
     backend_timeout: Duration,
@@ -270,6 +275,7 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
             // Connects lazily: the proxy starts (and fails open) while Redis is down.
             let b = tower_stampede::backend::redis::RedisBackend::builder(store)
                 .prefix(&args.prefix)
+                .near_cache(args.near_cache)
                 .build()?;
             // Make the connections before taking traffic, so the first requests do not pay
             // for them (or fail open while they are made); if Redis is down, start anyway.

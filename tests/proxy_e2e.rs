@@ -432,6 +432,72 @@ mod with_redis {
         );
     }
 
+    /// Both proxies run with their default near cache (records kept in process, invalidated by
+    /// Redis): a POST through one must reach what the other keeps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_post_through_one_proxy_invalidates_what_the_other_keeps() {
+        let redis = Server::redis();
+        let up = Upstream::default();
+        let addr = up.start().await;
+        let store = redis.url();
+        let a = Proxy::start(addr, &["--store", &store]);
+        let b = Proxy::start(addr, &["--store", &store]);
+        let c = client();
+        let (_, h, body) = send(&c, http::Method::GET, b.url("/slow?ms=1")).await;
+        assert_eq!(
+            (cache_status(&h).contains("stored"), &body[..]),
+            (true, &b"call 1"[..])
+        );
+        // Hits on B until they stop reaching Redis (B keeps the entry).
+        let before: u64 = get_calls(&redis);
+        let mut kept = false;
+        for _ in 0..100 {
+            let mark = get_calls(&redis);
+            for _ in 0..10 {
+                let (_, h, body) = send(&c, http::Method::GET, b.url("/slow?ms=1")).await;
+                assert!(cache_status(&h).contains("hit"), "{}", cache_status(&h));
+                assert_eq!(&body[..], b"call 1");
+            }
+            if get_calls(&redis) == mark {
+                kept = true;
+                break;
+            }
+        }
+        assert!(
+            kept,
+            "B's hits kept reaching Redis (GETs since the fill: {})",
+            get_calls(&redis) - before
+        );
+        let (s, _, body) = send(&c, http::Method::POST, a.url("/slow?ms=1")).await;
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 2"[..]));
+        // B's copy is fresh for 60 s; only Redis's invalidation can make B fetch again.
+        let mut refetched = false;
+        for _ in 0..200 {
+            let (_, h, body) = send(&c, http::Method::GET, b.url("/slow?ms=1")).await;
+            if &body[..] != b"call 1" {
+                assert_eq!(&body[..], b"call 3", "{}", cache_status(&h));
+                refetched = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            refetched,
+            "B served its kept copy after A's POST invalidated the URL"
+        );
+        assert_eq!(up.calls(), 3);
+    }
+
+    /// `GET`s the server has run (`INFO commandstats`).
+    fn get_calls(redis: &Server) -> u64 {
+        let info = redis.raw("INFO commandstats");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigterm_finishes_the_fill_in_flight_and_leaves_no_lease() {
         let redis = Server::redis();

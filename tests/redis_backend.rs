@@ -29,8 +29,15 @@ async fn raw_cmd<T: redis::FromRedisValue>(b: &RedisBackend, cmd: &redis::Cmd) -
     cmd.query_async::<T>(&mut c).await.unwrap()
 }
 
-async fn harness(server: &Server) -> Harness {
-    let b = backend(server).await;
+async fn near_backend(server: &Server) -> RedisBackend {
+    RedisBackend::builder(server.url())
+        .near_cache(1 << 20)
+        .connect()
+        .await
+        .expect("connect to the test's redis-server")
+}
+
+fn harness(b: RedisBackend) -> Harness {
     let b2 = b.clone();
     Harness {
         backend: Arc::new(b),
@@ -49,15 +56,30 @@ async fn harness(server: &Server) -> Harness {
     }
 }
 
+/// The suite twice: on the plain backend, and with its near cache (which must not change any
+/// outcome the contract names).
 macro_rules! conformance_tests {
     ($($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test]
-            async fn $name() {
-                let server = Server::redis();
-                conformance::$name(&harness(&server).await).await;
-            }
-        )*
+        mod conformance_plain {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = Server::redis();
+                    conformance::$name(&harness(backend(&server).await)).await;
+                }
+            )*
+        }
+        mod conformance_near_cache {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let server = Server::redis();
+                    conformance::$name(&harness(near_backend(&server).await)).await;
+                }
+            )*
+        }
     };
 }
 

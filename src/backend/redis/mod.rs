@@ -55,6 +55,29 @@
 //! The backend re-exports the `redis` and `deadpool_redis` crates it is built on, so your versions
 //! cannot drift from ours.
 //!
+//! # Near cache
+//!
+//! With [`RedisBackendBuilder::near_cache`]`(bytes)` the backend keeps the records it reads (up
+//! to `bytes`, none larger than a 256th of it) in process, so a hot key's hits cost no round
+//! trip. It uses Redis's server-assisted client-side caching: one extra RESP3 connection receives
+//! invalidations, and each data connection sends `CLIENT TRACKING ON REDIRECT <its id>`, so
+//! Redis pushes the name of every key this process read once that key changes, expires, is
+//! evicted or deleted (and a flush on `FLUSHALL`); the record is dropped when the message
+//! arrives. A read that raced an invalidation is not kept (an epoch bumped before every removal
+//! decides), a kept record also expires with the key's own `PTTL`, read with it, and losing the
+//! tracking connection (closed, or a `PING` unanswered within the timeout, checked every second)
+//! drops everything until a new one is made and every data connection points at it. Our own
+//! writes and invalidations drop our copies at once. The remaining window: after another
+//! instance writes a key, this one may serve the old record until Redis's message arrives (on
+//! loopback well under a millisecond), as a `GET` racing that write would.
+//!
+//! Costs: a miss that will be kept reads the key's `PTTL` with it (one pipeline, one round
+//! trip); Redis remembers the keys each connection read (its `tracking-table-max-keys`, one
+//! million by default, bounds that; past it Redis invalidates the oldest); and a key served
+//! only from near caches is not touched in Redis, so an `allkeys-lru` Redis may evict it first
+//! (which invalidates it: one more fill, nothing wrong served). Redis >= 6; on a server without
+//! `CLIENT TRACKING` the near cache stays empty and every read goes to Redis.
+//!
 //! # Examples
 //!
 //! ```no_run
@@ -77,6 +100,7 @@
 //! # Ok(()) }
 //! ```
 
+mod near;
 mod signals;
 
 use std::fmt;
@@ -88,6 +112,7 @@ use bytes::Bytes;
 pub use deadpool_redis;
 pub use deadpool_redis::redis;
 
+use self::near::{Near, Tracked};
 use self::redis::aio::MultiplexedConnection;
 use self::redis::{
     AsyncConnectionConfig, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisError, Script,
@@ -134,12 +159,21 @@ struct Inner {
     fence_ttl_ms: u64,
     max_record_bytes: usize,
     signals: Option<Arc<Signals>>,
+    near: Option<Arc<Near>>,
     policy_checked: AtomicBool,
+}
+
+/// A held connection: its id, the connection, and where it reports the keys it reads.
+#[derive(Clone)]
+struct Live {
+    id: u64,
+    conn: MultiplexedConnection,
+    tracked: Arc<Tracked>,
 }
 
 /// One held multiplexed connection (or the hole where a broken one was).
 struct Held {
-    conn: Mutex<Option<(u64, MultiplexedConnection)>>,
+    conn: Mutex<Option<Live>>,
     /// Serialises (re)connecting this slot; holds the time of the last failed attempt.
     connecting: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -203,6 +237,7 @@ pub struct RedisBackendBuilder {
     fence_ttl: Duration,
     max_record_bytes: usize,
     sharded: bool,
+    near_cache: usize,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -212,6 +247,7 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("connections", &self.connections)
             .field("timeout", &self.timeout)
             .field("sharded_pubsub", &self.sharded)
+            .field("near_cache", &self.near_cache)
             .finish_non_exhaustive()
     }
 }
@@ -246,13 +282,21 @@ impl RedisBackend {
     /// One of the held multiplexed connections (round-robin), made if needed: for your own
     /// commands next to the cache's, without a pool checkout.
     pub async fn connection(&self) -> BackendResult<MultiplexedConnection> {
-        self.inner.conn().await.map(|(_, _, c)| c)
+        self.inner.conn().await.map(|(_, live)| live.conn)
     }
 
     /// Makes every held connection now (and loads the scripts, and checks the eviction policy).
+    /// With a near cache, also makes its tracking connection (best effort: without it the
+    /// near cache stays empty and every read goes to Redis).
     pub async fn warm_up(&self) -> BackendResult<()> {
+        if let Some(near) = &self.inner.near {
+            near.connect().await;
+        }
         for i in 0..self.inner.held.len() {
-            self.inner.reconnect(i, true).await?;
+            let mut live = self.inner.reconnect(i, true).await?;
+            if let Some(near) = &self.inner.near {
+                near.track(&live.tracked, &mut live.conn).await;
+            }
         }
         Ok(())
     }
@@ -279,6 +323,7 @@ impl RedisBackendBuilder {
             fence_ttl: Duration::from_secs(24 * 3600),
             max_record_bytes: 512 * 1024 * 1024 - 64 * 1024,
             sharded: true,
+            near_cache: 0,
         }
     }
 
@@ -326,6 +371,20 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Keeps up to `bytes` of records read from Redis in process, so a hot key's hits cost no
+    /// round trip; 0 (the default) turns it off. Coherent through Redis's server-assisted
+    /// client-side caching (`CLIENT TRACKING ... REDIRECT`, Redis >= 6): Redis tells this process
+    /// when a key it read changes, expires, is evicted or deleted, and the record is dropped; if
+    /// the connection carrying those messages is lost, everything is dropped until it is back.
+    /// After another instance writes a key, this one may serve the old record for the time
+    /// Redis's message takes to arrive (the same window as a read racing that write). See the
+    /// [module docs](self#near-cache). Needs [`RedisBackend::builder`] (a URL), or
+    /// [`pubsub`](Self::pubsub) pointing at the same server as the pool.
+    pub fn near_cache(mut self, bytes: usize) -> Self {
+        self.near_cache = bytes;
+        self
+    }
+
     /// Where the subscriber connection goes (a URL or `redis::ConnectionInfo`). Set by
     /// [`RedisBackend::builder`]; needed with [`RedisBackend::builder_with_pool`] for signals.
     /// The subscriber always speaks RESP3 (Redis >= 6).
@@ -345,6 +404,24 @@ impl RedisBackendBuilder {
         let conn_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
+        let near_info = match (&self.source, &self.pubsub) {
+            (Source::Info(info), _) => info.as_ref().clone().ok(),
+            (Source::Pool(_), Some(p)) => p.clone().ok(),
+            (Source::Pool(_), None) => None,
+        };
+        let near = match (self.near_cache, near_info) {
+            (0, _) => None,
+            (bytes, Some(info)) => Some(
+                Near::new(info, bytes, self.timeout)
+                    .map_err(|e| ConfigError::new(format!("redis near cache: {e}")))?,
+            ),
+            (_, None) => {
+                return Err(ConfigError::new(
+                    "redis near cache: a backend built from a pool needs `pubsub(url)` (the \
+                     same server) for its tracking connection",
+                ))
+            }
+        };
         let pool = match self.source {
             Source::Pool(p) => p,
             Source::Info(info) => {
@@ -387,6 +464,7 @@ impl RedisBackendBuilder {
                 fence_ttl_ms: ttl_ms(self.fence_ttl),
                 max_record_bytes: self.max_record_bytes,
                 signals,
+                near,
                 policy_checked: AtomicBool::new(false),
             }),
         })
@@ -401,6 +479,15 @@ impl RedisBackendBuilder {
         b.warm_up().await?;
         Ok(b)
     }
+}
+
+/// A client for `info` that speaks RESP3 (push messages: signals, invalidations).
+fn resp3_client(info: ConnectionInfo) -> Result<redis::Client, RedisError> {
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    redis::Client::open(info.set_redis_settings(settings))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -448,34 +535,30 @@ fn int_of(what: &str, v: &Value) -> BackendResult<i64> {
 impl Inner {
     /// A held connection, round-robin. A broken slot is replaced in the background while the
     /// call uses a live one; with none live, this call (re)connects.
-    async fn conn(self: &Arc<Self>) -> BackendResult<(usize, u64, MultiplexedConnection)> {
+    async fn conn(self: &Arc<Self>) -> BackendResult<(usize, Live)> {
         let n = self.held.len();
         let start = self.rr.fetch_add(1, Ordering::Relaxed) % n;
-        if let Some((id, c)) = lock(&self.held[start].conn).clone() {
-            return Ok((start, id, c));
+        if let Some(live) = lock(&self.held[start].conn).clone() {
+            return Ok((start, live));
         }
         for k in 1..n {
             let i = (start + k) % n;
-            if let Some((id, c)) = lock(&self.held[i].conn).clone() {
+            if let Some(live) = lock(&self.held[i].conn).clone() {
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     let this = self.clone();
                     handle.spawn(async move {
                         let _ = this.reconnect(start, false).await;
                     });
                 }
-                return Ok((i, id, c));
+                return Ok((i, live));
             }
         }
-        let (id, c) = self.reconnect(start, false).await?;
-        Ok((start, id, c))
+        let live = self.reconnect(start, false).await?;
+        Ok((start, live))
     }
 
     /// Makes slot `i`'s connection if it has none. `force` ignores the failure backoff.
-    async fn reconnect(
-        &self,
-        i: usize,
-        force: bool,
-    ) -> BackendResult<(u64, MultiplexedConnection)> {
+    async fn reconnect(&self, i: usize, force: bool) -> BackendResult<Live> {
         let held = &self.held[i];
         let mut last_failure = held.connecting.lock().await;
         if let Some(live) = lock(&held.conn).clone() {
@@ -487,11 +570,19 @@ impl Inner {
             }
         }
         match self.make_conn().await {
-            Ok(c) => {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                *lock(&held.conn) = Some((id, c.clone()));
+            Ok(mut conn) => {
+                let tracked = Arc::new(Tracked::default());
+                if let Some(near) = &self.near {
+                    near.track(&tracked, &mut conn).await;
+                }
+                let live = Live {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    conn,
+                    tracked,
+                };
+                *lock(&held.conn) = Some(live.clone());
                 *last_failure = None;
-                Ok((id, c))
+                Ok(live)
             }
             Err(e) => {
                 *last_failure = Some(Instant::now());
@@ -534,18 +625,44 @@ impl Inner {
             e.is_unrecoverable_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
         if replace {
             let mut slot = lock(&self.held[i].conn);
-            if matches!(&*slot, Some((cur, _)) if *cur == id) {
+            if matches!(&*slot, Some(cur) if cur.id == id) {
                 *slot = None;
             }
         }
     }
 
     async fn query(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> BackendResult<Value> {
-        let (i, id, mut c) = self.conn().await?;
-        match cmd.query_async::<Value>(&mut c).await {
+        let (i, live) = self.conn().await?;
+        self.query_on(i, live, what, cmd).await
+    }
+
+    async fn query_on(
+        &self,
+        i: usize,
+        mut live: Live,
+        what: &str,
+        cmd: &redis::Cmd,
+    ) -> BackendResult<Value> {
+        match cmd.query_async::<Value>(&mut live.conn).await {
             Ok(v) => Ok(v),
             Err(e) => {
-                self.on_error(i, id, &e);
+                self.on_error(i, live.id, &e);
+                Err(redis_err(what, e))
+            }
+        }
+    }
+
+    async fn pipe_on(
+        &self,
+        i: usize,
+        mut live: Live,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> BackendResult<Vec<Value>> {
+        match pipe.query_async::<Vec<Value>>(&mut live.conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.on_error(i, live.id, &e);
                 Err(redis_err(what, e))
             }
         }
@@ -567,7 +684,12 @@ impl Inner {
         for a in args {
             cmd.arg(*a);
         }
-        let (i, id, mut c) = self.conn().await?;
+        let (
+            i,
+            Live {
+                id, conn: mut c, ..
+            },
+        ) = self.conn().await?;
         let first = cmd.query_async::<Value>(&mut c).await;
         let res = match first {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
@@ -623,35 +745,106 @@ impl Backend for RedisBackend {
         variant: Option<&'a Digest>,
     ) -> BoxFuture<'a, BackendResult<Fetched>> {
         Box::pin(async move {
-            let p = &self.inner.prefix;
-            match variant {
+            let inner = &self.inner;
+            let p = &inner.prefix;
+            let entry_key = p.entry(slot);
+            let variant_key = variant.map(|vd| p.variant(slot, vd));
+            if let Some(near) = &inner.near {
+                if let Some(entry) = near.get(&entry_key) {
+                    match &variant_key {
+                        None => {
+                            return Ok(Fetched {
+                                entry: Some(entry),
+                                variant: None,
+                            })
+                        }
+                        Some(vk) => {
+                            if let Some(v) = near.get(vk) {
+                                return Ok(Fetched {
+                                    entry: Some(entry),
+                                    variant: Some(v),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            let (i, mut live) = inner.conn().await?;
+            let ticket = match &inner.near {
+                None => None,
+                Some(near) => {
+                    near.kick();
+                    let t = near.ticket(&live.tracked);
+                    if t.is_none() {
+                        near.track(&live.tracked, &mut live.conn).await;
+                    }
+                    t
+                }
+            };
+            if let (Some(near), Some(t)) = (&inner.near, ticket) {
+                // A read to keep: with each key's remaining TTL, so a kept record expires
+                // when Redis's does (Redis's own message comes only when it deletes the key).
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(&entry_key).cmd("PTTL").arg(&entry_key);
+                if let Some(vk) = &variant_key {
+                    pipe.cmd("GET").arg(vk).cmd("PTTL").arg(vk);
+                }
+                let replies = inner.pipe_on(i, live, "GET", &pipe).await?;
+                let mut it = replies.into_iter();
+                let mut take = |key: &str| -> BackendResult<Option<Bytes>> {
+                    let (Some(v), Some(ttl)) = (it.next(), it.next()) else {
+                        return Err(BackendError::new("redis GET: short pipeline reply"));
+                    };
+                    let v = bytes_of("GET", v)?;
+                    if let (Some(bytes), Value::Int(ms)) = (&v, ttl) {
+                        // -1: no expiry; -2: gone since the GET (not kept).
+                        let ttl = match ms {
+                            -1 => Some(None),
+                            ms if ms >= 0 => Some(Some(Duration::from_millis(ms as u64))),
+                            _ => None,
+                        };
+                        if let Some(ttl) = ttl {
+                            near.put(t, key, bytes, ttl);
+                        }
+                    }
+                    Ok(v)
+                };
+                let entry = take(&entry_key)?;
+                let variant = match &variant_key {
+                    Some(vk) => take(vk)?,
+                    None => None,
+                };
+                return Ok(Fetched { entry, variant });
+            }
+            let fetched = match &variant_key {
                 None => {
                     let mut cmd = redis::cmd("GET");
-                    cmd.arg(p.entry(slot));
-                    let v = self.inner.query("GET", &cmd).await?;
-                    Ok(Fetched {
+                    cmd.arg(&entry_key);
+                    let v = inner.query_on(i, live, "GET", &cmd).await?;
+                    Fetched {
                         entry: bytes_of("GET", v)?,
                         variant: None,
-                    })
+                    }
                 }
-                Some(vd) => {
+                Some(vk) => {
                     let mut cmd = redis::cmd("MGET");
-                    cmd.arg(p.entry(slot)).arg(p.variant(slot, vd));
-                    match self.inner.query("MGET", &cmd).await? {
+                    cmd.arg(&entry_key).arg(vk);
+                    match inner.query_on(i, live, "MGET", &cmd).await? {
                         Value::Array(items) if items.len() == 2 => {
                             let mut it = items.into_iter();
                             let (Some(e), Some(v)) = (it.next(), it.next()) else {
                                 return Err(BackendError::new("redis MGET: short reply"));
                             };
-                            Ok(Fetched {
+                            Fetched {
                                 entry: bytes_of("MGET", e)?,
                                 variant: bytes_of("MGET", v)?,
-                            })
+                            }
                         }
-                        other => Err(unexpected("MGET", &other)),
+                        other => return Err(unexpected("MGET", &other)),
                     }
                 }
-            }
+            };
+            Ok(fetched)
         })
     }
 
@@ -698,7 +891,14 @@ impl Backend for RedisBackend {
                         fence: fence as u64,
                     })
                 }
-                [code] if int_of("acquire", code)? == 2 => Ok(Acquire::Refreshed),
+                [code] if int_of("acquire", code)? == 2 => {
+                    // Redis has a newer entry than the one we saw: if ours came from the near
+                    // cache, its invalidation is on the way; do not read the old one again.
+                    if let Some(near) = &inner.near {
+                        near.forget(&entry);
+                    }
+                    Ok(Acquire::Refreshed)
+                }
                 _ => Err(unexpected("acquire", &v)),
             }
         })
@@ -789,7 +989,16 @@ impl Backend for RedisBackend {
             }
             let v = inner
                 .eval("write", &inner.scripts.write, &keys, &args)
-                .await?;
+                .await;
+            // Stored or fenced, our kept copies of these keys are out of date (Redis's
+            // invalidation is on the way; this saves serving them until it arrives).
+            if let Some(near) = &inner.near {
+                near.forget(&entry);
+                if let Some(k) = &variant_key {
+                    near.forget(k);
+                }
+            }
+            let v = v?;
             match int_of("write", &v)? {
                 1 => Ok(WriteOutcome::Stored),
                 0 => Ok(WriteOutcome::Fenced),
@@ -816,7 +1025,11 @@ impl Backend for RedisBackend {
                         inner.fence_ttl_ms.to_string().as_bytes(),
                     ],
                 )
-                .await?;
+                .await;
+            if let Some(near) = &inner.near {
+                near.forget(&entry);
+            }
+            let v = v?;
             match int_of("invalidate", &v)? {
                 f if f >= 1 => Ok(f as u64),
                 _ => Err(unexpected("invalidate", &v)),

@@ -22,8 +22,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::redis::aio::MultiplexedConnection;
 use super::redis::{
-    self, AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, ProtocolVersion, PushInfo,
-    PushKind, RedisError, Value,
+    self, AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, PushInfo, PushKind, RedisError,
+    Value,
 };
 use super::RECONNECT_BACKOFF;
 use crate::backend::{BackendError, BackendResult, BoxFuture, Signal, SignalStream, Subscription};
@@ -68,11 +68,7 @@ impl Signals {
         sharded: bool,
         timeout: Duration,
     ) -> Result<Arc<Self>, RedisError> {
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = Client::open(info.set_redis_settings(settings))?;
+        let client = super::resp3_client(info)?;
         let (subscribe_cmd, unsubscribe_cmd) = if sharded {
             ("SSUBSCRIBE", "SUNSUBSCRIBE")
         } else {
