@@ -82,11 +82,16 @@ struct Args {
     /// Byte budget of the memory store.
     #[arg(long, env = "STAMPEDE_MEMORY", default_value = "64m", value_parser = parse_bytes)]
     memory: usize,
-    /// Redis only: keep up to this many bytes of records in process, kept coherent by Redis
-    /// (client-side caching with `CLIENT TRACKING`), so hot hits skip the round trip; 0 turns
-    /// it off.
+    /// Keep up to this many bytes of records read from the store in process, so hot hits skip
+    /// the round trip; 0 turns it off. Redis keeps it coherent (client-side caching with
+    /// `CLIENT TRACKING`); Memcached cannot, so there it is used only with --near-max-age.
     #[arg(long, env = "STAMPEDE_NEAR_CACHE", default_value = "32m", value_parser = parse_bytes)]
     near_cache: usize,
+    /// Memcached only: serve a record kept in process for at most this long (bounded
+    /// staleness: another instance's writes reach this one up to this late); 0 (the default)
+    /// keeps nothing.
+    #[arg(long, env = "STAMPEDE_NEAR_MAX_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    near_max_age: Duration,
     /// Per-call timeout of the store (slower counts as a store error; the proxy then fails open).
     #[arg(long, env = "STAMPEDE_BACKEND_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
     backend_timeout: Duration,
@@ -301,6 +306,7 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
         {
             let b = tower_stampede::backend::memcached::MemcachedBackend::builder(store)
                 .prefix(tower_stampede::key::Prefix::new(&args.prefix)?)
+                .near_cache(args.near_cache, args.near_max_age)
                 .build()
                 .await?;
             return Ok(Arc::new(b));

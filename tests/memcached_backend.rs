@@ -53,9 +53,25 @@ async fn connect(server: &Server) -> MemcachedBackend {
     MemcachedBackend::connect(server.url()).await.unwrap()
 }
 
+async fn near(server: &Server, max_age: Duration) -> MemcachedBackend {
+    MemcachedBackend::builder(server.url())
+        .near_cache(1 << 20, max_age)
+        .build()
+        .await
+        .unwrap()
+}
+
 async fn harness() -> (Harness, Server) {
+    harness_with(false).await
+}
+
+async fn harness_with(near_cache: bool) -> (Harness, Server) {
     let server = Server::memcached();
-    let backend = connect(&server).await;
+    let backend = if near_cache {
+        near(&server, Duration::from_secs(1)).await
+    } else {
+        connect(&server).await
+    };
     let port = server.port();
     let prefix = backend.prefix().clone();
     let h = Harness {
@@ -129,6 +145,128 @@ async fn put_get_ttl_and_variants() {
 async fn signals_are_delivered() {
     let (h, _s) = harness().await;
     conformance::signals_are_delivered(&h).await;
+}
+
+/// The suite again with the near cache on: it must not change any outcome the contract names.
+macro_rules! conformance_near_cache {
+    ($($name:ident),* $(,)?) => {
+        mod conformance_near_cache {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (h, _s) = harness_with(true).await;
+                    conformance::$name(&h).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance_near_cache!(
+    lease_is_exclusive,
+    lease_expires,
+    release_and_extend_need_the_token,
+    fences_grow_also_after_the_counter_is_deleted,
+    refreshed_after_a_concurrent_fill,
+    fenced_fill_refuses_older_and_accepts_same_token,
+    tombstone_blocks_an_older_fill,
+    put_get_ttl_and_variants,
+    signals_are_delivered,
+);
+
+// --- the near cache -------------------------------------------------------------------------
+
+/// One counter of `stats`.
+fn stat(port: u16, name: &str) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(b"stats\r\n").unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !out.ends_with(b"END\r\n") {
+        let n = s.read(&mut buf).expect("stats reply");
+        assert!(n > 0, "stats: connection closed");
+        out.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&out);
+    let prefix = format!("STAT {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in stats"))
+}
+
+async fn read(engine: &Stampede, key: &str) -> Bytes {
+    engine
+        .get_or_fill(key, || async {
+            Ok::<_, std::io::Error>(Fill::store(
+                "refilled",
+                Ttl::fresh(Duration::from_secs(600)),
+            ))
+        })
+        .await
+        .unwrap()
+        .value
+}
+
+async fn fill(engine: &Stampede, key: &str, v: &'static str) {
+    let s = engine
+        .get_or_fill(key, move || async move {
+            Ok::<_, std::io::Error>(Fill::store(v, Ttl::fresh(Duration::from_secs(600))))
+        })
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Stored);
+}
+
+#[tokio::test]
+async fn near_hits_cost_no_round_trip_and_own_writes_are_seen_at_once() {
+    let server = Server::memcached();
+    let a = Stampede::with_config(near(&server, Duration::from_secs(600)).await, config()).unwrap();
+    fill(&a, "k", "v1").await;
+    assert_eq!(&read(&a, "k").await[..], b"v1");
+    let gets = stat(server.port(), "cmd_get");
+    for _ in 0..50 {
+        assert_eq!(&read(&a, "k").await[..], b"v1");
+    }
+    assert_eq!(
+        stat(server.port(), "cmd_get"),
+        gets,
+        "50 hits on a kept record reached memcached"
+    );
+    // Our own invalidation and refill replace the copy at once, whatever max_age says.
+    a.invalidate("k").await.unwrap();
+    fill(&a, "k", "v2").await;
+    assert_eq!(&read(&a, "k").await[..], b"v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instances_write_is_seen_within_max_age() {
+    let server = Server::memcached();
+    let max_age = Duration::from_millis(300);
+    let a = Stampede::with_config(near(&server, max_age).await, config()).unwrap();
+    let b = Stampede::with_config(connect(&server).await, config()).unwrap();
+    fill(&a, "k", "old").await;
+    assert_eq!(&read(&a, "k").await[..], b"old");
+    let gets = stat(server.port(), "cmd_get");
+    assert_eq!(&read(&a, "k").await[..], b"old");
+    assert_eq!(stat(server.port(), "cmd_get"), gets, "A keeps its copy");
+    b.invalidate("k").await.unwrap();
+    fill(&b, "k", "new").await;
+    // The record is fresh for ten minutes: only max_age ends A's copy. Thirty times max_age
+    // bounds the wait, so a copy kept for the record's TTL fails here.
+    let deadline = std::time::Instant::now() + max_age * 30;
+    loop {
+        if &read(&a, "k").await[..] == b"new" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A still served its copy 30 x max_age after B's write"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // --- engines on memcached ---------------------------------------------------------------------

@@ -378,6 +378,7 @@ async fn without_an_upstream_it_runs_its_demo_upstream() {
 }
 
 /// Sends a request in the background and returns once it has reached the upstream.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 async fn in_flight(
     up: &Upstream,
     c: &HttpClient,

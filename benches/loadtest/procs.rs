@@ -315,6 +315,7 @@ pub fn ours(
     name: &str,
     origin: SocketAddr,
     store: &str,
+    extra: &[&str],
 ) -> Result<(Proc, u16), String> {
     let port = free_port();
     let admin = free_port();
@@ -323,6 +324,7 @@ pub fn ours(
         .args(["--upstream", &format!("http://{origin}")])
         .args(["--store", store])
         .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(extra)
         .env("RUST_LOG", "warn");
     let p = Proc::spawn(name, cmd, port, dir.join(format!("{name}.log")))?;
     Ok((p, admin))

@@ -11,13 +11,26 @@ use crate::procs::{self, Proc, TempDir};
 use crate::servers::Server;
 
 /// The columns, in order: (id, header).
-const COLUMNS: [(&str, &str); 5] = [
+const COLUMNS: [(&str, &str); 6] = [
     ("nginx", "nginx"),
     ("varnish", "Varnish"),
     ("mem", "ours: memory"),
     ("redis", "ours: Redis"),
     ("memcached", "ours: Memcached"),
+    (
+        "memcached-near",
+        "ours: Memcached, near cache (max age 1 s)",
+    ),
 ];
+
+/// The extra flags of our proxies per column (the Redis near cache is on by default; on
+/// Memcached it is opt-in, being bounded staleness).
+fn ours_args(id: &str) -> &'static [&'static str] {
+    match id {
+        "memcached-near" => &["--near-max-age", "1s"],
+        _ => &[],
+    }
+}
 
 const CLIENTS: usize = 500;
 const ORIGIN_MS: u64 = 200;
@@ -33,12 +46,14 @@ pub struct Sys {
     pub logging: Option<u16>,
     /// Our proxies' admin ports, for `/metrics`.
     pub admin: Vec<(String, u16)>,
+    /// Ours on Redis or Memcached: the store's URL.
+    pub store: Option<String>,
     /// How long a failed fill keeps the lease (ours: 5 s; Memcached rounds up to 6 s).
     pub lease: Duration,
 }
 
 fn is_ours(id: &str) -> bool {
-    matches!(id, "mem" | "redis" | "memcached")
+    matches!(id, "mem" | "redis" | "memcached" | "memcached-near")
 }
 
 struct Cell {
@@ -284,6 +299,7 @@ pub async fn run() -> i32 {
                     b: Some(b.port),
                     logging: c.as_ref().map(|c| c.port),
                     admin: Vec::new(),
+                    store: None,
                     lease: Duration::ZERO,
                 });
                 running.procs.push(a);
@@ -298,7 +314,7 @@ pub async fn run() -> i32 {
     }
 
     // Ours: memory (one instance), Redis and Memcached (two instances sharing one server).
-    for id in ["mem", "redis", "memcached"] {
+    for id in ["mem", "redis", "memcached", "memcached-near"] {
         if !want(id) {
             continue;
         }
@@ -322,7 +338,7 @@ pub async fn run() -> i32 {
             (0..n)
                 .map(|i| {
                     let name = format!("ours-{id}-{}", if i == 0 { "a" } else { "b" });
-                    procs::ours(&bb, &dd, &name, oaddr, &st)
+                    procs::ours(&bb, &dd, &name, oaddr, &st, ours_args(id))
                 })
                 .collect()
         })
@@ -339,7 +355,8 @@ pub async fn run() -> i32 {
                     b,
                     logging: None,
                     admin,
-                    lease: if id == "memcached" {
+                    store: (id != "mem").then(|| store.clone()),
+                    lease: if id.starts_with("memcached") {
                         Duration::from_secs(6)
                     } else {
                         Duration::from_secs(5)
@@ -1191,11 +1208,9 @@ async fn hits(
         let path = r.path();
         let w1 = load::get(&pool, s.a, &path, s.flavor, Duration::from_secs(10)).await;
         let w2 = load::get(&pool, s.a, &path, s.flavor, Duration::from_secs(10)).await;
-        let store = servers.iter().find(|sv| match s.id {
-            "redis" => sv.url().starts_with("redis://"),
-            "memcached" => sv.url().starts_with("memcache://"),
-            _ => false,
-        });
+        let store = servers
+            .iter()
+            .find(|sv| s.store.as_deref() == Some(sv.url().as_str()));
         targets.push(HitTarget {
             key: s.id,
             port: s.a,
@@ -1346,7 +1361,7 @@ async fn hits(
                 let need = match id {
                     "mem" => Some(1.5),
                     "redis" => Some(1.1),
-                    "memcached" => Some(1.0),
+                    "memcached" | "memcached-near" => Some(1.0),
                     _ => None,
                 };
                 let bad = if t.non2xx > 0 {

@@ -53,6 +53,19 @@
 //! outlive it by up to two seconds. TTLs are clamped to 30 days, beyond which memcached reads
 //! the number as a Unix time.
 //!
+//! # Near cache
+//!
+//! [`MemcachedBuilder::near_cache`]`(bytes, max_age)` (off by default) keeps the records this
+//! process reads and serves each for at most `max_age` after the read, and never past the
+//! item's expiry (read with it: `mg <e> v f t`). Memcached has no way to tell a client that a
+//! key changed, so unlike Redis's near cache this one is *bounded staleness*: another
+//! instance's write or invalidation reaches this instance's hits up to `max_age` late. Its own
+//! writes, invalidations and `Refreshed` leases drop its copies at once (a read in flight at
+//! that moment is not kept). The engine still judges every record by its own freshness, so
+//! nothing is served fresh past its TTL; what `max_age` delays is the *replacement* of a record
+//! by a newer one written elsewhere (an early refresh, an invalidation, a `POST` through another
+//! instance).
+//!
 //! # Item size
 //!
 //! Memcached refuses items over its item size limit (`-I`, 1 MiB by default), key and about 60
@@ -74,6 +87,7 @@ use super::{
     fence_allows, Acquire, Backend, BackendError, BackendResult, BoxFuture, FencedWrite, Fetched,
     Signal, Subscription, Token, WriteOutcome,
 };
+use crate::backend::near::{self, NearStore};
 use crate::entry::{Header, Kind, Record};
 use crate::error::ConfigError;
 use crate::key::{Digest, Prefix};
@@ -141,6 +155,13 @@ struct Inner {
     prefix: Prefix,
     item_size_limit: usize,
     held: Mutex<HeldLeases>,
+    near: Option<Near>,
+}
+
+/// The near cache: records read here, served from process memory for at most `max_age`.
+struct Near {
+    store: NearStore,
+    max_age: Duration,
 }
 
 /// The CAS of every lease this process holds (it is the only proof of holding one).
@@ -172,6 +193,7 @@ pub struct MemcachedBuilder {
     prefix: Prefix,
     item_size_limit: usize,
     opts: Options,
+    near: Option<(usize, Duration)>,
 }
 
 impl MemcachedBuilder {
@@ -187,9 +209,9 @@ impl MemcachedBuilder {
         self
     }
 
-    /// How many connections each server's pool may hold (default 8). Each command checks one
-    /// out for its round trip, so this bounds the concurrent round trips per server; more wait
-    /// for a free one up to the connect timeout.
+    /// How many connections to hold per server (default
+    /// [`DEFAULT_CONNECTIONS_PER_SERVER`], at least 1). Each one pipelines every concurrent
+    /// command; commands go to them round-robin.
     pub fn connections_per_server(mut self, n: usize) -> Self {
         self.opts.connections_per_server = n.max(1);
         self
@@ -200,6 +222,19 @@ impl MemcachedBuilder {
     /// [`WriteOutcome::TooLarge`] before anything is written.
     pub fn item_size_limit(mut self, bytes: usize) -> Self {
         self.item_size_limit = bytes;
+        self
+    }
+
+    /// Keeps up to `bytes` of the records read from Memcached in process and serves each for at
+    /// most `max_age` after it was read (never past the item's own expiry), so a hot key's hits
+    /// cost no round trip; off by default. Memcached cannot tell a process that a key changed,
+    /// so this is **bounded staleness**: a write or an invalidation made by *another* instance
+    /// reaches this one's hits up to `max_age` late (this instance's own writes, invalidations
+    /// and refreshed leases drop its copies at once). Freshness is never extended: the engine
+    /// still judges every record by its own TTL. See the [module docs](self#near-cache).
+    /// A zero `bytes` or `max_age` turns it off.
+    pub fn near_cache(mut self, bytes: usize, max_age: Duration) -> Self {
+        self.near = (bytes > 0 && !max_age.is_zero()).then_some((bytes, max_age));
         self
     }
 
@@ -242,6 +277,10 @@ impl MemcachedBuilder {
                 held: Mutex::new(HeldLeases {
                     map: HashMap::new(),
                     prune_at: 1024,
+                }),
+                near: self.near.map(|(bytes, max_age)| Near {
+                    store: NearStore::new(bytes),
+                    max_age,
                 }),
             }),
         })
@@ -291,6 +330,7 @@ impl MemcachedBackend {
             urls: vec![url.into()],
             prefix: Prefix::default(),
             item_size_limit: DEFAULT_ITEM_SIZE_LIMIT,
+            near: None,
             opts: Options {
                 connections_per_server: DEFAULT_CONNECTIONS_PER_SERVER,
                 connect_timeout: Duration::from_secs(1),
@@ -505,6 +545,9 @@ impl MemcachedBackend {
     // --- the operations -----------------------------------------------------------------------
 
     async fn do_fetch(&self, slot: &Digest, variant: Option<&Digest>) -> BackendResult<Fetched> {
+        if let Some(near) = &self.inner.near {
+            return self.fetch_near(near, slot, variant).await;
+        }
         let p = &self.inner.prefix;
         let Some(v) = variant else {
             let entry = value_of(self.cmd(get(&p.entry(slot), true, false, false)).await?)?;
@@ -525,6 +568,58 @@ impl MemcachedBackend {
         let entry = value_of(next(&mut replies)?)?;
         let variant = value_of(next(&mut replies)?)?;
         Ok(Fetched { entry, variant })
+    }
+
+    /// `fetch` through the near cache: kept copies when there are, else the same reads with the
+    /// items' remaining TTLs, kept for at most `max_age`.
+    async fn fetch_near(
+        &self,
+        near: &Near,
+        slot: &Digest,
+        variant: Option<&Digest>,
+    ) -> BackendResult<Fetched> {
+        let p = &self.inner.prefix;
+        let entry_key = p.entry(slot);
+        let variant_key = variant.map(|v| p.variant(slot, v));
+        if let Some(f) = near::kept(|k| near.store.get(k), &entry_key, variant_key.as_deref()) {
+            return Ok(f);
+        }
+        let ticket = near.store.ticket();
+        let read_at = Instant::now();
+        let mut cmds = vec![get(&entry_key, true, false, true)];
+        if let Some(vk) = &variant_key {
+            cmds.push(get(vk, true, false, true));
+        }
+        let mut replies = self.inner.client.batch(cmds).await.into_iter();
+        let mut take = |key: &str| -> BackendResult<Option<Bytes>> {
+            match next(&mut replies)? {
+                Reply::Item(it) => {
+                    if let Some(v) = &it.value {
+                        // The item's expiry in whole seconds, less memcached's slack second.
+                        let keep = remaining(it.ttl, near.max_age);
+                        near.store.put(ticket, key, v, Some(read_at + keep));
+                    }
+                    Ok(it.value)
+                }
+                Reply::Miss => Ok(None),
+                other => Err(unexpected("mg", &other)),
+            }
+        };
+        let entry = take(&entry_key)?;
+        let variant = match &variant_key {
+            Some(vk) => take(vk)?,
+            None => None,
+        };
+        Ok(Fetched { entry, variant })
+    }
+
+    /// Drops this process's near copies of `keys` (after its own writes).
+    fn forget_near(&self, keys: &[&str]) {
+        if let Some(near) = &self.inner.near {
+            for k in keys {
+                near.store.forget(k);
+            }
+        }
     }
 
     async fn do_acquire(&self, slot: &Digest, ttl: Duration, seen: u64) -> BackendResult<Acquire> {
@@ -596,6 +691,8 @@ impl MemcachedBackend {
             Ok(None) => {
                 // Best effort: a lease we fail to give back ends at its expiry.
                 let _ = self.cmd(del(&lease, Some(cas))).await;
+                // A newer entry is stored: a near copy of the old one must not be read again.
+                self.forget_near(&[&entry]);
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
@@ -930,7 +1027,21 @@ impl Backend for MemcachedBackend {
     }
 
     fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
-        Box::pin(self.do_write(w))
+        Box::pin(async move {
+            if self.inner.near.is_none() {
+                return self.do_write(w).await;
+            }
+            let p = &self.inner.prefix;
+            let entry = p.entry(&w.slot);
+            let variant = w.variant.as_ref().map(|(d, _)| p.variant(&w.slot, d));
+            let res = self.do_write(w).await;
+            // Stored or fenced, our near copies of these keys are out of date.
+            self.forget_near(&[&entry]);
+            if let Some(v) = &variant {
+                self.forget_near(&[v]);
+            }
+            res
+        })
     }
 
     fn invalidate<'a>(
@@ -938,7 +1049,13 @@ impl Backend for MemcachedBackend {
         slot: &'a Digest,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<u64>> {
-        Box::pin(self.do_invalidate(slot, ttl))
+        Box::pin(async move {
+            let res = self.do_invalidate(slot, ttl).await;
+            if self.inner.near.is_some() {
+                self.forget_near(&[&self.inner.prefix.entry(slot)]);
+            }
+            res
+        })
     }
 
     fn signal<'a>(

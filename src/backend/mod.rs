@@ -20,6 +20,8 @@ use crate::key::Digest;
 #[cfg(feature = "memcached")]
 pub mod memcached;
 pub mod memory;
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) mod near;
 #[cfg(feature = "redis")]
 pub mod redis;
 

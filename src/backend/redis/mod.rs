@@ -750,23 +750,10 @@ impl Backend for RedisBackend {
             let entry_key = p.entry(slot);
             let variant_key = variant.map(|vd| p.variant(slot, vd));
             if let Some(near) = &inner.near {
-                if let Some(entry) = near.get(&entry_key) {
-                    match &variant_key {
-                        None => {
-                            return Ok(Fetched {
-                                entry: Some(entry),
-                                variant: None,
-                            })
-                        }
-                        Some(vk) => {
-                            if let Some(v) = near.get(vk) {
-                                return Ok(Fetched {
-                                    entry: Some(entry),
-                                    variant: Some(v),
-                                });
-                            }
-                        }
-                    }
+                let kept =
+                    crate::backend::near::kept(|k| near.get(k), &entry_key, variant_key.as_deref());
+                if let Some(f) = kept {
+                    return Ok(f);
                 }
             }
             let (i, mut live) = inner.conn().await?;
