@@ -177,26 +177,6 @@ conformance_near_cache!(
 
 // --- the near cache -------------------------------------------------------------------------
 
-/// One counter of `stats`.
-fn stat(port: u16, name: &str) -> u64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s.write_all(b"stats\r\n").unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    while !out.ends_with(b"END\r\n") {
-        let n = s.read(&mut buf).expect("stats reply");
-        assert!(n > 0, "stats: connection closed");
-        out.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&out);
-    let prefix = format!("STAT {name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in stats"))
-}
-
 async fn read(engine: &Stampede, key: &str) -> Bytes {
     engine
         .get_or_fill(key, || async {
@@ -226,12 +206,12 @@ async fn near_hits_cost_no_round_trip_and_own_writes_are_seen_at_once() {
     let a = Stampede::with_config(near(&server, Duration::from_secs(600)).await, config()).unwrap();
     fill(&a, "k", "v1").await;
     assert_eq!(&read(&a, "k").await[..], b"v1");
-    let gets = stat(server.port(), "cmd_get");
+    let gets = server.stat("cmd_get");
     for _ in 0..50 {
         assert_eq!(&read(&a, "k").await[..], b"v1");
     }
     assert_eq!(
-        stat(server.port(), "cmd_get"),
+        server.stat("cmd_get"),
         gets,
         "50 hits on a kept record reached memcached"
     );
@@ -249,9 +229,9 @@ async fn another_instances_write_is_seen_within_max_age() {
     let b = Stampede::with_config(connect(&server).await, config()).unwrap();
     fill(&a, "k", "old").await;
     assert_eq!(&read(&a, "k").await[..], b"old");
-    let gets = stat(server.port(), "cmd_get");
+    let gets = server.stat("cmd_get");
     assert_eq!(&read(&a, "k").await[..], b"old");
-    assert_eq!(stat(server.port(), "cmd_get"), gets, "A keeps its copy");
+    assert_eq!(server.stat("cmd_get"), gets, "A keeps its copy");
     b.invalidate("k").await.unwrap();
     fill(&b, "k", "new").await;
     // The record is fresh for ten minutes: only max_age ends A's copy. Thirty times max_age

@@ -595,3 +595,55 @@ mod with_redis {
         assert_eq!(up.calls(), 2, "B took over after A's lease expired");
     }
 }
+
+#[cfg(feature = "memcached")]
+mod with_memcached {
+    use super::*;
+    use common::servers::Server;
+
+    /// `--near-max-age` turns the Memcached near cache on: hits stop reaching memcached, and a
+    /// POST through another proxy reaches them within a bounded time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn near_max_age_keeps_hits_in_process_and_bounds_staleness() {
+        let mc = Server::memcached();
+        let up = Upstream::default();
+        let addr = up.start().await;
+        let store = mc.url();
+        let a = Proxy::start(addr, &["--store", &store, "--near-max-age", "300ms"]);
+        let b = Proxy::start(addr, &["--store", &store]);
+        let c = client();
+        let (_, h, body) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
+        assert_eq!(
+            (cache_status(&h).contains("stored"), &body[..]),
+            (true, &b"call 1"[..])
+        );
+        // The fill's own write dropped A's copy: one read brings it back, then none.
+        let (_, h, _) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
+        assert!(cache_status(&h).contains("hit"), "{}", cache_status(&h));
+        let gets = mc.stat("cmd_get");
+        for _ in 0..20 {
+            let (_, h, body) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
+            assert!(cache_status(&h).contains("hit"), "{}", cache_status(&h));
+            assert_eq!(&body[..], b"call 1");
+        }
+        assert_eq!(mc.stat("cmd_get"), gets, "20 hits reached memcached");
+        // A POST through B invalidates the URL in memcached; A's copy (fresh for 60 s) ends
+        // with its max age. Thirty times that bounds the wait.
+        let (s, _, body) = send(&c, http::Method::POST, b.url("/slow?ms=1")).await;
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 2"[..]));
+        let deadline = Instant::now() + Duration::from_millis(300) * 30;
+        loop {
+            let (_, _, body) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
+            if &body[..] != b"call 1" {
+                assert_eq!(&body[..], b"call 3");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A served its copy long after B's POST invalidated the URL"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(up.calls(), 3);
+    }
+}

@@ -244,6 +244,26 @@ impl Server {
         }
     }
 
+    /// One counter of memcached's `stats`.
+    pub fn stat(&self, name: &str) -> u64 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"stats\r\n").unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !out.ends_with(b"END\r\n") {
+            let n = s.read(&mut buf).expect("stats reply");
+            assert!(n > 0, "stats: connection closed");
+            out.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&out);
+        let prefix = format!("STAT {name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in stats"))
+    }
+
     /// Runs one raw command line and returns the first reply bytes (for poking at the store).
     pub fn raw(&self, line: &str) -> String {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
