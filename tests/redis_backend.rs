@@ -1048,4 +1048,69 @@ mod near_cache {
         }
         None
     }
+
+    /// A user whose ACL forbids `CLIENT`: the near cache turns itself off once (a warning), and
+    /// the backend works as without it, with no `CLIENT` command retried per read.
+    #[tokio::test]
+    async fn without_client_tracking_the_near_cache_turns_itself_off() {
+        let server = Server::redis();
+        let reply = server.raw("ACL SETUSER app on >s3cret ~* &* +@all -client");
+        assert!(reply.starts_with("+OK"), "{reply}");
+        let url = format!("redis://app:s3cret@127.0.0.1:{}", server.port());
+        let backend = RedisBackend::builder(url.as_str())
+            .near_cache(1 << 20)
+            .connect()
+            .await
+            .expect("the backend connects; only its near cache is refused");
+        let engine = Stampede::new(backend);
+        let first = engine
+            .get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("v")) })
+            .await
+            .unwrap();
+        assert_eq!(first.status, Status::Stored);
+        let refused_before = client_refusals(&server);
+        let gets_before = get_calls(&server);
+        // Spread over a second: ten times the reconnect backoff, so retries would show.
+        for _ in 0..50 {
+            let s = engine
+                .get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("x")) })
+                .await
+                .unwrap();
+            assert_eq!((s.status, &s.value[..]), (Status::Hit, &b"v"[..]));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get_calls(&server) - gets_before, 50, "every hit read Redis");
+        assert_eq!(
+            client_refusals(&server),
+            refused_before,
+            "CLIENT was tried again after the refusal"
+        );
+    }
+
+    /// `INFO commandstats` counters.
+    fn commandstats(server: &Server) -> String {
+        server.raw("INFO commandstats")
+    }
+
+    fn get_calls(server: &Server) -> u64 {
+        stat_field(&commandstats(server), "cmdstat_get:", "calls=")
+    }
+
+    /// Every `CLIENT ...` call the ACL rejected.
+    fn client_refusals(server: &Server) -> u64 {
+        commandstats(server)
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_client|"))
+            .map(|l| stat_field(l, "", "rejected_calls="))
+            .sum()
+    }
+
+    fn stat_field(text: &str, line_prefix: &str, field: &str) -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(line_prefix))
+            .find_map(|l| l.split(field).nth(1))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }

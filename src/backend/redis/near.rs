@@ -48,6 +48,9 @@ pub(super) struct Near {
     redirect: Mutex<Option<(u64, i64)>>,
     connecting: AtomicBool,
     last_failure: Mutex<Option<Instant>>,
+    /// The server refused what the near cache needs (RESP3, `CLIENT ID`, `CLIENT TRACKING`:
+    /// Redis < 6, or an ACL): it stays off, and nothing more is tried.
+    unavailable: AtomicBool,
 }
 
 /// What a read remembers from before it was sent.
@@ -84,6 +87,7 @@ impl Near {
             redirect: Mutex::new(None),
             connecting: AtomicBool::new(false),
             last_failure: Mutex::new(None),
+            unavailable: AtomicBool::new(false),
         }))
     }
 
@@ -143,9 +147,8 @@ impl Near {
         cmd.arg("TRACKING").arg("ON").arg("REDIRECT").arg(id);
         match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(conn)).await {
             Ok(Ok(_)) => tracked.generation.store(generation, Ordering::SeqCst),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "redis CLIENT TRACKING failed; the near cache stays empty for this connection")
-            }
+            Ok(Err(e)) if refused(&e) => self.give_up(&e),
+            Ok(Err(e)) => tracing::debug!(error = %e, "redis CLIENT TRACKING failed"),
             Err(_) => tracing::debug!("redis CLIENT TRACKING timed out"),
         }
         tracked.busy.store(false, Ordering::Release);
@@ -154,7 +157,10 @@ impl Near {
     /// Makes the tracking connection in the background when there is none (at most one attempt
     /// at a time, none within the reconnect backoff of a failure).
     pub(super) fn kick(self: &Arc<Self>) {
-        if self.live.load(Ordering::Acquire) != 0 || self.connecting.load(Ordering::Acquire) {
+        if self.live.load(Ordering::Acquire) != 0
+            || self.connecting.load(Ordering::Acquire)
+            || self.unavailable.load(Ordering::Acquire)
+        {
             return;
         }
         if let Some(t) = *lock(&self.last_failure) {
@@ -174,6 +180,9 @@ impl Near {
     pub(super) async fn connect(self: &Arc<Self>) -> bool {
         if self.live.load(Ordering::Acquire) != 0 {
             return true;
+        }
+        if self.unavailable.load(Ordering::Acquire) {
+            return false;
         }
         if self.connecting.swap(true, Ordering::AcqRel) {
             return false;
@@ -204,6 +213,10 @@ impl Near {
         .await;
         let (conn, id) = match made {
             Ok(Ok(x)) => x,
+            Ok(Err(e)) if refused(&e) => {
+                self.give_up(&e);
+                return false;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "redis near cache: tracking connection failed");
                 return false;
@@ -222,6 +235,19 @@ impl Near {
         tokio::spawn(dispatch(Arc::downgrade(self), generation, rx));
         tokio::spawn(watch(Arc::downgrade(self), generation, conn));
         true
+    }
+
+    fn give_up(&self, e: &RedisError) {
+        if !self.unavailable.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                error = %e,
+                "tower-stampede: the Redis near cache is off (it needs Redis >= 6 with RESP3, \
+                 CLIENT ID and CLIENT TRACKING allowed); every read goes to Redis"
+            );
+        }
+        *lock(&self.redirect) = None;
+        self.live.store(0, Ordering::SeqCst);
+        self.store.flush();
     }
 
     /// The tracking connection of `generation` is gone: drop everything, keep nothing until
@@ -251,6 +277,16 @@ impl Near {
             }
         }
     }
+}
+
+/// A refusal by the server (an error reply, no RESP3), as opposed to a broken or slow
+/// connection, which is worth trying again.
+fn refused(e: &RedisError) -> bool {
+    !(e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error())
 }
 
 /// Owned by one tracking connection: applies its invalidations; ends when it breaks.
