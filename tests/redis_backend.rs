@@ -1049,6 +1049,40 @@ mod near_cache {
         None
     }
 
+    /// Redis tracks keys per connection: when the data connection that read a kept record
+    /// dies (here `CLIENT KILL`, as a server's idle `timeout` would), Redis can no longer say
+    /// when it changes, so the record must go, although hot hits never use that connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_data_connection_drops_what_it_read() {
+        let server = Server::redis();
+        let backend = near_backend(&server).await;
+        let a = Stampede::new(backend.clone());
+        let slot = Digest::of_key("k");
+        a.get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("v1")) })
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
+        }
+        let data_id: i64 = raw_cmd(&backend, redis::cmd("CLIENT").arg("ID")).await;
+        let killed = server.raw(&format!("CLIENT KILL ID {data_id}"));
+        assert!(killed.contains(":1"), "CLIENT KILL: {killed}");
+        // Changed behind the dead connection's back: no invalidation can come.
+        let entry_key = backend.prefix().entry(&slot);
+        let set = server.raw(&format!("SET {entry_key} garbage"));
+        assert!(set.contains("OK"), "{set}");
+        let mut seen = false;
+        for _ in 0..500 {
+            let e = backend.fetch(&slot, None).await.ok().and_then(|f| f.entry);
+            if e.as_deref() == Some(&b"garbage"[..]) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen, "a record read on a dead connection was still served");
+    }
+
     /// A user whose ACL forbids `CLIENT`: the near cache turns itself off once (a warning), and
     /// the backend works as without it, with no `CLIENT` command retried per read.
     #[tokio::test]

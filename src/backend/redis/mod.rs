@@ -66,7 +66,10 @@
 //! arrives. A read that raced an invalidation is not kept (an epoch bumped before every removal
 //! decides), a kept record also expires with the key's own `PTTL`, read with it, and losing the
 //! tracking connection (closed, or a `PING` unanswered within the timeout, checked every second)
-//! drops everything until a new one is made and every data connection points at it. Our own
+//! drops everything until a new one is made and every data connection points at it. Redis
+//! tracks keys per data connection, so losing one of those drops everything too; they are
+//! checked with a `PING` every second as well, since hot hits never use them (which also keeps a
+//! server's idle `timeout` from closing them). Our own
 //! writes and invalidations drop our copies at once. The remaining window: after another
 //! instance writes a key, this one may serve the old record until Redis's message arrives (on
 //! loopback well under a millisecond), as a `GET` racing that write would.
@@ -160,6 +163,8 @@ struct Inner {
     max_record_bytes: usize,
     signals: Option<Arc<Signals>>,
     near: Option<Arc<Near>>,
+    /// Whether the held-connection watch of the near cache runs.
+    watching: AtomicBool,
     policy_checked: AtomicBool,
 }
 
@@ -291,6 +296,7 @@ impl RedisBackend {
     pub async fn warm_up(&self) -> BackendResult<()> {
         if let Some(near) = &self.inner.near {
             near.connect().await;
+            self.inner.watch_held();
         }
         for i in 0..self.inner.held.len() {
             let mut live = self.inner.reconnect(i, true).await?;
@@ -465,6 +471,7 @@ impl RedisBackendBuilder {
                 max_record_bytes: self.max_record_bytes,
                 signals,
                 near,
+                watching: AtomicBool::new(false),
                 policy_checked: AtomicBool::new(false),
             }),
         })
@@ -624,11 +631,36 @@ impl Inner {
         let replace =
             e.is_unrecoverable_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
         if replace {
-            let mut slot = lock(&self.held[i].conn);
-            if matches!(&*slot, Some(cur) if cur.id == id) {
-                *slot = None;
+            self.drop_conn(i, id);
+        }
+    }
+
+    /// Forgets held connection `id` in slot `i`. Redis tracked the keys read on it for this
+    /// connection alone, and will not tell anyone when they change now: with a near cache,
+    /// everything it kept goes too.
+    fn drop_conn(&self, i: usize, id: u64) {
+        let mut slot = lock(&self.held[i].conn);
+        if matches!(&*slot, Some(cur) if cur.id == id) {
+            *slot = None;
+            drop(slot);
+            if let Some(near) = &self.near {
+                near.flush();
             }
         }
+    }
+
+    /// With a near cache: starts (once) the task that checks every held connection each
+    /// second, so one that died while hot hits never used it is noticed, and what it kept
+    /// dropped, within about a second (and a server's idle `timeout` never closes it).
+    fn watch_held(self: &Arc<Self>) {
+        if self.near.is_none() || self.watching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.watching.store(false, Ordering::Release);
+            return;
+        };
+        handle.spawn(watch_held(Arc::downgrade(self)));
     }
 
     async fn query(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> BackendResult<Value> {
@@ -707,6 +739,30 @@ impl Inner {
     }
 }
 
+/// See [`Inner::watch_held`]: ends when the backend is dropped.
+async fn watch_held(inner: std::sync::Weak<Inner>) {
+    loop {
+        tokio::time::sleep(near::PING_EVERY).await;
+        let Some(this) = inner.upgrade() else {
+            return;
+        };
+        let lives: Vec<(usize, Live)> = (0..this.held.len())
+            .filter_map(|i| lock(&this.held[i].conn).clone().map(|l| (i, l)))
+            .collect();
+        for (i, mut live) in lives {
+            let ping = redis::cmd("PING");
+            let ok = matches!(
+                tokio::time::timeout(this.timeout, ping.query_async::<Value>(&mut live.conn)).await,
+                Ok(Ok(_))
+            );
+            if !ok {
+                tracing::debug!("redis: a held connection did not answer PING; replacing it");
+                this.drop_conn(i, live.id);
+            }
+        }
+    }
+}
+
 async fn check_eviction_policy(conn: &mut MultiplexedConnection) {
     let reply = redis::cmd("CONFIG")
         .arg("GET")
@@ -761,6 +817,7 @@ impl Backend for RedisBackend {
                 None => None,
                 Some(near) => {
                     near.kick();
+                    inner.watch_held();
                     let t = near.ticket(&live.tracked);
                     if t.is_none() {
                         near.track(&live.tracked, &mut live.conn).await;

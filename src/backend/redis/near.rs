@@ -34,8 +34,9 @@ use super::redis::{
 use super::RECONNECT_BACKOFF;
 use crate::backend::near::{self, NearStore};
 
-/// How often the tracking connection is checked with a `PING`.
-const PING_EVERY: Duration = Duration::from_secs(1);
+/// How often the tracking connection (and, with a near cache, every held data connection) is
+/// checked with a `PING`.
+pub(super) const PING_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Near {
     client: Client,
@@ -125,6 +126,11 @@ impl Near {
     /// Drops `key` (our own write or a refreshed entry: no need to wait for Redis's message).
     pub(super) fn forget(&self, key: &str) {
         self.store.forget(key);
+    }
+
+    /// Drops everything (a data connection that read some of it is gone).
+    pub(super) fn flush(&self) {
+        self.store.flush();
     }
 
     /// The live tracking connection's generation and client id.
