@@ -958,18 +958,49 @@ mod near_cache {
         );
     }
 
+    /// Fills `slot`'s key with `v` through `a` and reads it back 20 times (so it is kept).
+    async fn fill_and_keep(a: &Stampede, backend: &RedisBackend, key: &str, v: &'static str) {
+        a.get_or_fill(
+            key,
+            move || async move { Ok::<_, std::io::Error>(fresh(v)) },
+        )
+        .await
+        .unwrap();
+        let slot = Digest::of_key(key);
+        for _ in 0..20 {
+            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
+        }
+    }
+
+    /// `SET`s `key`'s entry to garbage behind the backend's back, then reads until the backend
+    /// returns it (at most `tries` reads 10 ms apart).
+    async fn garbage_is_seen(
+        server: &Server,
+        backend: &RedisBackend,
+        key: &str,
+        tries: usize,
+    ) -> bool {
+        let slot = Digest::of_key(key);
+        let entry_key = backend.prefix().entry(&slot);
+        let set = server.raw(&format!("SET {entry_key} garbage"));
+        assert!(set.contains("OK"), "{set}");
+        for _ in 0..tries {
+            let e = backend.fetch(&slot, None).await.ok().and_then(|f| f.entry);
+            if e.as_deref() == Some(&b"garbage"[..]) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn flushall_and_a_lost_tracking_connection_drop_what_is_kept() {
         let server = Server::redis();
         let backend = near_backend(&server).await;
         let a = Stampede::new(backend.clone());
         let slot = Digest::of_key("k");
-        a.get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("v1")) })
-            .await
-            .unwrap();
-        for _ in 0..20 {
-            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
-        }
+        fill_and_keep(&a, &backend, "k", "v1").await;
         // FLUSHALL: Redis sends a null invalidation; the next read is a miss.
         let reply = server.raw("FLUSHALL");
         assert!(reply.contains("OK"), "{reply}");
@@ -985,29 +1016,13 @@ mod near_cache {
 
         // Fill again and have it kept, then kill the tracking connection and change the value
         // behind its back with a raw SET (Redis can no longer tell us): the loss alone must drop it.
-        a.get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("v2")) })
-            .await
-            .unwrap();
-        for _ in 0..20 {
-            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
-        }
+        fill_and_keep(&a, &backend, "k", "v2").await;
         let info: redis::Value = raw_cmd(&backend, redis::cmd("CLIENT").arg("TRACKINGINFO")).await;
         let redirect = tracking_redirect(&info).expect("the data connection is tracked");
         assert!(redirect > 0, "redirect id {redirect}");
         let killed = server.raw(&format!("CLIENT KILL ID {redirect}"));
         assert!(killed.contains(":1"), "CLIENT KILL: {killed}");
-        let entry_key = backend.prefix().entry(&slot);
-        let set = server.raw(&format!("SET {entry_key} garbage"));
-        assert!(set.contains("OK"), "{set}");
-        let mut seen = false;
-        for _ in 0..200 {
-            let e = backend.fetch(&slot, None).await.unwrap().entry;
-            if e.as_deref() == Some(&b"garbage"[..]) {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let seen = garbage_is_seen(&server, &backend, "k", 200).await;
         assert!(seen, "the near copy outlived its tracking connection");
 
         // A new tracking connection is made and used: hits stop reaching Redis again.
@@ -1057,29 +1072,12 @@ mod near_cache {
         let server = Server::redis();
         let backend = near_backend(&server).await;
         let a = Stampede::new(backend.clone());
-        let slot = Digest::of_key("k");
-        a.get_or_fill("k", || async { Ok::<_, std::io::Error>(fresh("v1")) })
-            .await
-            .unwrap();
-        for _ in 0..20 {
-            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
-        }
+        fill_and_keep(&a, &backend, "k", "v1").await;
         let data_id: i64 = raw_cmd(&backend, redis::cmd("CLIENT").arg("ID")).await;
         let killed = server.raw(&format!("CLIENT KILL ID {data_id}"));
         assert!(killed.contains(":1"), "CLIENT KILL: {killed}");
         // Changed behind the dead connection's back: no invalidation can come.
-        let entry_key = backend.prefix().entry(&slot);
-        let set = server.raw(&format!("SET {entry_key} garbage"));
-        assert!(set.contains("OK"), "{set}");
-        let mut seen = false;
-        for _ in 0..500 {
-            let e = backend.fetch(&slot, None).await.ok().and_then(|f| f.entry);
-            if e.as_deref() == Some(&b"garbage"[..]) {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let seen = garbage_is_seen(&server, &backend, "k", 500).await;
         assert!(seen, "a record read on a dead connection was still served");
     }
 
