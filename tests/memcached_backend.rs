@@ -68,7 +68,8 @@ async fn harness() -> (Harness, Server) {
 async fn harness_with(near_cache: bool) -> (Harness, Server) {
     let server = Server::memcached();
     let backend = if near_cache {
-        near(&server, Duration::from_secs(1)).await
+        // Longer than any wait in the suite: expiry must come from the items' own TTLs.
+        near(&server, Duration::from_secs(600)).await
     } else {
         connect(&server).await
     };

@@ -944,6 +944,15 @@ mod near_cache {
                 .unwrap();
             assert_eq!(&s.value[..], b"old");
         }
+        let gets = get_calls(&server);
+        for _ in 0..10 {
+            let s = a
+                .get_or_fill(key, || async { Ok::<_, std::io::Error>(fresh("x")) })
+                .await
+                .unwrap();
+            assert_eq!(&s.value[..], b"old");
+        }
+        assert_eq!(get_calls(&server), gets, "A keeps its copy");
         // B invalidates it and fills "new"; without Redis's message A would serve "old" for ten
         // minutes.
         b.invalidate(key).await.unwrap();
@@ -958,8 +967,15 @@ mod near_cache {
         );
     }
 
-    /// Fills `slot`'s key with `v` through `a` and reads it back 20 times (so it is kept).
-    async fn fill_and_keep(a: &Stampede, backend: &RedisBackend, key: &str, v: &'static str) {
+    /// Fills `key` with `v` through `a`, reads it back until it is kept (ten reads in a row
+    /// reach Redis not once), and asserts that it is.
+    async fn fill_and_keep(
+        server: &Server,
+        a: &Stampede,
+        backend: &RedisBackend,
+        key: &str,
+        v: &'static str,
+    ) {
         a.get_or_fill(
             key,
             move || async move { Ok::<_, std::io::Error>(fresh(v)) },
@@ -967,9 +983,16 @@ mod near_cache {
         .await
         .unwrap();
         let slot = Digest::of_key(key);
-        for _ in 0..20 {
-            assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
+        for _ in 0..50 {
+            let gets = get_calls(server);
+            for _ in 0..10 {
+                assert!(backend.fetch(&slot, None).await.unwrap().entry.is_some());
+            }
+            if get_calls(server) == gets {
+                return;
+            }
         }
+        panic!("{key} was never kept");
     }
 
     /// `SET`s `key`'s entry to garbage behind the backend's back, then reads until the backend
@@ -1000,7 +1023,7 @@ mod near_cache {
         let backend = near_backend(&server).await;
         let a = Stampede::new(backend.clone());
         let slot = Digest::of_key("k");
-        fill_and_keep(&a, &backend, "k", "v1").await;
+        fill_and_keep(&server, &a, &backend, "k", "v1").await;
         // FLUSHALL: Redis sends a null invalidation; the next read is a miss.
         let reply = server.raw("FLUSHALL");
         assert!(reply.contains("OK"), "{reply}");
@@ -1016,7 +1039,7 @@ mod near_cache {
 
         // Fill again and have it kept, then kill the tracking connection and change the value
         // behind its back with a raw SET (Redis can no longer tell us): the loss alone must drop it.
-        fill_and_keep(&a, &backend, "k", "v2").await;
+        fill_and_keep(&server, &a, &backend, "k", "v2").await;
         let info: redis::Value = raw_cmd(&backend, redis::cmd("CLIENT").arg("TRACKINGINFO")).await;
         let redirect = tracking_redirect(&info).expect("the data connection is tracked");
         assert!(redirect > 0, "redirect id {redirect}");
@@ -1072,7 +1095,7 @@ mod near_cache {
         let server = Server::redis();
         let backend = near_backend(&server).await;
         let a = Stampede::new(backend.clone());
-        fill_and_keep(&a, &backend, "k", "v1").await;
+        fill_and_keep(&server, &a, &backend, "k", "v1").await;
         let data_id: i64 = raw_cmd(&backend, redis::cmd("CLIENT").arg("ID")).await;
         let killed = server.raw(&format!("CLIENT KILL ID {data_id}"));
         assert!(killed.contains(":1"), "CLIENT KILL: {killed}");

@@ -232,8 +232,10 @@ impl MemcachedBuilder {
     /// reaches this one's hits up to `max_age` late (this instance's own writes, invalidations
     /// and refreshed leases drop its copies at once). Freshness is never extended: the engine
     /// still judges every record by its own TTL. See the [module docs](self#near-cache).
-    /// A zero `bytes` or `max_age` turns it off.
+    /// A zero `bytes` or `max_age` turns it off; `max_age` is capped at 30 days.
     pub fn near_cache(mut self, bytes: usize, max_age: Duration) -> Self {
+        // Longer than memcached's longest relative expiry would mean nothing more.
+        let max_age = max_age.min(Duration::from_secs(MAX_RELATIVE_SECS));
         self.near = (bytes > 0 && !max_age.is_zero()).then_some((bytes, max_age));
         self
     }
@@ -584,20 +586,23 @@ impl MemcachedBackend {
         if let Some(f) = near::kept(|k| near.store.get(k), &entry_key, variant_key.as_deref()) {
             return Ok(f);
         }
-        let ticket = near.store.ticket();
+        let entry_ticket = near.store.ticket(&entry_key);
+        let variant_ticket = variant_key.as_deref().map(|k| near.store.ticket(k));
         let read_at = Instant::now();
         let mut cmds = vec![get(&entry_key, true, false, true)];
         if let Some(vk) = &variant_key {
             cmds.push(get(vk, true, false, true));
         }
         let mut replies = self.inner.client.batch(cmds).await.into_iter();
-        let mut take = |key: &str| -> BackendResult<Option<Bytes>> {
+        let mut take = |key: &str, ticket: Option<near::Ticket>| -> BackendResult<Option<Bytes>> {
             match next(&mut replies)? {
                 Reply::Item(it) => {
-                    if let Some(v) = &it.value {
+                    if let (Some(v), Some(ticket)) = (&it.value, ticket) {
                         // The item's expiry in whole seconds, less memcached's slack second.
                         let keep = remaining(it.ttl, near.max_age);
-                        near.store.put(ticket, key, v, Some(read_at + keep));
+                        if let Some(until) = read_at.checked_add(keep) {
+                            near.store.put(ticket, key, v, Some(until));
+                        }
                     }
                     Ok(it.value)
                 }
@@ -605,9 +610,9 @@ impl MemcachedBackend {
                 other => Err(unexpected("mg", &other)),
             }
         };
-        let entry = take(&entry_key)?;
+        let entry = take(&entry_key, Some(entry_ticket))?;
         let variant = match &variant_key {
-            Some(vk) => take(vk)?,
+            Some(vk) => take(vk, variant_ticket)?,
             None => None,
         };
         Ok(Fetched { entry, variant })

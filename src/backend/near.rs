@@ -1,11 +1,12 @@
 //! The in-process store behind the near caches of the Redis and Memcached backends: records
 //! read from the store, by key, under a byte budget, each with a deadline.
 //!
-//! Every removal (invalidation, flush) bumps an epoch *before* it removes anything; a read takes
-//! a [`Ticket`] (the epoch) before it is sent, and [`NearStore::put`] keeps its value only if the
-//! epoch is unchanged, checked under the shard's lock that the removal takes too. So a value read
-//! before an invalidation was applied is never kept after it; at worst a hot key's value is not
-//! kept this time and is read again.
+//! Every removal (invalidation, flush) bumps its shard's epoch *before* it removes anything; a
+//! read takes a [`Ticket`] (its key's shard and that shard's epoch) before it is sent, and
+//! [`NearStore::put`] keeps its value only if the epoch is unchanged, checked under the shard's
+//! lock that the removal takes too. So a value read before an invalidation was applied is never
+//! kept after it; at worst a hot key's value is not kept this time and is read again. Epochs are
+//! per shard so that invalidations of other keys rarely void a read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +23,9 @@ const OVERHEAD: usize = 64;
 
 pub(crate) struct NearStore {
     shard_budget: usize,
-    max_value: usize,
-    epoch: AtomicU64,
+    max_cost: usize,
+    /// One per shard, bumped before anything is removed from it.
+    epochs: Box<[AtomicU64]>,
     shards: Box<[Mutex<Shard>]>,
 }
 
@@ -57,9 +59,12 @@ pub(crate) fn kept(
     Some(Fetched { entry, variant })
 }
 
-/// What a read remembers from before it was sent.
+/// What a read of one key remembers from before it was sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Ticket(u64);
+pub(crate) struct Ticket {
+    shard: usize,
+    epoch: u64,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -70,15 +75,15 @@ impl NearStore {
         let shard_budget = budget / SHARDS;
         NearStore {
             shard_budget,
-            // A record larger than a sixteenth of its shard (a 256th of the budget) is not
-            // kept: one huge value must not push out everything else.
-            max_value: shard_budget / 16,
-            epoch: AtomicU64::new(0),
+            // A record costing more than a sixteenth of its shard (a 256th of the budget) is
+            // not kept: one huge value must not push out everything else.
+            max_cost: shard_budget / 16,
+            epochs: (0..SHARDS).map(|_| AtomicU64::new(0)).collect(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard> {
+    fn index(key: &str) -> usize {
         // Keys end in a hex digest and a part name: hash the bytes just before the last two.
         let h = key
             .as_bytes()
@@ -87,7 +92,11 @@ impl NearStore {
             .skip(2)
             .take(8)
             .fold(0usize, |h, &c| h.wrapping_mul(31).wrapping_add(c as usize));
-        &self.shards[h % SHARDS]
+        h % SHARDS
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
+        &self.shards[Self::index(key)]
     }
 
     /// A kept record, unless past its deadline.
@@ -104,19 +113,24 @@ impl NearStore {
         }
     }
 
-    /// To take before sending a read whose value may be kept.
-    pub(crate) fn ticket(&self) -> Ticket {
-        Ticket(self.epoch.load(Ordering::SeqCst))
+    /// To take before sending a read of `key` whose value may be kept.
+    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+        let shard = Self::index(key);
+        Ticket {
+            shard,
+            epoch: self.epochs[shard].load(Ordering::SeqCst),
+        }
     }
 
-    /// Keeps `value`, read under `ticket`, until `until`, unless anything was removed since.
+    /// Keeps `value` of `key`, read under `ticket` (taken for `key`), until `until`, unless
+    /// anything was removed from its shard since.
     pub(crate) fn put(&self, ticket: Ticket, key: &str, value: &Bytes, until: Option<Instant>) {
-        if value.len() > self.max_value {
+        let cost = key.len() + value.len() + OVERHEAD;
+        if cost > self.max_cost || ticket.shard != Self::index(key) {
             return;
         }
-        let cost = key.len() + value.len() + OVERHEAD;
-        let mut shard = lock(self.shard(key));
-        if self.epoch.load(Ordering::SeqCst) != ticket.0 {
+        let mut shard = lock(&self.shards[ticket.shard]);
+        if self.epochs[ticket.shard].load(Ordering::SeqCst) != ticket.epoch {
             return;
         }
         if shard.bytes + cost > self.shard_budget {
@@ -140,14 +154,17 @@ impl NearStore {
 
     /// Drops `key` (and voids the tickets of reads in flight).
     pub(crate) fn forget(&self, key: &str) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        lock(self.shard(key)).remove(key);
+        let i = Self::index(key);
+        self.epochs[i].fetch_add(1, Ordering::SeqCst);
+        lock(&self.shards[i]).remove(key);
     }
 
     /// Drops everything (and voids the tickets of reads in flight).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn flush(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for e in self.epochs.iter() {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
         for s in self.shards.iter() {
             let mut s = lock(s);
             s.map.clear();
@@ -169,11 +186,11 @@ mod tests {
     #[test]
     fn a_removal_between_read_and_insert_wins() {
         let n = NearStore::new(1 << 20);
-        let ticket = n.ticket();
+        let ticket = n.ticket("ts:{ab}:e");
         n.forget("ts:{ab}:e");
         n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"old"), None);
         assert_eq!(n.get("ts:{ab}:e"), None);
-        let ticket = n.ticket();
+        let ticket = n.ticket("ts:{ab}:e");
         n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"new"), None);
         assert_eq!(n.get("ts:{ab}:e").as_deref(), Some(&b"new"[..]));
         n.flush();
@@ -181,9 +198,23 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_in_another_shard_does_not_void_a_read() {
+        let n = NearStore::new(1 << 20);
+        let (a, b) = ("ts:{aaaaaaaa}:e", "ts:{bbbbbbbb}:e");
+        assert_ne!(NearStore::index(a), NearStore::index(b));
+        let ticket = n.ticket(a);
+        n.forget(b);
+        n.put(ticket, a, &Bytes::from_static(b"v"), None);
+        assert!(n.get(a).is_some());
+        // A ticket taken for another key keeps nothing.
+        n.put(n.ticket(b), a, &Bytes::from_static(b"w"), None);
+        assert_eq!(n.get(a).as_deref(), Some(&b"v"[..]));
+    }
+
+    #[test]
     fn a_record_is_not_served_past_its_deadline() {
         let n = NearStore::new(1 << 20);
-        let t = n.ticket();
+        let t = n.ticket("ts:{ab}:e");
         n.put(
             t,
             "ts:{ab}:e",
@@ -193,6 +224,7 @@ mod tests {
         assert_eq!(n.get("ts:{ab}:e"), None);
         assert_eq!(n.len(), 0);
         let later = Instant::now() + Duration::from_secs(60);
+        let t = n.ticket("ts:{cd}:e");
         n.put(t, "ts:{cd}:e", &Bytes::from_static(b"v"), Some(later));
         assert!(n.get("ts:{cd}:e").is_some());
     }
@@ -200,12 +232,13 @@ mod tests {
     #[test]
     fn the_budget_holds_and_large_values_are_not_kept() {
         let n = NearStore::new(SHARDS * 4096);
-        let big = Bytes::from(vec![b'x'; 4096 / 16 + 1]);
-        n.put(n.ticket(), "ts:{big}:e", &big, None);
+        let big = Bytes::from(vec![b'x'; 4096 / 16]);
+        n.put(n.ticket("ts:{big}:e"), "ts:{big}:e", &big, None);
         assert_eq!(n.get("ts:{big}:e"), None);
         let v = Bytes::from(vec![b'y'; 100]);
         for i in 0..2000 {
-            n.put(n.ticket(), &format!("ts:{{{i:08x}}}:e"), &v, None);
+            let k = format!("ts:{{{i:08x}}}:e");
+            n.put(n.ticket(&k), &k, &v, None);
         }
         for s in n.shards.iter() {
             let s = lock(s);

@@ -628,10 +628,15 @@ impl Inner {
 
     /// Forgets a connection that cannot be used again (dropped, or a replica after a failover).
     fn on_error(&self, i: usize, id: u64, e: &RedisError) {
-        let replace =
-            e.is_unrecoverable_error() || e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
-        if replace {
+        let read_only = e.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly);
+        if e.is_unrecoverable_error() || read_only {
             self.drop_conn(i, id);
+        }
+        if read_only {
+            // A failover: the next connection may reach another server than the tracking one.
+            if let Some(near) = &self.near {
+                near.reset();
+            }
         }
     }
 
@@ -641,7 +646,9 @@ impl Inner {
     fn drop_conn(&self, i: usize, id: u64) {
         let mut slot = lock(&self.held[i].conn);
         if matches!(&*slot, Some(cur) if cur.id == id) {
-            *slot = None;
+            if let Some(cur) = slot.take() {
+                cur.tracked.retire();
+            }
             drop(slot);
             if let Some(near) = &self.near {
                 near.flush();
@@ -813,19 +820,28 @@ impl Backend for RedisBackend {
                 }
             }
             let (i, mut live) = inner.conn().await?;
-            let ticket = match &inner.near {
+            // With a near cache and a connection pointed at the live tracking connection: the
+            // tickets of the keys read, taken before the read is sent.
+            let keep = match &inner.near {
                 None => None,
                 Some(near) => {
                     near.kick();
                     inner.watch_held();
-                    let t = near.ticket(&live.tracked);
-                    if t.is_none() {
-                        near.track(&live.tracked, &mut live.conn).await;
+                    match near.ticket(&live.tracked, &entry_key) {
+                        None => {
+                            near.track(&live.tracked, &mut live.conn).await;
+                            None
+                        }
+                        Some(e) => {
+                            let v = variant_key
+                                .as_deref()
+                                .and_then(|k| near.ticket(&live.tracked, k));
+                            Some((near, e, v, live.tracked.clone()))
+                        }
                     }
-                    t
                 }
             };
-            if let (Some(near), Some(t)) = (&inner.near, ticket) {
+            if let Some((near, entry_ticket, variant_ticket, tracked)) = keep {
                 // A read to keep: with each key's remaining TTL, so a kept record expires
                 // when Redis's does (Redis's own message comes only when it deletes the key).
                 let mut pipe = redis::pipe();
@@ -833,29 +849,33 @@ impl Backend for RedisBackend {
                 if let Some(vk) = &variant_key {
                     pipe.cmd("GET").arg(vk).cmd("PTTL").arg(vk);
                 }
+                // The TTL counts from before the read: a kept copy never outlives the key.
+                let sent_at = Instant::now();
                 let replies = inner.pipe_on(i, live, "GET", &pipe).await?;
                 let mut it = replies.into_iter();
-                let mut take = |key: &str| -> BackendResult<Option<Bytes>> {
+                let mut take = |key: &str, ticket: Option<near::Ticket>| {
                     let (Some(v), Some(ttl)) = (it.next(), it.next()) else {
                         return Err(BackendError::new("redis GET: short pipeline reply"));
                     };
                     let v = bytes_of("GET", v)?;
-                    if let (Some(bytes), Value::Int(ms)) = (&v, ttl) {
+                    if let (Some(bytes), Value::Int(ms), Some(t)) = (&v, ttl, ticket) {
                         // -1: no expiry; -2: gone since the GET (not kept).
-                        let ttl = match ms {
+                        let until = match ms {
                             -1 => Some(None),
-                            ms if ms >= 0 => Some(Some(Duration::from_millis(ms as u64))),
+                            ms if ms >= 0 => sent_at
+                                .checked_add(Duration::from_millis(ms as u64))
+                                .map(Some),
                             _ => None,
                         };
-                        if let Some(ttl) = ttl {
-                            near.put(t, key, bytes, ttl);
+                        if let Some(until) = until {
+                            near.put(t, &tracked, key, bytes, until);
                         }
                     }
                     Ok(v)
                 };
-                let entry = take(&entry_key)?;
+                let entry = take(&entry_key, Some(entry_ticket))?;
                 let variant = match &variant_key {
-                    Some(vk) => take(vk)?,
+                    Some(vk) => take(vk, variant_ticket)?,
                     None => None,
                 };
                 return Ok(Fetched { entry, variant });

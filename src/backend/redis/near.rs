@@ -61,11 +61,19 @@ pub(super) struct Ticket {
     store: near::Ticket,
 }
 
-/// Which tracking generation a data connection reports to (0: none yet).
+/// Which tracking generation a data connection reports to (0: none yet, or retired).
 #[derive(Debug, Default)]
 pub(super) struct Tracked {
     generation: AtomicU64,
     busy: AtomicBool,
+}
+
+impl Tracked {
+    /// The connection is being dropped: nothing read on it may be kept from now on (a read in
+    /// flight on it would otherwise be kept after the flush that follows).
+    pub(super) fn retire(&self) {
+        self.generation.store(0, Ordering::SeqCst);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,24 +110,33 @@ impl Near {
 
     /// What a read on a connection tracked as `tracked` must remember; `None` when its value
     /// may not be kept (no live tracking connection, or this connection not yet pointed at it).
-    pub(super) fn ticket(&self, tracked: &Tracked) -> Option<Ticket> {
+    pub(super) fn ticket(&self, tracked: &Tracked, key: &str) -> Option<Ticket> {
         let generation = self.live.load(Ordering::SeqCst);
         if generation == 0 || tracked.generation.load(Ordering::SeqCst) != generation {
             return None;
         }
         Some(Ticket {
             generation,
-            store: self.store.ticket(),
+            store: self.store.ticket(key),
         })
     }
 
-    /// Keeps `value` read under `ticket`, for at most the key's remaining TTL in Redis, unless
-    /// anything was invalidated or the tracking connection changed since.
-    pub(super) fn put(&self, ticket: Ticket, key: &str, value: &Bytes, ttl: Option<Duration>) {
-        if self.live.load(Ordering::SeqCst) != ticket.generation {
+    /// Keeps `value` of `key` read under `ticket` on the connection tracked as `tracked`, until
+    /// `until` (the key's expiry in Redis), unless anything was invalidated, the tracking
+    /// connection changed, or that data connection was retired since.
+    pub(super) fn put(
+        &self,
+        ticket: Ticket,
+        tracked: &Tracked,
+        key: &str,
+        value: &Bytes,
+        until: Option<Instant>,
+    ) {
+        if self.live.load(Ordering::SeqCst) != ticket.generation
+            || tracked.generation.load(Ordering::SeqCst) != ticket.generation
+        {
             return;
         }
-        let until = ttl.map(|d| Instant::now() + d);
         self.store.put(ticket.store, key, value, until);
     }
 
@@ -154,6 +171,18 @@ impl Near {
         match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(conn)).await {
             Ok(Ok(_)) => tracked.generation.store(generation, Ordering::SeqCst),
             Ok(Err(e)) if refused(&e) => self.give_up(&e),
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                ) =>
+            {
+                // An error reply that is not a refusal: most likely our tracking connection's id
+                // does not exist on the server this connection reached (a failover behind one
+                // address). Make a new tracking connection.
+                tracing::debug!(error = %e, "redis CLIENT TRACKING failed; new tracking connection");
+                self.broken(generation);
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "redis CLIENT TRACKING failed"),
             Err(_) => tracing::debug!("redis CLIENT TRACKING timed out"),
         }
@@ -243,6 +272,16 @@ impl Near {
         true
     }
 
+    /// Ends the current tracking generation (a data connection now reaches another server,
+    /// e.g. `READONLY` after a failover): everything kept goes, and a new tracking connection
+    /// is made on the next miss.
+    pub(super) fn reset(&self) {
+        if let Some((generation, _)) = self.redirect() {
+            self.broken(generation);
+        }
+        self.store.flush();
+    }
+
     fn give_up(&self, e: &RedisError) {
         if !self.unavailable.swap(true, Ordering::AcqRel) {
             tracing::warn!(
@@ -285,14 +324,18 @@ impl Near {
     }
 }
 
-/// A refusal by the server (an error reply, no RESP3), as opposed to a broken or slow
-/// connection, which is worth trying again.
+/// A refusal that will not change by trying again: no RESP3 (Redis < 6), a command or
+/// subcommand the server does not know, or one an ACL denies. Anything else (a broken or slow
+/// connection, "the client ID you want redirect to does not exist" after a failover) is worth
+/// another tracking connection.
 fn refused(e: &RedisError) -> bool {
-    !(e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_unrecoverable_error())
+    if e.kind() == redis::ErrorKind::RESP3NotSupported {
+        return true;
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("noperm")
+        || text.contains("unknown command")
+        || text.contains("unknown subcommand")
 }
 
 /// Owned by one tracking connection: applies its invalidations; ends when it breaks.
@@ -368,27 +411,27 @@ mod tests {
     #[test]
     fn nothing_is_kept_or_served_without_a_live_tracking_connection() {
         let n = near();
-        assert!(n.ticket(&Tracked::default()).is_none());
+        assert!(n.ticket(&Tracked::default(), "ts:{ab}:e").is_none());
         let t = live(&n);
-        let ticket = n.ticket(&t).expect("tracked");
-        n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
+        let ticket = n.ticket(&t, "ts:{ab}:e").expect("tracked");
+        n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
         assert_eq!(n.get("ts:{ab}:e").as_deref(), Some(&b"v"[..]));
         n.broken(7);
         assert_eq!(n.get("ts:{ab}:e"), None);
         assert_eq!(n.store.len(), 0);
-        assert!(n.ticket(&t).is_none());
+        assert!(n.ticket(&t, "ts:{ab}:e").is_none());
     }
 
     #[test]
     fn an_invalidation_between_read_and_insert_wins() {
         let n = near();
         let t = live(&n);
-        let ticket = n.ticket(&t).expect("tracked");
+        let ticket = n.ticket(&t, "ts:{ab}:e").expect("tracked");
         n.invalidate(&[Value::BulkString(b"ts:{ab}:e".to_vec())]);
-        n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"old"), None);
+        n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"old"), None);
         assert_eq!(n.get("ts:{ab}:e"), None);
-        let ticket = n.ticket(&t).expect("tracked");
-        n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"new"), None);
+        let ticket = n.ticket(&t, "ts:{ab}:e").expect("tracked");
+        n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"new"), None);
         assert_eq!(n.get("ts:{ab}:e").as_deref(), Some(&b"new"[..]));
         n.invalidate(&[Value::BulkString(b"ts:{ab}:e".to_vec())]);
         assert_eq!(n.get("ts:{ab}:e"), None);
@@ -398,11 +441,21 @@ mod tests {
     fn a_read_across_a_new_generation_is_not_kept() {
         let n = near();
         let t = live(&n);
-        let ticket = n.ticket(&t).expect("tracked");
+        let ticket = n.ticket(&t, "ts:{ab}:e").expect("tracked");
         n.live.store(8, Ordering::SeqCst);
-        assert!(n.ticket(&t).is_none());
-        n.put(ticket, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
+        assert!(n.ticket(&t, "ts:{ab}:e").is_none());
+        n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
         n.live.store(7, Ordering::SeqCst);
+        assert_eq!(n.get("ts:{ab}:e"), None);
+    }
+
+    #[test]
+    fn a_read_on_a_retired_connection_is_not_kept() {
+        let n = near();
+        let t = live(&n);
+        let ticket = n.ticket(&t, "ts:{ab}:e").expect("tracked");
+        t.retire();
+        n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
         assert_eq!(n.get("ts:{ab}:e"), None);
     }
 }
