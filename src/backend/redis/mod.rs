@@ -69,7 +69,10 @@
 //! drops everything until a new one is made and every data connection points at it. Redis
 //! tracks keys per data connection, so losing one of those drops everything too; they are
 //! checked with a `PING` every second as well, since hot hits never use them (which also keeps a
-//! server's idle `timeout` from closing them). Our own
+//! server's idle `timeout` from closing them). The tracking connection and the data connections
+//! must reach the same server: after `READONLY` (a failover behind one address), or when
+//! `CLIENT TRACKING` is answered with an error that is not a refusal (the redirect id unknown
+//! there), everything kept is dropped and a new tracking connection is made. Our own
 //! writes and invalidations drop our copies at once. The remaining window: after another
 //! instance writes a key, this one may serve the old record until Redis's message arrives (on
 //! loopback well under a millisecond), as a `GET` racing that write would.
