@@ -329,7 +329,11 @@ impl Near {
 /// connection, "the client ID you want redirect to does not exist" after a failover) is worth
 /// another tracking connection.
 fn refused(e: &RedisError) -> bool {
-    if e.kind() == redis::ErrorKind::RESP3NotSupported {
+    if matches!(
+        e.kind(),
+        redis::ErrorKind::RESP3NotSupported
+            | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+    ) {
         return true;
     }
     let text = e.to_string().to_ascii_lowercase();
@@ -447,6 +451,34 @@ mod tests {
         n.put(ticket, &t, "ts:{ab}:e", &Bytes::from_static(b"v"), None);
         n.live.store(7, Ordering::SeqCst);
         assert_eq!(n.get("ts:{ab}:e"), None);
+    }
+
+    #[test]
+    fn only_lasting_refusals_turn_the_near_cache_off() {
+        use redis::{ErrorKind, ServerErrorKind};
+        let err = |kind, detail: &str| RedisError::from((kind, "ERR", detail.to_string()));
+        let reply = ErrorKind::Server(ServerErrorKind::ResponseError);
+        // After a failover the redirect id is unknown on the new server: try a new connection.
+        assert!(!refused(&err(
+            reply,
+            "The client ID you want redirect to does not exist"
+        )));
+        assert!(!refused(&RedisError::from((
+            ErrorKind::Io,
+            "connection closed"
+        ))));
+        assert!(refused(&err(
+            reply,
+            "unknown subcommand 'TRACKING'. Try CLIENT HELP."
+        )));
+        assert!(refused(&err(
+            ErrorKind::Server(ServerErrorKind::NoPerm),
+            "this user has no permissions to run the 'client|id' command"
+        )));
+        assert!(refused(&RedisError::from((
+            ErrorKind::RESP3NotSupported,
+            "no RESP3"
+        ))));
     }
 
     #[test]
