@@ -103,6 +103,25 @@ impl Header {
     }
 }
 
+/// `magnitude` in decimal, `-` first when `negative`, written at the end of `buf`.
+pub(crate) fn decimal(buf: &mut [u8; 21], magnitude: u64, negative: bool) -> &[u8] {
+    let mut m = magnitude;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (m % 10) as u8;
+        m /= 10;
+        if m == 0 {
+            break;
+        }
+    }
+    if negative {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
 fn parse_digits(b: &[u8]) -> Option<u64> {
     // At most 20 digits fit a u128 without overflow checks per digit; the range check is once.
     if b.len() > 38 {

@@ -94,87 +94,13 @@ async fn harness_with(near_cache: bool) -> (Harness, Server) {
 
 // --- the conformance suite, unchanged ---------------------------------------------------------
 
-#[tokio::test]
-async fn lease_is_exclusive() {
-    let (h, _s) = harness().await;
-    conformance::lease_is_exclusive(&h).await;
+async fn near_harness() -> (Harness, Server) {
+    harness_with(true).await
 }
 
-#[tokio::test]
-async fn lease_expires() {
-    let (h, _s) = harness().await;
-    conformance::lease_expires(&h).await;
-}
-
-#[tokio::test]
-async fn release_and_extend_need_the_token() {
-    let (h, _s) = harness().await;
-    conformance::release_and_extend_need_the_token(&h).await;
-}
-
-#[tokio::test]
-async fn fences_grow_also_after_the_counter_is_deleted() {
-    let (h, _s) = harness().await;
-    conformance::fences_grow_also_after_the_counter_is_deleted(&h).await;
-}
-
-#[tokio::test]
-async fn refreshed_after_a_concurrent_fill() {
-    let (h, _s) = harness().await;
-    conformance::refreshed_after_a_concurrent_fill(&h).await;
-}
-
-#[tokio::test]
-async fn fenced_fill_refuses_older_and_accepts_same_token() {
-    let (h, _s) = harness().await;
-    conformance::fenced_fill_refuses_older_and_accepts_same_token(&h).await;
-}
-
-#[tokio::test]
-async fn tombstone_blocks_an_older_fill() {
-    let (h, _s) = harness().await;
-    conformance::tombstone_blocks_an_older_fill(&h).await;
-}
-
-#[tokio::test]
-async fn put_get_ttl_and_variants() {
-    let (h, _s) = harness().await;
-    conformance::put_get_ttl_and_variants(&h).await;
-}
-
-#[tokio::test]
-async fn signals_are_delivered() {
-    let (h, _s) = harness().await;
-    conformance::signals_are_delivered(&h).await;
-}
-
-/// The suite again with the near cache on: it must not change any outcome the contract names.
-macro_rules! conformance_near_cache {
-    ($($name:ident),* $(,)?) => {
-        mod conformance_near_cache {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let (h, _s) = harness_with(true).await;
-                    conformance::$name(&h).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance_near_cache!(
-    lease_is_exclusive,
-    lease_expires,
-    release_and_extend_need_the_token,
-    fences_grow_also_after_the_counter_is_deleted,
-    refreshed_after_a_concurrent_fill,
-    fenced_fill_refuses_older_and_accepts_same_token,
-    tombstone_blocks_an_older_fill,
-    put_get_ttl_and_variants,
-    signals_are_delivered,
-);
+conformance_suite!(conformance_plain, harness);
+// The suite again with the near cache on: it must not change any outcome the contract names.
+conformance_suite!(conformance_near_cache, near_harness);
 
 // --- the near cache -------------------------------------------------------------------------
 

@@ -23,50 +23,12 @@ fn harness() -> Harness {
     }
 }
 
-#[tokio::test]
-async fn lease_is_exclusive() {
-    conformance::lease_is_exclusive(&harness()).await;
+/// The harness, and nothing that must outlive a test.
+async fn made() -> (Harness, ()) {
+    (harness(), ())
 }
 
-#[tokio::test]
-async fn lease_expires() {
-    conformance::lease_expires(&harness()).await;
-}
-
-#[tokio::test]
-async fn release_and_extend_need_the_token() {
-    conformance::release_and_extend_need_the_token(&harness()).await;
-}
-
-#[tokio::test]
-async fn fences_grow_also_after_the_counter_is_deleted() {
-    conformance::fences_grow_also_after_the_counter_is_deleted(&harness()).await;
-}
-
-#[tokio::test]
-async fn refreshed_after_a_concurrent_fill() {
-    conformance::refreshed_after_a_concurrent_fill(&harness()).await;
-}
-
-#[tokio::test]
-async fn fenced_fill_refuses_older_and_accepts_same_token() {
-    conformance::fenced_fill_refuses_older_and_accepts_same_token(&harness()).await;
-}
-
-#[tokio::test]
-async fn tombstone_blocks_an_older_fill() {
-    conformance::tombstone_blocks_an_older_fill(&harness()).await;
-}
-
-#[tokio::test]
-async fn put_get_ttl_and_variants() {
-    conformance::put_get_ttl_and_variants(&harness()).await;
-}
-
-#[tokio::test]
-async fn signals_are_delivered() {
-    conformance::signals_are_delivered(&harness()).await;
-}
+conformance_suite!(suite, made);
 
 #[tokio::test]
 async fn budget_evicts_least_recently_used() {

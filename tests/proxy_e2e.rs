@@ -398,6 +398,20 @@ async fn in_flight(
     task
 }
 
+/// An upstream and two proxies sharing `store`, each with its own extra flags.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+async fn two_proxies(store: &str, a_extra: &[&str], b_extra: &[&str]) -> (Upstream, Proxy, Proxy) {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra);
+        Proxy::start(addr, &args)
+    };
+    let (a, b) = (start(a_extra), start(b_extra));
+    (up, a, b)
+}
+
 #[cfg(feature = "redis")]
 mod with_redis {
     use super::*;
@@ -406,11 +420,7 @@ mod with_redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_proxies_sharing_redis_reach_the_upstream_once() {
         let redis = Server::redis();
-        let up = Upstream::default();
-        let addr = up.start().await;
-        let store = redis.url();
-        let a = Proxy::start(addr, &["--store", &store]);
-        let b = Proxy::start(addr, &["--store", &store]);
+        let (up, a, b) = two_proxies(&redis.url(), &[], &[]).await;
         let c = client();
         let mut tasks = Vec::new();
         for i in 0..500 {
@@ -438,11 +448,7 @@ mod with_redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_post_through_one_proxy_invalidates_what_the_other_keeps() {
         let redis = Server::redis();
-        let up = Upstream::default();
-        let addr = up.start().await;
-        let store = redis.url();
-        let a = Proxy::start(addr, &["--store", &store]);
-        let b = Proxy::start(addr, &["--store", &store]);
+        let (up, a, b) = two_proxies(&redis.url(), &[], &[]).await;
         let c = client();
         let (_, h, body) = send(&c, http::Method::GET, b.url("/slow?ms=1")).await;
         assert_eq!(
@@ -606,11 +612,7 @@ mod with_memcached {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn near_max_age_keeps_hits_in_process_and_bounds_staleness() {
         let mc = Server::memcached();
-        let up = Upstream::default();
-        let addr = up.start().await;
-        let store = mc.url();
-        let a = Proxy::start(addr, &["--store", &store, "--near-max-age", "300ms"]);
-        let b = Proxy::start(addr, &["--store", &store]);
+        let (up, a, b) = two_proxies(&mc.url(), &["--near-max-age", "300ms"], &[]).await;
         let c = client();
         let (_, h, body) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
         assert_eq!(

@@ -56,44 +56,19 @@ fn harness(b: RedisBackend) -> Harness {
     }
 }
 
-/// The suite twice: on the plain backend, and with its near cache (which must not change any
-/// outcome the contract names).
-macro_rules! conformance_tests {
-    ($($name:ident),* $(,)?) => {
-        mod conformance_plain {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let server = Server::redis();
-                    conformance::$name(&harness(backend(&server).await)).await;
-                }
-            )*
-        }
-        mod conformance_near_cache {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let server = Server::redis();
-                    conformance::$name(&harness(near_backend(&server).await)).await;
-                }
-            )*
-        }
-    };
+async fn plain_harness() -> (Harness, Server) {
+    let server = Server::redis();
+    (harness(backend(&server).await), server)
 }
 
-conformance_tests!(
-    lease_is_exclusive,
-    lease_expires,
-    release_and_extend_need_the_token,
-    fences_grow_also_after_the_counter_is_deleted,
-    refreshed_after_a_concurrent_fill,
-    fenced_fill_refuses_older_and_accepts_same_token,
-    tombstone_blocks_an_older_fill,
-    put_get_ttl_and_variants,
-    signals_are_delivered,
-);
+async fn near_harness() -> (Harness, Server) {
+    let server = Server::redis();
+    (harness(near_backend(&server).await), server)
+}
+
+conformance_suite!(conformance_plain, plain_harness);
+// The suite again with the near cache on: it must not change any outcome the contract names.
+conformance_suite!(conformance_near_cache, near_harness);
 
 /// The fence in the header of the record stored for `key`.
 async fn stored_fence(b: &RedisBackend, key: &str) -> Option<u64> {

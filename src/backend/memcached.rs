@@ -618,12 +618,10 @@ impl MemcachedBackend {
         Ok(Fetched { entry, variant })
     }
 
-    /// Drops this process's near copies of `keys` (after its own writes).
-    fn forget_near(&self, keys: &[&str]) {
+    /// Drops this process's near copy of `key` (after its own write there).
+    fn forget_near(&self, key: &str) {
         if let Some(near) = &self.inner.near {
-            for k in keys {
-                near.store.forget(k);
-            }
+            near.store.forget(key);
         }
     }
 
@@ -697,7 +695,7 @@ impl MemcachedBackend {
                 // Best effort: a lease we fail to give back ends at its expiry.
                 let _ = self.cmd(del(&lease, Some(cas))).await;
                 // A newer entry is stored: a near copy of the old one must not be read again.
-                self.forget_near(&[&entry]);
+                self.forget_near(&entry);
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
@@ -790,21 +788,37 @@ impl MemcachedBackend {
             .variant
             .as_ref()
             .map(|(d, bytes)| (p.variant(&w.slot, d), bytes));
-        if !self.fits(&entry_key, &w.entry)
+        let res = self.write_keys(&w, &entry_key, variant.as_ref()).await;
+        // Stored or fenced, our near copies of these keys are out of date.
+        self.forget_near(&entry_key);
+        if let Some((k, _)) = &variant {
+            self.forget_near(k);
+        }
+        res
+    }
+
+    /// The fenced write of `w` at its entry key and, if any, its variant key.
+    async fn write_keys(
+        &self,
+        w: &FencedWrite,
+        entry_key: &str,
+        variant: Option<&(String, &Bytes)>,
+    ) -> BackendResult<WriteOutcome> {
+        if !self.fits(entry_key, &w.entry)
             || variant.as_ref().is_some_and(|(k, b)| !self.fits(k, b))
         {
             // Nothing written, the lease untouched, no signal (see WriteOutcome::TooLarge).
             return Ok(WriteOutcome::TooLarge);
         }
-        let mut reads = vec![get(&entry_key, false, true, false)];
-        if let Some((k, _)) = &variant {
+        let mut reads = vec![get(entry_key, false, true, false)];
+        if let Some((k, _)) = variant {
             reads.push(get(k, false, true, false));
         }
         let mut replies = self.inner.client.batch(reads).await.into_iter();
         let entry_verdict = self
-            .judge(&entry_key, next(&mut replies)?, w.fence, w.token)
+            .judge(entry_key, next(&mut replies)?, w.fence, w.token)
             .await?;
-        let variant_verdict = match &variant {
+        let variant_verdict = match variant {
             Some((k, _)) => Some(self.judge(k, next(&mut replies)?, w.fence, w.token).await?),
             None => None,
         };
@@ -818,7 +832,7 @@ impl MemcachedBackend {
         if !refused {
             // The variant first: if it cannot be stored nothing is, and the entry (the head that
             // makes it visible to lookups) lands last.
-            if let (Some((k, bytes)), Some(v)) = (&variant, variant_verdict) {
+            if let (Some((k, bytes)), Some(v)) = (variant, variant_verdict) {
                 outcome = self
                     .store(k, bytes, w.variant_ttl, v, w.fence, w.token)
                     .await?;
@@ -829,7 +843,7 @@ impl MemcachedBackend {
             if outcome == WriteOutcome::Stored {
                 outcome = self
                     .store(
-                        &entry_key,
+                        entry_key,
                         &w.entry,
                         w.entry_ttl,
                         entry_verdict,
@@ -852,20 +866,27 @@ impl MemcachedBackend {
     }
 
     async fn do_invalidate(&self, slot: &Digest, ttl: Duration) -> BackendResult<u64> {
+        let entry = self.inner.prefix.entry(slot);
+        let res = self.tombstone(slot, &entry, ttl).await;
+        self.forget_near(&entry);
+        res
+    }
+
+    /// Bumps `slot`'s fence and writes a tombstone with it at `entry`.
+    async fn tombstone(&self, slot: &Digest, entry: &str, ttl: Duration) -> BackendResult<u64> {
         let p = &self.inner.prefix;
-        let entry = p.entry(slot);
         let secs = expiry_secs(ttl);
         for _ in 0..CAS_ATTEMPTS {
             let mut replies = self
                 .inner
                 .client
                 .batch(vec![
-                    get(&entry, false, true, false),
+                    get(entry, false, true, false),
                     incr_cmd(&p.fence(slot), 1, 1),
                 ])
                 .await
                 .into_iter();
-            let (stored, cas) = self.stored_fence(&entry, next(&mut replies)?).await?;
+            let (stored, cas) = self.stored_fence(entry, next(&mut replies)?).await?;
             let fence = self.grant_fence(slot, stored, next(&mut replies)?).await?;
             let tomb = Record::encode_marker(Header {
                 kind: Kind::Tombstone,
@@ -874,7 +895,7 @@ impl MemcachedBackend {
                 epoch: fence,
             });
             let set = Cmd::Set {
-                key: entry.clone(),
+                key: entry.to_string(),
                 flags: flags_for(&tomb),
                 value: tomb,
                 secs,
@@ -1032,21 +1053,7 @@ impl Backend for MemcachedBackend {
     }
 
     fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
-        Box::pin(async move {
-            if self.inner.near.is_none() {
-                return self.do_write(w).await;
-            }
-            let p = &self.inner.prefix;
-            let entry = p.entry(&w.slot);
-            let variant = w.variant.as_ref().map(|(d, _)| p.variant(&w.slot, d));
-            let res = self.do_write(w).await;
-            // Stored or fenced, our near copies of these keys are out of date.
-            self.forget_near(&[&entry]);
-            if let Some(v) = &variant {
-                self.forget_near(&[v]);
-            }
-            res
-        })
+        Box::pin(self.do_write(w))
     }
 
     fn invalidate<'a>(
@@ -1054,13 +1061,7 @@ impl Backend for MemcachedBackend {
         slot: &'a Digest,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<u64>> {
-        Box::pin(async move {
-            let res = self.do_invalidate(slot, ttl).await;
-            if self.inner.near.is_some() {
-                self.forget_near(&[&self.inner.prefix.entry(slot)]);
-            }
-            res
-        })
+        Box::pin(self.do_invalidate(slot, ttl))
     }
 
     fn signal<'a>(

@@ -2,8 +2,8 @@
 
 use http::HeaderValue;
 
-use super::stored::decimal;
 use crate::engine::{StaleReason, Status};
+use crate::entry::decimal;
 
 /// The header name.
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");

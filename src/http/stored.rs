@@ -7,6 +7,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::entry::decimal;
+
 /// A stored response.
 #[derive(Clone, Debug)]
 pub(crate) struct StoredResponse {
@@ -38,25 +40,6 @@ fn skip_on_store(name: &HeaderName) -> bool {
         || name == header::CONTENT_LENGTH
         || name == header::SET_COOKIE
         || name.as_str() == "cache-status"
-}
-
-/// `magnitude` in decimal, `-` first when `negative`, written at the end of `buf`.
-pub(crate) fn decimal(buf: &mut [u8; 21], magnitude: u64, negative: bool) -> &[u8] {
-    let mut m = magnitude;
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (m % 10) as u8;
-        m /= 10;
-        if m == 0 {
-            break;
-        }
-    }
-    if negative {
-        i -= 1;
-        buf[i] = b'-';
-    }
-    &buf[i..]
 }
 
 /// A header value holding `n` in decimal, in one exact-size allocation (`HeaderValue::from(u64)`

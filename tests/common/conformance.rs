@@ -401,3 +401,36 @@ pub async fn signals_are_delivered(h: &Harness) {
         Some(Signal::Pass)
     );
 }
+
+/// The whole suite as tests: one `#[tokio::test]` per suite function, in a module `$module`.
+/// Each awaits `$make()` (a function in scope where the macro is used) for the harness and
+/// whatever must outlive the test (its server).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($module:ident, $make:ident) => {
+        $crate::conformance_suite!(
+            @tests $module, $make,
+            lease_is_exclusive,
+            lease_expires,
+            release_and_extend_need_the_token,
+            fences_grow_also_after_the_counter_is_deleted,
+            refreshed_after_a_concurrent_fill,
+            fenced_fill_refuses_older_and_accepts_same_token,
+            tombstone_blocks_an_older_fill,
+            put_get_ttl_and_variants,
+            signals_are_delivered,
+        );
+    };
+    (@tests $module:ident, $make:ident, $($name:ident),* $(,)?) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (h, _keep) = $make().await;
+                    $crate::common::conformance::$name(&h).await;
+                }
+            )*
+        }
+    };
+}

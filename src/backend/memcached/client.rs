@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::backend::{BackendError, BackendResult};
+use crate::entry::decimal;
 
 /// One meta command.
 #[derive(Debug)]
@@ -531,18 +532,8 @@ fn valid_key(key: &str) -> bool {
 }
 
 fn push_num(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
+    let mut digits = [0u8; 21];
+    out.extend_from_slice(decimal(&mut digits, n, false));
 }
 
 fn push_flag(out: &mut Vec<u8>, flag: u8, n: u64) {

@@ -674,40 +674,24 @@ impl Inner {
     }
 
     async fn query(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> BackendResult<Value> {
-        let (i, live) = self.conn().await?;
-        self.query_on(i, live, what, cmd).await
+        let (i, mut live) = self.conn().await?;
+        let res = cmd.query_async::<Value>(&mut live.conn).await;
+        self.checked(i, live.id, what, res)
     }
 
-    async fn query_on(
+    /// A reply from held connection `id` in slot `i`: an error also tells the slot (see
+    /// [`on_error`](Self::on_error)).
+    fn checked<T>(
         &self,
         i: usize,
-        mut live: Live,
+        id: u64,
         what: &str,
-        cmd: &redis::Cmd,
-    ) -> BackendResult<Value> {
-        match cmd.query_async::<Value>(&mut live.conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.on_error(i, live.id, &e);
-                Err(redis_err(what, e))
-            }
-        }
-    }
-
-    async fn pipe_on(
-        &self,
-        i: usize,
-        mut live: Live,
-        what: &str,
-        pipe: &redis::Pipeline,
-    ) -> BackendResult<Vec<Value>> {
-        match pipe.query_async::<Vec<Value>>(&mut live.conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                self.on_error(i, live.id, &e);
-                Err(redis_err(what, e))
-            }
-        }
+        res: Result<T, RedisError>,
+    ) -> BackendResult<T> {
+        res.map_err(|e| {
+            self.on_error(i, id, &e);
+            redis_err(what, e)
+        })
     }
 
     /// `EVALSHA`, loading the script and retrying once on `NOSCRIPT`.
@@ -742,10 +726,7 @@ impl Inner {
             }
             other => other,
         };
-        res.map_err(|e| {
-            self.on_error(i, id, &e);
-            redis_err(what, e)
-        })
+        self.checked(i, id, what, res)
     }
 }
 
@@ -760,17 +741,21 @@ async fn watch_held(inner: std::sync::Weak<Inner>) {
             .filter_map(|i| lock(&this.held[i].conn).clone().map(|l| (i, l)))
             .collect();
         for (i, mut live) in lives {
-            let ping = redis::cmd("PING");
-            let ok = matches!(
-                tokio::time::timeout(this.timeout, ping.query_async::<Value>(&mut live.conn)).await,
-                Ok(Ok(_))
-            );
-            if !ok {
+            if !answers_ping(&mut live.conn, this.timeout).await {
                 tracing::debug!("redis: a held connection did not answer PING; replacing it");
                 this.drop_conn(i, live.id);
             }
         }
     }
+}
+
+/// Whether `conn` answers a `PING` within `timeout`.
+async fn answers_ping(conn: &mut MultiplexedConnection, timeout: Duration) -> bool {
+    let ping = redis::cmd("PING");
+    matches!(
+        tokio::time::timeout(timeout, ping.query_async::<Value>(conn)).await,
+        Ok(Ok(_))
+    )
 }
 
 async fn check_eviction_policy(conn: &mut MultiplexedConnection) {
@@ -854,7 +839,9 @@ impl Backend for RedisBackend {
                 }
                 // The TTL counts from before the read: a kept copy never outlives the key.
                 let sent_at = Instant::now();
-                let replies = inner.pipe_on(i, live, "GET", &pipe).await?;
+                let id = live.id;
+                let res = pipe.query_async::<Vec<Value>>(&mut live.conn).await;
+                let replies = inner.checked(i, id, "GET", res)?;
                 let mut it = replies.into_iter();
                 let mut take = |key: &str, ticket: Option<near::Ticket>| {
                     let (Some(v), Some(ttl)) = (it.next(), it.next()) else {
@@ -887,7 +874,8 @@ impl Backend for RedisBackend {
                 None => {
                     let mut cmd = redis::cmd("GET");
                     cmd.arg(&entry_key);
-                    let v = inner.query_on(i, live, "GET", &cmd).await?;
+                    let res = cmd.query_async::<Value>(&mut live.conn).await;
+                    let v = inner.checked(i, live.id, "GET", res)?;
                     Fetched {
                         entry: bytes_of("GET", v)?,
                         variant: None,
@@ -896,7 +884,8 @@ impl Backend for RedisBackend {
                 Some(vk) => {
                     let mut cmd = redis::cmd("MGET");
                     cmd.arg(&entry_key).arg(vk);
-                    match inner.query_on(i, live, "MGET", &cmd).await? {
+                    let res = cmd.query_async::<Value>(&mut live.conn).await;
+                    match inner.checked(i, live.id, "MGET", res)? {
                         Value::Array(items) if items.len() == 2 => {
                             let mut it = items.into_iter();
                             let (Some(e), Some(v)) = (it.next(), it.next()) else {

@@ -276,9 +276,14 @@ impl Near {
     /// e.g. `READONLY` after a failover): everything kept goes, and a new tracking connection
     /// is made on the next miss.
     pub(super) fn reset(&self) {
-        if let Some((generation, _)) = self.redirect() {
-            self.broken(generation);
-        }
+        self.end_generation(&mut lock(&self.redirect));
+    }
+
+    /// No live tracking connection from now on, and nothing kept (the caller holds the
+    /// `redirect` lock, so a generation ends once).
+    fn end_generation(&self, redirect: &mut Option<(u64, i64)>) {
+        *redirect = None;
+        self.live.store(0, Ordering::SeqCst);
         self.store.flush();
     }
 
@@ -290,9 +295,7 @@ impl Near {
                  CLIENT ID and CLIENT TRACKING allowed); every read goes to Redis"
             );
         }
-        *lock(&self.redirect) = None;
-        self.live.store(0, Ordering::SeqCst);
-        self.store.flush();
+        self.end_generation(&mut lock(&self.redirect));
     }
 
     /// The tracking connection of `generation` is gone: drop everything, keep nothing until
@@ -302,10 +305,7 @@ impl Near {
         if r.map(|(g, _)| g) != Some(generation) {
             return;
         }
-        *r = None;
-        self.live.store(0, Ordering::SeqCst);
-        drop(r);
-        self.store.flush();
+        self.end_generation(&mut r);
         tracing::debug!("redis near cache: tracking connection lost; flushed");
     }
 
@@ -379,12 +379,7 @@ async fn watch(near: Weak<Near>, generation: u64, mut conn: MultiplexedConnectio
         }
         let timeout = this.timeout;
         drop(this);
-        let ping = redis::cmd("PING");
-        let ok = matches!(
-            tokio::time::timeout(timeout, ping.query_async::<Value>(&mut conn)).await,
-            Ok(Ok(_))
-        );
-        if !ok {
+        if !super::answers_ping(&mut conn, timeout).await {
             if let Some(this) = near.upgrade() {
                 this.broken(generation);
             }
