@@ -424,13 +424,17 @@ async fn drive(
     let writer = async {
         let mut buf = Vec::with_capacity(16 * 1024);
         while let Some(job) = jobs.recv().await {
-            // Let the callers that are ready to run on this worker queue their commands first,
-            // so that one write carries them all. Without it the scheduler runs this task right
-            // after each caller that wakes it (tokio's LIFO slot), and each hit costs a write
-            // and a read of its own here and in memcached. Measured through the proxy under
-            // `wrk -t2 -c64`: 3.0 system calls per hit in the proxy before, 2.6 with it (2.05
-            // are the HTTP request's own), memcached's CPU per hit halved, 25% more hits/s.
-            tokio::task::yield_now().await;
+            // Under load (replies still owed on this connection), let the callers that are
+            // ready to run on this worker queue their commands first, so that one write
+            // carries them all. Without it the scheduler runs this task right after each
+            // caller that wakes it (tokio's LIFO slot), and each hit costs a write and a read
+            // of its own here and in memcached. Measured through the proxy under `wrk -t2
+            // -c64`: 3.0 system calls per hit in the proxy before, 2.6 with it (2.05 are the
+            // HTTP request's own), memcached's CPU per hit halved, 25% more hits/s. An idle
+            // connection writes at once: a lone command does not wait a scheduler round.
+            if !lock(&flight).is_empty() {
+                tokio::task::yield_now().await;
+            }
             buf.clear();
             let mut next = Some(job);
             {
