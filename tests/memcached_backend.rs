@@ -873,11 +873,35 @@ fn curr_connections(server: &Server) -> u64 {
         .unwrap_or_else(|| panic!("no curr_connections in {stats:?}"))
 }
 
+/// `curr_connections` once it reads `want` (polled for up to 5 s), else its last reading.
+/// memcached reaps a closed connection (the readiness probe, an earlier `stats` connection)
+/// asynchronously, so one reading can still count one that is gone.
+async fn connections_reach(server: &Server, want: impl Fn(u64) -> bool) -> u64 {
+    let mut now = curr_connections(server);
+    for _ in 0..200 {
+        if want(now) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        now = curr_connections(server);
+    }
+    now
+}
+
 /// Dropping the backend closes its connections (their tasks end with the client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_backend_closes_its_connections() {
     let server = Server::memcached();
-    let before = curr_connections(&server);
+    // Settled: the same reading twice in a row (the readiness probe's connection reaped).
+    let mut before = curr_connections(&server);
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let again = curr_connections(&server);
+        if again == before {
+            break;
+        }
+        before = again;
+    }
     let b = MemcachedBackend::builder(server.url())
         .connections_per_server(3)
         .build()
@@ -887,22 +911,14 @@ async fn dropping_the_backend_closes_its_connections() {
         assert_eq!(b.meta_get("nothing").await.unwrap(), None);
     }
     assert_eq!(
-        curr_connections(&server),
+        connections_reach(&server, |n| n == before + 3).await,
         before + 3,
         "three connections made"
     );
     drop(b);
-    let mut closed = false;
-    for _ in 0..200 {
-        if curr_connections(&server) == before {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
-        closed,
-        "connections still open: {}",
-        curr_connections(&server) - before
+    let after = connections_reach(&server, |n| n == before).await;
+    assert_eq!(
+        after, before,
+        "connections open after the drop (left) vs before (right)"
     );
 }
