@@ -892,15 +892,12 @@ async fn connections_reach(server: &Server, want: impl Fn(u64) -> bool) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_backend_closes_its_connections() {
     let server = Server::memcached();
-    // Settled: the same reading twice in a row (the readiness probe's connection reaped).
+    // The lowest of a few readings: a connection memcached has not reaped yet (the readiness
+    // probe's, an earlier reading's) only ever adds to the count.
     let mut before = curr_connections(&server);
-    for _ in 0..200 {
+    for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(25)).await;
-        let again = curr_connections(&server);
-        if again == before {
-            break;
-        }
-        before = again;
+        before = before.min(curr_connections(&server));
     }
     let b = MemcachedBackend::builder(server.url())
         .connections_per_server(3)
@@ -916,9 +913,9 @@ async fn dropping_the_backend_closes_its_connections() {
         "three connections made"
     );
     drop(b);
-    let after = connections_reach(&server, |n| n == before).await;
-    assert_eq!(
-        after, before,
-        "connections open after the drop (left) vs before (right)"
+    let after = connections_reach(&server, |n| n <= before).await;
+    assert!(
+        after <= before,
+        "connections open after the drop: {after}, before it: {before}"
     );
 }
