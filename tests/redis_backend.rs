@@ -912,21 +912,9 @@ mod near_cache {
             .await
             .unwrap();
         // A keeps "old" (fresh for ten minutes): many reads, so it is kept.
-        for _ in 0..20 {
-            let s = a
-                .get_or_fill(key, || async { Ok::<_, std::io::Error>(fresh("x")) })
-                .await
-                .unwrap();
-            assert_eq!(&s.value[..], b"old");
-        }
+        serves_n(&a, key, "old", 20).await;
         let gets = get_calls(&server);
-        for _ in 0..10 {
-            let s = a
-                .get_or_fill(key, || async { Ok::<_, std::io::Error>(fresh("x")) })
-                .await
-                .unwrap();
-            assert_eq!(&s.value[..], b"old");
-        }
+        serves_n(&a, key, "old", 10).await;
         assert_eq!(get_calls(&server), gets, "A keeps its copy");
         // B invalidates it and fills "new"; without Redis's message A would serve "old" for ten
         // minutes.
@@ -940,6 +928,17 @@ mod near_cache {
             until_served(&a, key, "new", 200).await,
             "A kept serving its near copy after B's write"
         );
+    }
+
+    /// Reads `key` through `engine` `n` times, asserting each read serves `want`.
+    async fn serves_n(engine: &Stampede, key: &str, want: &str, n: usize) {
+        for _ in 0..n {
+            let s = engine
+                .get_or_fill(key, || async { Ok::<_, std::io::Error>(fresh("x")) })
+                .await
+                .unwrap();
+            assert_eq!(&s.value[..], want.as_bytes());
+        }
     }
 
     /// Fills `key` with `v` through `a`, reads it back until it is kept (ten reads in a row

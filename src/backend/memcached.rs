@@ -587,17 +587,17 @@ impl MemcachedBackend {
             return Ok(f);
         }
         let entry_ticket = near.store.ticket(&entry_key);
-        let variant_ticket = variant_key.as_deref().map(|k| near.store.ticket(k));
+        let variant = variant_key.as_deref().map(|k| (k, near.store.ticket(k)));
         let read_at = Instant::now();
         let mut cmds = vec![get(&entry_key, true, false, true)];
-        if let Some(vk) = &variant_key {
+        if let Some((vk, _)) = variant {
             cmds.push(get(vk, true, false, true));
         }
         let mut replies = self.inner.client.batch(cmds).await.into_iter();
-        let mut take = |key: &str, ticket: Option<near::Ticket>| -> BackendResult<Option<Bytes>> {
+        let mut take = |key: &str, ticket: near::Ticket| -> BackendResult<Option<Bytes>> {
             match next(&mut replies)? {
                 Reply::Item(it) => {
-                    if let (Some(v), Some(ticket)) = (&it.value, ticket) {
+                    if let Some(v) = &it.value {
                         // The item's expiry in whole seconds, less memcached's slack second.
                         let keep = remaining(it.ttl, near.max_age);
                         if let Some(until) = read_at.checked_add(keep) {
@@ -610,9 +610,9 @@ impl MemcachedBackend {
                 other => Err(unexpected("mg", &other)),
             }
         };
-        let entry = take(&entry_key, Some(entry_ticket))?;
-        let variant = match &variant_key {
-            Some(vk) => take(vk, variant_ticket)?,
+        let entry = take(&entry_key, entry_ticket)?;
+        let variant = match variant {
+            Some((vk, ticket)) => take(vk, ticket)?,
             None => None,
         };
         Ok(Fetched { entry, variant })

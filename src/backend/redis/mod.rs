@@ -663,7 +663,12 @@ impl Inner {
     /// second, so one that died while hot hits never used it is noticed, and what it kept
     /// dropped, within about a second (and a server's idle `timeout` never closes it).
     fn watch_held(self: &Arc<Self>) {
-        if self.near.is_none() || self.watching.swap(true, Ordering::AcqRel) {
+        // A load first: this runs on every read from Redis, and a swap would write the shared
+        // cache line each time.
+        if self.near.is_none()
+            || self.watching.load(Ordering::Acquire)
+            || self.watching.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -824,7 +829,7 @@ impl Backend for RedisBackend {
                             let v = variant_key
                                 .as_deref()
                                 .and_then(|k| near.ticket(&live.tracked, k));
-                            Some((near, e, v, live.tracked.clone()))
+                            Some((near, e, v, &live.tracked))
                         }
                     }
                 }
@@ -858,7 +863,7 @@ impl Backend for RedisBackend {
                             _ => None,
                         };
                         if let Some(until) = until {
-                            near.put(t, &tracked, key, bytes, until);
+                            near.put(t, tracked, key, bytes, until);
                         }
                     }
                     Ok(v)
