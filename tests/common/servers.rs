@@ -221,9 +221,20 @@ impl Server {
         }
     }
 
-    /// SIGSTOP: the server hangs (connections stay open, nothing answers).
+    /// SIGSTOP: the server hangs (connections stay open, nothing answers). Returns once every
+    /// thread of it is stopped: the kernel stops each one as it next runs, so a thread busy on
+    /// another core could otherwise still answer a command sent right after the signal.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let Some(pid) = self.pid() else { return };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "{pid} not stopped 5 s after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT.
@@ -334,4 +345,21 @@ impl Server {
         let reply = self.raw(&format!("ECHO {marker}"));
         assert!(reply.contains(marker), "{reply}");
     }
+}
+
+/// Whether every thread of process `pid` is in the stopped state (`T` in `/proc/.../stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            // The state follows the command name, which is in parentheses.
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
 }
