@@ -378,11 +378,20 @@ async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
     Ok(addr)
 }
 
-async fn admin(
-    addr: SocketAddr,
-    prom: metrics_exporter_prometheus::PrometheusHandle,
-) -> Result<(), BoxError> {
+/// Serves `/metrics` and `/healthz` on `addr`. The metrics recorder exists only with an admin
+/// address: without one the engine's counters are no-ops.
+async fn admin(addr: SocketAddr) -> Result<(), BoxError> {
     let listener = TcpListener::bind(addr).await?;
+    let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    // Histogram samples pile up in the recorder until something drains them: a scrape does,
+    // and so does this, so a proxy nobody scrapes does not grow without bound.
+    let upkeep = prom.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
     tracing::info!(
         "admin on http://{}/metrics and /healthz",
         listener.local_addr()?
@@ -390,6 +399,8 @@ async fn admin(
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: do not spin on it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let prom = prom.clone();
@@ -508,7 +519,6 @@ async fn main() -> Result<(), BoxError> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     if let Some(bind) = args.demo_upstream_only {
         let addr = demo_upstream(bind).await?;
         println!("demo upstream only, on http://{addr} (/slow, /nocache, /count)");
@@ -558,7 +568,7 @@ async fn main() -> Result<(), BoxError> {
     });
 
     if let Some(a) = args.admin {
-        admin(a, prom).await?;
+        admin(a).await?;
     }
     let listener = TcpListener::bind(args.listen).await?;
     println!(
