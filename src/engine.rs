@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -242,6 +243,41 @@ impl HotMetrics {
 const MEMO_SHARDS: usize = 16;
 const MEMO_CAP: usize = 16_384 / MEMO_SHARDS;
 
+pin_project_lite::pin_project! {
+    /// The future of [`Stampede::get_or_fill_with`]: the call, then its outcome counted. A
+    /// struct rather than an `async` block, which would hold the call's future twice.
+    struct Counted<'a, T> {
+        #[pin]
+        call: tracing::instrument::Instrumented<T>,
+        engine: &'a Stampede,
+        started: Instant,
+    }
+}
+
+impl<T: Future<Output = Result<Served, Error>>> Future for Counted<'_, T> {
+    type Output = T::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T::Output> {
+        let mut this = self.project();
+        let std::task::Poll::Ready(res) = this.call.as_mut().poll(cx) else {
+            return std::task::Poll::Pending;
+        };
+        let i = match &res {
+            Ok(s) => status_index(s.status),
+            Err(_) => OUTCOMES.len() - 1,
+        };
+        this.call.span().record("outcome", OUTCOMES[i]);
+        let hot = this.engine.inner.hot.get_or_init(HotMetrics::register);
+        hot.requests[i].increment(1);
+        // Hits are counted above; timing them would cost more than it tells.
+        if i != 0 {
+            hot.call_seconds
+                .record(this.started.elapsed().as_secs_f64());
+        }
+        std::task::Poll::Ready(res)
+    }
+}
+
 /// A flight's outcome, shared by every caller that joined it.
 #[derive(Clone, Debug)]
 enum Shared {
@@ -445,7 +481,14 @@ impl Stampede {
 
     /// Like [`get_or_fill`](Self::get_or_fill), with a [`CacheKey`] (variants) and a fill that
     /// sees the previous value, if any, so it can revalidate instead of rebuilding.
-    pub async fn get_or_fill_with<F, Fut, E>(&self, key: CacheKey, fill: F) -> Result<Served, Error>
+    ///
+    /// (Written as a function returning a future, not an `async fn`, so that `key` and `fill`
+    /// are stored once in it, not once per layer: the future is allocated on every request.)
+    pub fn get_or_fill_with<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        fill: F,
+    ) -> impl Future<Output = Result<Served, Error>> + Send + '_
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
@@ -454,19 +497,11 @@ impl Stampede {
         let span =
             tracing::debug_span!("stampede", key = %key.slot, outcome = tracing::field::Empty);
         let started = Instant::now();
-        let res = self.call(key, fill, started).instrument(span.clone()).await;
-        let i = match &res {
-            Ok(s) => status_index(s.status),
-            Err(_) => OUTCOMES.len() - 1,
-        };
-        span.record("outcome", OUTCOMES[i]);
-        let hot = self.inner.hot.get_or_init(HotMetrics::register);
-        hot.requests[i].increment(1);
-        // Hits are counted above; timing them would cost more than it tells.
-        if i != 0 {
-            hot.call_seconds.record(started.elapsed().as_secs_f64());
+        Counted {
+            call: self.call(key, fill, started).instrument(span),
+            engine: self,
+            started,
         }
-        res
     }
 
     /// Invalidates `key` everywhere: bumps its fence and writes a tombstone, so a fill that
@@ -487,29 +522,32 @@ impl Stampede {
     /// The hit path: one lookup, and the value when it is fresh or inside stale-while-revalidate.
     /// Everything else continues in [`miss`](Self::miss), boxed, so a hit neither builds nor
     /// moves the miss path's large state machine.
-    async fn call<F, Fut, E>(
+    fn call<F, Fut, E>(
         &self,
         key: CacheKey,
         fill: F,
         arrived: Instant,
-    ) -> Result<Served, Error>
+    ) -> impl Future<Output = Result<Served, Error>> + Send + '_
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
         let deadline = arrived + self.inner.cfg.wait_timeout;
-        let first = self.lookup(&key).await;
+        // Moved into the future once (an `async fn` would hold `fill` twice).
         let mut fill = Some(fill);
-        if let Ok(looked) = &first {
-            if let Some(served) = self.serve_stored(&key, looked, now_ms(), || fill.take()) {
-                return Ok(served);
+        async move {
+            let first = self.lookup(&key).await;
+            if let Ok(looked) = &first {
+                if let Some(served) = self.serve_stored(&key, looked, now_ms(), || fill.take()) {
+                    return Ok(served);
+                }
             }
+            let Some(fill) = fill else {
+                return Err(Error::FillPanicked);
+            };
+            Box::pin(self.miss(key, fill, deadline, first)).await
         }
-        let Some(fill) = fill else {
-            return Err(Error::FillPanicked);
-        };
-        Box::pin(self.miss(key, fill, deadline, first)).await
     }
 
     /// A fresh entry (refreshed early when XFetch says so), or one inside stale-while-revalidate
@@ -1535,7 +1573,9 @@ impl Stampede {
                 let vbytes = if Some(v) == v0 {
                     fetched.variant
                 } else {
-                    self.bcall(backend.fetch(&key.slot, Some(&v)))
+                    // Boxed: its state would otherwise make every lookup's future, and so
+                    // every request's, larger.
+                    Box::pin(self.bcall(backend.fetch(&key.slot, Some(&v))))
                         .await?
                         .variant
                 };
@@ -1631,7 +1671,9 @@ impl Stampede {
         .await;
         let res = match first {
             Some(v) => Ok(v),
-            None => tokio::time::timeout(self.inner.cfg.backend_timeout, fut).await,
+            // Boxed: a timer is several hundred bytes, and held inline it would make every
+            // request's future that large, hits from an in-process store included.
+            None => Box::pin(tokio::time::timeout(self.inner.cfg.backend_timeout, fut)).await,
         };
         match res {
             Ok(Ok(v)) => {

@@ -558,6 +558,39 @@ async fn age_counts_time_in_the_cache() {
     assert_eq!(g.cs(), "tower-stampede; hit; ttl=54");
 }
 
+/// Hits decode a hot entry once per thread and remember it: every hit still gets its own `Age`
+/// and `Cache-Status` (one of each), the response that stored the entry has no `Age`, and a new
+/// value for the URL, of the same length, is served instead of the remembered one.
+#[tokio::test(start_paused = true)]
+async fn remembered_hits_get_their_own_headers_and_a_new_value_replaces_them() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/memo";
+    let g = send(&svc, get(u)).await;
+    assert!(g.cs().ends_with("; stored; ttl=60"), "{}", g.cs());
+    assert!(g.headers.get(header::AGE).is_none());
+    for age in ["2", "4"] {
+        tokio::time::advance(ms(2_250)).await;
+        let g = send(&svc, get(u)).await;
+        assert_eq!(&g.body[..], b"run 1");
+        assert_eq!(
+            g.headers.get_all(header::AGE).iter().collect::<Vec<_>>(),
+            [age]
+        );
+        assert_eq!(g.headers.get_all("cache-status").iter().count(), 1);
+        assert!(g.cs().contains("; hit; ttl=5"), "{}", g.cs());
+        assert_eq!(g.headers.get(header::CONTENT_LENGTH).unwrap(), "5");
+    }
+    let post = Request::post(u).body(Full::default()).unwrap();
+    send(&svc, post).await;
+    for cs in ["stored", "hit"] {
+        let g = send(&svc, get(u)).await;
+        assert_eq!(&g.body[..], b"run 3");
+        assert!(g.cs().contains(cs), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unsafe_method_invalidates_the_url() {
     let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));

@@ -74,7 +74,39 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        Box::pin(handle(self.shared.clone(), self.inner.clone(), req))
+        let shared = self.shared.clone();
+        let slot = match classify(&req, &shared.opts) {
+            Route::Cache(slot) => slot,
+            Route::Bypass(detail) => {
+                return Box::pin(bypass(shared, self.inner.clone(), req, detail));
+            }
+        };
+        let (parts, _body) = req.into_parts();
+        let state = Arc::new(ReqState {
+            parts,
+            side: Mutex::new(SideState {
+                own: None,
+                detail: None,
+            }),
+            shared,
+        });
+        let sel_state = state.clone();
+        let key = CacheKey::from_digest(slot).with_selector(Arc::new(move |sel: &[u8]| {
+            variant_of(sel, &sel_state.parts.headers)
+        }));
+        let inner = self.inner.clone();
+        let fill_state = state.clone();
+        let fill = move |prev: Option<Prev>| fill_from_origin(inner, fill_state, prev);
+        // Everything above is done before the future exists, so the future (one allocation per
+        // request) holds only what lives across the engine's await.
+        Box::pin(async move {
+            let served = state.shared.engine.get_or_fill_with(key, fill).await;
+            let opts = &state.shared.opts;
+            Ok(match served {
+                Ok(s) => respond(opts, s, &state.parts, &state.side),
+                Err(e) => error_response(opts, e, &state.parts, &state.side),
+            })
+        })
     }
 }
 
@@ -181,52 +213,6 @@ struct ReqState<B> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-async fn handle<S, ReqB, ResB>(
-    shared: Arc<Shared>,
-    inner: S,
-    req: Request<ReqB>,
-) -> Result<Response<ResponseBody<ResB>>, S::Error>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError> + Send + 'static,
-    ReqB: Default + Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Into<BoxError>,
-{
-    let opts = &shared.opts;
-    let slot = match classify(&req, opts) {
-        Route::Cache(slot) => slot,
-        // Boxed: the bypass path's state would otherwise make every hit's future larger.
-        Route::Bypass(detail) => return Box::pin(bypass(shared, inner, req, detail)).await,
-    };
-
-    let (parts, _body) = req.into_parts();
-    let state = Arc::new(ReqState {
-        parts,
-        side: Mutex::new(SideState {
-            own: None,
-            detail: None,
-        }),
-        shared,
-    });
-    let (shared, opts) = (&state.shared, &state.shared.opts);
-    let sel_state = state.clone();
-    let key = CacheKey::from_digest(slot).with_selector(Arc::new(move |sel: &[u8]| {
-        variant_of(sel, &sel_state.parts.headers)
-    }));
-    let fill = {
-        let state = state.clone();
-        move |prev: Option<Prev>| fill_from_origin(inner, state, prev)
-    };
-    let served = shared.engine.get_or_fill_with(key, fill).await;
-    Ok(match served {
-        Ok(s) => respond(opts, s, &state.parts, &state.side),
-        Err(e) => error_response(opts, e, &state.parts, &state.side),
-    })
 }
 
 /// A request the cache does not handle: straight to the inner service, with its Cache-Status;
@@ -448,16 +434,7 @@ fn respond<B>(
             return finish_own(res, cs, req);
         }
     }
-    // A hot entry's buffer is shared by every request serving it, on every thread, and each
-    // clone or drop of a slice of it is an atomic on one contended cache line (measured: 11% of a
-    // hit on two threads). A small value is copied once instead, so the header and body slices
-    // below count references on this request's own copy.
-    let value = if served.value.len() <= LOCAL_COPY_MAX {
-        Bytes::copy_from_slice(&served.value)
-    } else {
-        served.value
-    };
-    let Some(stored) = StoredResponse::decode(&value) else {
+    let Some(stored) = decoded(served.value) else {
         // Cannot happen for values this layer wrote; a foreign writer under our prefix could.
         return error_response(opts, Error::FillPanicked, req, side);
     };
@@ -476,6 +453,7 @@ fn respond<B>(
         body,
         ..
     } = stored;
+    // Both set in place of the placeholders `decoded` may have left.
     if age > 0
         || matches!(
             served.status,
@@ -483,6 +461,8 @@ fn respond<B>(
         )
     {
         headers.insert(header::AGE, header_int(age));
+    } else {
+        headers.remove(header::AGE);
     }
     headers.insert(CACHE_STATUS, cs);
 
@@ -528,8 +508,54 @@ fn respond<B>(
     res
 }
 
-/// Values up to this size are copied per response rather than shared (see `respond`).
+/// Values up to this size are decoded from a copy owned by the serving thread, and remembered
+/// (see [`decoded`]).
 const LOCAL_COPY_MAX: usize = 16 * 1024;
+/// How many decoded values each thread remembers.
+const MEMO_SLOTS: usize = 8;
+
+type Memo = [Option<(Bytes, StoredResponse)>; MEMO_SLOTS];
+
+thread_local! {
+    /// The values this thread decoded last, by the identity of the served buffer.
+    static DECODED: std::cell::RefCell<Memo> = const { std::cell::RefCell::new([const { None }; MEMO_SLOTS]) };
+}
+
+/// The stored response in `value`, decoded once per thread while the store keeps serving the
+/// same buffer (a hot key), else decoded afresh. Its headers may hold placeholder `Age` and
+/// `Cache-Status` values, for the caller to replace: a clone of a `HeaderMap` has no spare room,
+/// and adding two names to it would grow it on every hit.
+///
+/// A hot entry's buffer is shared by every request serving it, on every thread, and each clone
+/// or drop of a slice of it is an atomic on one contended cache line (measured: 11% of a hit on
+/// two threads). So a small value is copied once, into a buffer only this thread counts
+/// references on, and its decoded form is remembered by the served buffer's address and length.
+/// The memo holds the served buffer itself, so that address cannot be reused for other bytes
+/// while the entry lives, and a new value for the key is a new buffer. At most
+/// `MEMO_SLOTS * LOCAL_COPY_MAX` bytes per thread are held twice this way.
+fn decoded(value: Bytes) -> Option<StoredResponse> {
+    if value.len() > LOCAL_COPY_MAX {
+        return StoredResponse::decode(&value);
+    }
+    let at = value.as_ptr() as usize;
+    let slot = (at ^ (at >> 12) ^ value.len()) % MEMO_SLOTS;
+    DECODED.with(|memo| {
+        let Ok(mut memo) = memo.try_borrow_mut() else {
+            return StoredResponse::decode(&Bytes::copy_from_slice(&value));
+        };
+        if let Some((seen, stored)) = &memo[slot] {
+            if seen.as_ptr() == value.as_ptr() && seen.len() == value.len() {
+                return Some(stored.clone());
+            }
+        }
+        let mut stored = StoredResponse::decode(&Bytes::copy_from_slice(&value))?;
+        for name in [header::AGE, CACHE_STATUS] {
+            stored.headers.insert(name, HeaderValue::from_static(""));
+        }
+        memo[slot] = Some((value, stored.clone()));
+        Some(stored)
+    })
+}
 
 /// Does the client's conditional request match the stored response (RFC 9110 section 13)?
 fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
@@ -645,4 +671,50 @@ fn finish_own<B>(
         return Response::from_parts(parts, ResponseBody::empty());
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(body: &'static [u8]) -> Bytes {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(body)).encode()
+    }
+
+    #[test]
+    fn decoded_remembers_a_buffer_and_never_confuses_two() {
+        let a = stored(b"first");
+        // The same buffer twice: the second answer comes from the memo and equals the first.
+        let one = decoded(a.clone()).unwrap();
+        let two = decoded(a.clone()).unwrap();
+        for d in [&one, &two] {
+            assert_eq!(&d.body[..], b"first");
+            assert_eq!(d.headers.get(header::CONTENT_TYPE).unwrap(), "text/plain");
+            assert_eq!(d.headers.get(header::CONTENT_LENGTH).unwrap(), "5");
+        }
+        // A buffer of the same length with other bytes (a new value for the key) is decoded
+        // afresh, and so is an equal copy at another address.
+        let b = stored(b"other");
+        assert_eq!(b.len(), a.len());
+        assert_eq!(&decoded(b.clone()).unwrap().body[..], b"other");
+        assert_eq!(&decoded(a.clone()).unwrap().body[..], b"first");
+        let a2 = Bytes::copy_from_slice(&a);
+        assert_eq!(&decoded(a2).unwrap().body[..], b"first");
+        // Garbage is `None`, remembered or not.
+        let junk = Bytes::from_static(b"\xff\xff\x00\x00\x00\x00\x09\x00");
+        assert!(decoded(junk.clone()).is_none());
+        assert!(decoded(junk).is_none());
+    }
+
+    #[test]
+    fn a_value_beyond_the_copy_limit_is_decoded_in_place() {
+        let body: &'static [u8] = Box::leak(vec![b'x'; LOCAL_COPY_MAX + 1].into_boxed_slice());
+        let v = stored(body);
+        let d = decoded(v.clone()).unwrap();
+        assert_eq!(d.body.len(), LOCAL_COPY_MAX + 1);
+        // Shared with the stored buffer, not copied.
+        assert!(v.as_ptr_range().contains(&d.body.as_ptr()));
+    }
 }
