@@ -73,6 +73,37 @@ pub(crate) fn for_status(
         .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
 }
 
+thread_local! {
+    /// The last value [`for_status_memo`] built on this thread, with its status and TTL.
+    static LAST: std::cell::RefCell<Option<(Status, Option<i64>, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// [`for_status`] with no pass detail, reusing the last value this thread built when it is the
+/// same: the hits of one entry share one value until its TTL's second changes.
+pub(crate) fn for_status_memo(name: &str, status: Status, ttl: Option<i64>) -> HeaderValue {
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return for_status(name, status, ttl, None);
+        };
+        if let Some((s, t, v)) = &*last {
+            // Names are tokens, without `;`: the value is this name's when the name is
+            // followed by the `;` every status part starts with.
+            let b = v.as_bytes();
+            if *s == status
+                && *t == ttl
+                && b.starts_with(name.as_bytes())
+                && b.get(name.len()) == Some(&b';')
+            {
+                return v.clone();
+            }
+        }
+        let v = for_status(name, status, ttl, None);
+        *last = Some((status, ttl, v.clone()));
+        v
+    })
+}
+
 /// `fwd=bypass; detail=...` for requests the cache does not handle.
 pub(crate) fn bypass(name: &str, detail: &str) -> HeaderValue {
     HeaderValue::try_from(format!("{name}; fwd=bypass; detail={detail}"))
@@ -116,5 +147,27 @@ mod tests {
             v(Status::Collapsed, None, None),
             "tower-stampede; fwd=uri-miss; collapsed"
         );
+    }
+
+    #[test]
+    fn the_memo_answers_as_for_status_does() {
+        let calls = [
+            ("a", Status::Hit, Some(5)),
+            ("a", Status::Hit, Some(5)),
+            ("a", Status::Hit, Some(4)),
+            ("a-b", Status::Hit, Some(4)),
+            ("a", Status::Hit, Some(4)),
+            ("b", Status::Hit, Some(4)),
+            ("b", Status::Stale(StaleReason::Revalidating), Some(4)),
+            ("b", Status::Stale(StaleReason::Revalidating), Some(4)),
+            ("b", Status::Stored, Some(4)),
+            ("b", Status::Stored, None),
+        ];
+        for (name, st, ttl) in calls {
+            assert_eq!(
+                for_status_memo(name, st, ttl),
+                for_status(name, st, ttl, None)
+            );
+        }
     }
 }

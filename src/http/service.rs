@@ -446,7 +446,10 @@ fn respond<B>(
         ),
         None => (u64::from(stored.origin_age), None),
     };
-    let cs = cache_status::for_status(&opts.name, served.status, ttl, detail);
+    let cs = match detail {
+        None => cache_status::for_status_memo(&opts.name, served.status, ttl),
+        Some(_) => cache_status::for_status(&opts.name, served.status, ttl, detail),
+    };
     let StoredResponse {
         status,
         mut headers,
@@ -460,7 +463,7 @@ fn respond<B>(
             Status::Hit | Status::Stale(_) | Status::Collapsed
         )
     {
-        headers.insert(header::AGE, header_int(age));
+        headers.insert(header::AGE, age_value(age));
     } else {
         headers.remove(header::AGE);
     }
@@ -506,6 +509,29 @@ fn respond<B>(
     *res.status_mut() = status;
     *res.headers_mut() = headers;
     res
+}
+
+thread_local! {
+    /// The last `Age` value built on this thread.
+    static LAST_AGE: std::cell::RefCell<Option<(u64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `Age: age`, reusing the last value this thread built when it is the same.
+fn age_value(age: u64) -> HeaderValue {
+    LAST_AGE.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            return header_int(age);
+        };
+        match &*last {
+            Some((a, v)) if *a == age => v.clone(),
+            _ => {
+                let v = header_int(age);
+                *last = Some((age, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// Values up to this size are decoded from a copy owned by the serving thread, and remembered
@@ -724,6 +750,13 @@ mod tests {
         let junk = Bytes::from_static(b"\xff\xff\x00\x00\x00\x00\x09\x00");
         assert!(decoded(junk.clone()).is_none());
         assert!(decoded(junk).is_none());
+    }
+
+    #[test]
+    fn age_values_are_the_age() {
+        for age in [0, 0, 7, 7, 70, 0, u64::MAX] {
+            assert_eq!(age_value(age), HeaderValue::from(age));
+        }
     }
 
     #[test]
