@@ -482,8 +482,10 @@ impl Stampede {
     /// Like [`get_or_fill`](Self::get_or_fill), with a [`CacheKey`] (variants) and a fill that
     /// sees the previous value, if any, so it can revalidate instead of rebuilding.
     ///
-    /// (Written as a function returning a future, not an `async fn`, so that `key` and `fill`
-    /// are stored once in it, not once per layer: the future is allocated on every request.)
+    /// The `wait_timeout` deadline counts from this call, not from the first poll of the future
+    /// it returns.
+    // A function returning a future rather than an `async fn`, so that `key` and `fill` are
+    // stored once in the future, not once per layer: it is allocated on every request.
     pub fn get_or_fill_with<F, Fut, E>(
         &self,
         key: CacheKey,

@@ -82,7 +82,7 @@ thread_local! {
 /// [`for_status`] with no pass detail, reusing the last value this thread built when it is the
 /// same: the hits of one entry share one value until its TTL's second changes.
 pub(crate) fn for_status_memo(name: &str, status: Status, ttl: Option<i64>) -> HeaderValue {
-    LAST.with(|last| {
+    LAST.try_with(|last| {
         let Ok(mut last) = last.try_borrow_mut() else {
             return for_status(name, status, ttl, None);
         };
@@ -102,6 +102,7 @@ pub(crate) fn for_status_memo(name: &str, status: Status, ttl: Option<i64>) -> H
         *last = Some((status, ttl, v.clone()));
         v
     })
+    .unwrap_or_else(|_| for_status(name, status, ttl, None))
 }
 
 /// `fwd=bypass; detail=...` for requests the cache does not handle.

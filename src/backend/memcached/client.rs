@@ -679,8 +679,8 @@ fn parse(
             return Err(protocol("value without its CRLF"));
         }
         buf.advance(nl + 1);
-        // Handed over without a copy: the HTTP layer copies small values once per response
-        // anyway (`http::service::respond`), which also lets go of this buffer.
+        // Handed over without a copy: the HTTP layer copies a small value before it decodes
+        // it (`http::service::decoded`) and keeps only its copy, which lets go of this buffer.
         let value = buf.split_to(len).freeze();
         buf.advance(2);
         return Ok(Some(match kind {
