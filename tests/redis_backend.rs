@@ -1044,6 +1044,24 @@ mod near_cache {
         );
     }
 
+    /// A failover behind one address: the server that answered is gone, and another with other
+    /// data answers on the same address (here `kill -9` and a new, empty server on the port, into
+    /// which the key's new bytes are written behind the backend's back). Nothing kept from the
+    /// old server may be served once the new one answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_server_behind_the_same_address_drops_what_is_kept() {
+        let mut server = Server::redis();
+        let backend = near_backend(&server).await;
+        let a = Stampede::new(backend.clone());
+        fill_and_keep(&server, &a, &backend, "k", "v1").await;
+        server.restart();
+        let seen = garbage_is_seen(&server, &backend, "k", 300).await;
+        assert!(
+            seen,
+            "a record kept from the old server was served after the new one took its address"
+        );
+    }
+
     /// The `redirect` field of `CLIENT TRACKINGINFO` (a flat array in RESP2).
     fn tracking_redirect(v: &redis::Value) -> Option<i64> {
         let redis::Value::Array(items) = v else {
