@@ -75,34 +75,25 @@ pub(crate) fn for_status(
 
 thread_local! {
     /// The last value [`for_status_memo`] built on this thread, with its status and TTL.
-    static LAST: std::cell::RefCell<Option<(Status, Option<i64>, HeaderValue)>> =
-        const { std::cell::RefCell::new(None) };
+    static LAST: super::last::Last<(Status, Option<i64>)> = const { std::cell::RefCell::new(None) };
 }
 
 /// [`for_status`] with no pass detail, reusing the last value this thread built when it is the
 /// same: the hits of one entry share one value until its TTL's second changes.
 pub(crate) fn for_status_memo(name: &str, status: Status, ttl: Option<i64>) -> HeaderValue {
-    LAST.try_with(|last| {
-        let Ok(mut last) = last.try_borrow_mut() else {
-            return for_status(name, status, ttl, None);
-        };
-        if let Some((s, t, v)) = &*last {
+    super::last::reuse(
+        &LAST,
+        (status, ttl),
+        |k, v| {
             // Names are tokens, without `;`: the value is this name's when the name is
             // followed by the `;` every status part starts with.
             let b = v.as_bytes();
-            if *s == status
-                && *t == ttl
+            *k == (status, ttl)
                 && b.starts_with(name.as_bytes())
                 && b.get(name.len()) == Some(&b';')
-            {
-                return v.clone();
-            }
-        }
-        let v = for_status(name, status, ttl, None);
-        *last = Some((status, ttl, v.clone()));
-        v
-    })
-    .unwrap_or_else(|_| for_status(name, status, ttl, None))
+        },
+        || for_status(name, status, ttl, None),
+    )
 }
 
 /// `fwd=bypass; detail=...` for requests the cache does not handle.

@@ -27,6 +27,7 @@ mod body;
 mod cache_status;
 mod freshness;
 mod key;
+mod last;
 mod layer;
 mod service;
 mod stored;

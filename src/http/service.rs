@@ -513,27 +513,12 @@ fn respond<B>(
 
 thread_local! {
     /// The last `Age` value built on this thread.
-    static LAST_AGE: std::cell::RefCell<Option<(u64, HeaderValue)>> =
-        const { std::cell::RefCell::new(None) };
+    static LAST_AGE: super::last::Last<u64> = const { std::cell::RefCell::new(None) };
 }
 
 /// `Age: age`, reusing the last value this thread built when it is the same.
 fn age_value(age: u64) -> HeaderValue {
-    LAST_AGE
-        .try_with(|last| {
-            let Ok(mut last) = last.try_borrow_mut() else {
-                return header_int(age);
-            };
-            match &*last {
-                Some((a, v)) if *a == age => v.clone(),
-                _ => {
-                    let v = header_int(age);
-                    *last = Some((age, v.clone()));
-                    v
-                }
-            }
-        })
-        .unwrap_or_else(|_| header_int(age))
+    super::last::reuse(&LAST_AGE, age, |a, _| *a == age, || header_int(age))
 }
 
 /// Values up to this size are decoded from a copy owned by the serving thread, and remembered
@@ -591,25 +576,10 @@ fn decoded(value: Bytes) -> Option<StoredResponse> {
     }
     let fp = fingerprint(&value);
     let slot = (fp >> 32) as usize % MEMO_SLOTS;
-    let fresh = |memo: Option<&mut MemoSlot>| {
-        let copy = Bytes::copy_from_slice(&value);
-        let mut stored = StoredResponse::decode(&copy)?;
-        for name in [header::AGE, CACHE_STATUS] {
-            stored.headers.insert(name, HeaderValue::from_static(""));
-        }
-        if let Some(m) = memo {
-            if m.seen == fp {
-                m.kept = Some((copy, stored.clone()));
-            } else {
-                m.seen = fp;
-            }
-        }
-        Some(stored)
-    };
     DECODED
         .try_with(|memo| {
             let Ok(mut memo) = memo.try_borrow_mut() else {
-                return fresh(None);
+                return decode_copy(&value).map(|(_, stored)| stored);
             };
             let m = &mut memo[slot];
             if let Some((kept, stored)) = &m.kept {
@@ -617,9 +587,26 @@ fn decoded(value: Bytes) -> Option<StoredResponse> {
                     return Some(stored.clone());
                 }
             }
-            fresh(Some(m))
+            let (copy, stored) = decode_copy(&value)?;
+            if m.seen == fp {
+                m.kept = Some((copy, stored.clone()));
+            } else {
+                m.seen = fp;
+            }
+            Some(stored)
         })
-        .unwrap_or_else(|_| fresh(None))
+        .unwrap_or_else(|_| decode_copy(&value).map(|(_, stored)| stored))
+}
+
+/// `value` decoded from this thread's own copy of it (returned too), with placeholder `Age` and
+/// `Cache-Status` (see [`decoded`]).
+fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
+    let copy = Bytes::copy_from_slice(value);
+    let mut stored = StoredResponse::decode(&copy)?;
+    for name in [header::AGE, CACHE_STATUS] {
+        stored.headers.insert(name, HeaderValue::from_static(""));
+    }
+    Some((copy, stored))
 }
 
 /// Does the client's conditional request match the stored response (RFC 9110 section 13)?
