@@ -106,6 +106,8 @@ struct Upstream {
     forwarded: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
+    /// Every request's body, as it arrived.
+    bodies: Arc<std::sync::Mutex<Vec<Bytes>>>,
 }
 
 impl Upstream {
@@ -123,7 +125,13 @@ impl Upstream {
                     let this = this.clone();
                     async move {
                         let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                        let h = req.headers();
+                        let (req, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes());
+                        this.bodies
+                            .lock()
+                            .unwrap()
+                            .push(body.unwrap_or_else(|e| Bytes::from(format!("error: {e}"))));
+                        let h = &req.headers;
                         if h.contains_key("via")
                             && h.get("x-forwarded-for").is_some_and(|v| v == "127.0.0.1")
                             && h.contains_key("forwarded")
@@ -134,14 +142,14 @@ impl Upstream {
                         let r = this.running.fetch_add(1, Ordering::SeqCst) + 1;
                         this.peak.fetch_max(r, Ordering::SeqCst);
                         let ms = req
-                            .uri()
+                            .uri
                             .query()
                             .and_then(|q| q.strip_prefix("ms="))
                             .and_then(|v| v.parse().ok())
                             .unwrap_or(200);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                         this.running.fetch_sub(1, Ordering::SeqCst);
-                        let cc = if req.uri().path() == "/nocache" {
+                        let cc = if req.uri.path() == "/nocache" {
                             "no-store"
                         } else {
                             "max-age=60"
@@ -319,6 +327,43 @@ async fn a_successful_post_passes_through_and_invalidates_the_url() {
         "the POST invalidated the entry"
     );
     assert_eq!(up.calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_reach_the_upstream_whole() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let proxy = Proxy::start(addr, &[]);
+    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // Larger than any one read, and every byte distinct in its position.
+    let big: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut sent = Vec::new();
+    for (method, body) in [
+        (http::Method::POST, big),
+        (http::Method::PUT, Bytes::from_static(b"small")),
+        (http::Method::POST, Bytes::new()),
+        (http::Method::GET, Bytes::new()),
+    ] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(proxy.url("/slow?ms=1"))
+            .header("host", "app.test")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let res = c.request(req).await.expect("the proxy answers");
+        assert_eq!(res.status(), StatusCode::OK, "{method}");
+        sent.push(body);
+    }
+    let got = up.bodies.lock().unwrap().clone();
+    assert_eq!(got.len(), sent.len(), "one upstream call per request");
+    for (i, (got, sent)) in got.iter().zip(&sent).enumerate() {
+        assert!(
+            got == sent,
+            "request {i}: {} bytes arrived of {}",
+            got.len(),
+            sent.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
