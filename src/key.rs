@@ -27,16 +27,18 @@ impl Digest {
         I: IntoIterator<Item = F>,
         F: AsRef<[u8]>,
     {
-        let mut h = Sha256::new();
-        for f in fields {
-            let f = f.as_ref();
-            h.update((f.len() as u64).to_le_bytes());
-            h.update(f);
-        }
-        let full = h.finalize();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&full[..16]);
-        Digest(out)
+        // The framed input is built once; a hot key's digest is then found in this thread's
+        // memo by comparing those bytes, and hashed only when it is not there. One `update` over
+        // the framed bytes is the same hash as one per piece.
+        MEMO.with_borrow_mut(|m| {
+            m.input.clear();
+            for f in fields {
+                let f = f.as_ref();
+                m.input.extend_from_slice(&(f.len() as u64).to_le_bytes());
+                m.input.extend_from_slice(f);
+            }
+            m.digest()
+        })
     }
 
     /// The digest of a plain application key, as used by [`Stampede::get_or_fill`](crate::Stampede::get_or_fill).
@@ -66,6 +68,51 @@ impl Digest {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Inputs longer than this are hashed and not kept (nor is the scratch buffer kept this large).
+const MEMO_INPUT_MAX: usize = 512;
+/// Digests kept per thread.
+const MEMO_SLOTS: usize = 4;
+
+thread_local! {
+    static MEMO: std::cell::RefCell<Memo> = std::cell::RefCell::new(Memo::default());
+}
+
+/// The last few digests this thread computed, by their framed input: the same URL is hashed
+/// again on every request for it, and SHA-256 is most of the cost of a key.
+#[derive(Default)]
+struct Memo {
+    input: Vec<u8>,
+    /// Up to `MEMO_SLOTS`, replaced in turn.
+    kept: Vec<(Vec<u8>, Digest)>,
+    next: usize,
+}
+
+impl Memo {
+    fn digest(&mut self) -> Digest {
+        if let Some((_, d)) = self.kept.iter().find(|(k, _)| *k == self.input) {
+            return *d;
+        }
+        let full = Sha256::digest(&self.input);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        let d = Digest(out);
+        if self.input.len() <= MEMO_INPUT_MAX {
+            if self.kept.len() < MEMO_SLOTS {
+                self.kept.push((self.input.clone(), d));
+            } else {
+                let (k, kd) = &mut self.kept[self.next];
+                k.clear();
+                k.extend_from_slice(&self.input);
+                *kd = d;
+                self.next = (self.next + 1) % MEMO_SLOTS;
+            }
+        } else {
+            self.input = Vec::new();
+        }
+        d
+    }
+}
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -162,6 +209,58 @@ impl Default for Prefix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SHA-256 of the framed fields, computed directly: what `of_fields` must return whether
+    /// or not its memo holds the input.
+    fn reference(fields: &[&[u8]]) -> Digest {
+        let mut h = Sha256::new();
+        for f in fields {
+            h.update((f.len() as u64).to_le_bytes());
+            h.update(f);
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize()[..16]);
+        Digest(out)
+    }
+
+    #[test]
+    fn the_memo_never_changes_a_digest() {
+        let long = vec![b'x'; MEMO_INPUT_MAX + 1];
+        let near = vec![b'x'; MEMO_INPUT_MAX - 8];
+        let inputs: Vec<Vec<&[u8]>> = vec![
+            vec![],
+            vec![b""],
+            vec![b"a", b"bc"],
+            vec![b"ab", b"c"],
+            vec![b"GET", b"/one"],
+            vec![b"GET", b"/two"],
+            vec![b"GET", b"/thr"],
+            vec![b"GET", b"/fou"],
+            vec![b"GET", b"/fiv"],
+            vec![&long],
+            vec![&near],
+            vec![&long, b"y"],
+        ];
+        // Every input again and again, in an order that cycles more inputs than the memo keeps
+        // and repeats some back to back; and the same in a fresh thread, so all start cold.
+        let check = |inputs: &[Vec<&[u8]>]| {
+            for round in 0..3 {
+                for (i, f) in inputs.iter().enumerate() {
+                    for _ in 0..=(i + round) % 3 {
+                        assert_eq!(
+                            Digest::of_fields(f.iter()),
+                            reference(f),
+                            "{i} in round {round}"
+                        );
+                    }
+                }
+            }
+        };
+        check(&inputs);
+        std::thread::scope(|s| {
+            s.spawn(|| check(&inputs));
+        });
+    }
 
     #[test]
     fn fields_are_length_prefixed() {
