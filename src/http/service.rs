@@ -627,15 +627,20 @@ fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
                 .unwrap_or(false)
         });
     }
-    let ims = req
+    // Parse the stored Last-Modified only for a request that asks (a hit without conditionals
+    // must not pay for a date parse).
+    let Some(ims) = req
         .get(header::IF_MODIFIED_SINCE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| httpdate::parse_http_date(s).ok());
+        .and_then(|s| httpdate::parse_http_date(s).ok())
+    else {
+        return false;
+    };
     let lm = stored
         .get(header::LAST_MODIFIED)
         .and_then(|v| v.to_str().ok())
         .and_then(|s| httpdate::parse_http_date(s).ok());
-    matches!((ims, lm), (Some(ims), Some(lm)) if lm <= ims)
+    lm.is_some_and(|lm| lm <= ims)
 }
 
 fn weak(tag: &str) -> &str {
