@@ -454,13 +454,11 @@ impl hyper::body::Body for OutBody {
     }
 }
 
-/// One request through the stack. A plain function returning a boxed future, and a body with a
+/// One request through the stack. A plain function returning a named future, and a body with a
 /// concrete error type, so the connection future spawned per connection stays provably `Send`
-/// (rustc cannot see through the nested async blocks otherwise).
-fn serve(
-    mut svc: StampedeService<Proxy>,
-    req: Request<Incoming>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Served, Infallible>> + Send>> {
+/// (rustc cannot see through nested async blocks otherwise). A hit allocates neither a second
+/// future nor a boxed request body.
+fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>) -> Serve {
     // Forwarding headers are added by `Proxy` only when a request actually goes upstream, so
     // a hit costs no header rewriting.
     let (parts, body) = req.into_parts();
@@ -472,12 +470,34 @@ fn serve(
             parts.uri.path().to_string(),
         )
     });
-    let req = Request::from_parts(parts, body.map_err(box_err).boxed());
+    // A request without a body (most GETs) gets the empty body, which boxes a zero-sized value.
+    let body = if hyper::body::Body::is_end_stream(&body) {
+        Body::default()
+    } else {
+        body.map_err(box_err).boxed()
+    };
     // Both the layer and the proxy service are always ready: no poll_ready to drive.
-    let fut = svc.call(req);
-    Box::pin(async move {
-        let res = fut.await?;
-        if let Some((started, method, path)) = log {
+    Serve {
+        fut: svc.call(Request::from_parts(parts, body)),
+        log,
+    }
+}
+
+/// The future of [`serve`]: the layer's own (boxed once, so `Unpin`) and the access log line.
+struct Serve {
+    fut: <StampedeService<Proxy> as Service<Request<Body>>>::Future,
+    log: Option<(std::time::Instant, http::Method, String)>,
+}
+
+impl std::future::Future for Serve {
+    type Output = Result<Served, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let res = std::task::ready!(std::pin::Pin::new(&mut self.fut).poll(cx))?;
+        if let Some((started, method, path)) = self.log.take() {
             tracing::debug!(
                 %method, %path, status = res.status().as_u16(),
                 cache = res.headers().get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or(""),
@@ -485,8 +505,8 @@ fn serve(
                 "request"
             );
         }
-        Ok(res.map(OutBody))
-    })
+        std::task::Poll::Ready(Ok(res.map(OutBody)))
+    }
 }
 
 async fn shutdown_signal() {

@@ -36,7 +36,22 @@ use crate::policy::Config;
 
 /// Maps a stored selector (HTTP: the `Vary` header names) to this caller's variant digest, or
 /// `None` when this caller can never match a stored variant (HTTP: `Vary: *`).
-pub type Selector = Arc<dyn Fn(&[u8]) -> Option<Digest> + Send + Sync>;
+///
+/// Any `Fn(&[u8]) -> Option<Digest>` closure is one; a type of the caller's own can be too, so
+/// that the state a request already shares doubles as its selector (no allocation of its own).
+pub trait Select: Send + Sync {
+    /// This caller's variant digest for `selector`.
+    fn variant(&self, selector: &[u8]) -> Option<Digest>;
+}
+
+impl<F: Fn(&[u8]) -> Option<Digest> + Send + Sync> Select for F {
+    fn variant(&self, selector: &[u8]) -> Option<Digest> {
+        self(selector)
+    }
+}
+
+/// A shared [`Select`]: `Arc::new(|selector: &[u8]| ...)` or an `Arc` of a `Select` type.
+pub type Selector = Arc<dyn Select>;
 
 /// What a call is about: the slot (the logical key) and, for values that vary by request, how
 /// to pick this caller's variant.
@@ -72,7 +87,7 @@ impl CacheKey {
     }
 
     fn variant_for(&self, selector: &[u8]) -> Option<Digest> {
-        self.select.as_ref().and_then(|s| s(selector))
+        self.select.as_ref().and_then(|s| s.variant(selector))
     }
 }
 
@@ -180,6 +195,10 @@ pub struct Served {
     pub meta: Option<Meta>,
     /// How it was served.
     pub status: Status,
+    /// When the engine decided how to serve it, in Unix milliseconds on the engine's clock
+    /// (which follows `tokio::time`): `meta`'s age and remaining TTL are relative to this, so a
+    /// caller need not read the clock again.
+    pub at_ms: u64,
 }
 
 /// The stampede engine. Cheap to clone; clones share state.
@@ -590,6 +609,7 @@ impl Stampede {
             value: value.clone(),
             meta: Some(*meta),
             status,
+            at_ms: now,
         })
     }
 
@@ -703,6 +723,7 @@ impl Stampede {
                         value,
                         meta,
                         status,
+                        at_ms: now_ms(),
                     });
                 }
                 Shared::Stale {
@@ -720,6 +741,7 @@ impl Stampede {
                         value,
                         meta: Some(meta),
                         status: Status::Stale(StaleReason::Revalidating),
+                        at_ms: now_ms(),
                     });
                 }
                 Shared::Failed(f) => {
@@ -731,6 +753,7 @@ impl Stampede {
                                 value,
                                 meta: Some(meta),
                                 status: Status::Stale(StaleReason::Error),
+                                at_ms: now_ms(),
                             })
                         }
                         None => Err(f.into_error()),
@@ -743,6 +766,7 @@ impl Stampede {
                                 value,
                                 meta: None,
                                 status: Status::Passed,
+                                at_ms: now_ms(),
                             })
                         }
                         Some(Own::Panicked) => return Err(Error::FillPanicked),
@@ -761,6 +785,7 @@ impl Stampede {
                                 value,
                                 meta: None,
                                 status: Status::Passed,
+                                at_ms: now_ms(),
                             })
                         }
                         Some(Own::Panicked) => return Err(Error::FillPanicked),
@@ -810,6 +835,7 @@ impl Stampede {
                 value,
                 meta: Some(meta),
                 status: Status::Stale(StaleReason::Deadline),
+                at_ms: now_ms(),
             });
         }
         match fill {
@@ -821,6 +847,7 @@ impl Stampede {
                         value: fill_value(fill),
                         meta: None,
                         status: Status::Passed,
+                        at_ms: now_ms(),
                     }),
                     FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
                     FillRun::Panicked => Err(Error::FillPanicked),
@@ -910,12 +937,14 @@ impl Stampede {
                     value,
                     meta: meta_out,
                     status,
+                    at_ms: now_ms(),
                 })
             }
             FillRun::Done(Ok(fill)) => Ok(Served {
                 value: fill_value(fill),
                 meta: None,
                 status: Status::Passed,
+                at_ms: now_ms(),
             }),
             FillRun::Done(Err(e)) => stale_or(last_stale, Error::Fill(Arc::from(e))),
             FillRun::Panicked => Err(Error::FillPanicked),
@@ -977,6 +1006,7 @@ impl Stampede {
                 value,
                 meta,
                 status: Status::Bypass,
+                at_ms: now_ms(),
             }),
             Shared::Failed(f) => Err(f.into_error()),
             Shared::TimedOut => Err(Error::Timeout(self.inner.cfg.wait_timeout)),
@@ -985,6 +1015,7 @@ impl Stampede {
                     value,
                     meta: None,
                     status: Status::Bypass,
+                    at_ms: now_ms(),
                 }),
                 _ => Err(Error::FillPanicked),
             },
@@ -998,6 +1029,7 @@ impl Stampede {
                         value: fill_value(fill),
                         meta: None,
                         status: Status::Bypass,
+                        at_ms: now_ms(),
                     }),
                     FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
                     FillRun::Panicked => Err(Error::FillPanicked),
@@ -1731,6 +1763,7 @@ fn stale_or(st: Option<(Bytes, Meta)>, err: Error) -> Result<Served, Error> {
             value,
             meta: Some(meta),
             status: Status::Stale(StaleReason::Error),
+            at_ms: now_ms(),
         }),
         None => Err(err),
     }

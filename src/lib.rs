@@ -29,7 +29,7 @@ pub mod key;
 mod policy;
 
 pub use backoff::Backoff;
-pub use engine::{CacheKey, Fill, Prev, Selector, Served, StaleReason, Stampede, Status};
+pub use engine::{CacheKey, Fill, Prev, Select, Selector, Served, StaleReason, Stampede, Status};
 pub use entry::{Meta, Ttl};
 pub use error::{BoxError, ConfigError, Error};
 pub use key::Digest;

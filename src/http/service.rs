@@ -17,8 +17,7 @@ use super::freshness::{decide, Decision};
 use super::key::{url_slot, user_slot, variant_of};
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse};
-use crate::clock::now_ms;
-use crate::engine::{CacheKey, Fill, Prev, Served, Status};
+use crate::engine::{CacheKey, Fill, Prev, Select, Served, Status};
 use crate::error::{BoxError, Error};
 use crate::key::Digest;
 
@@ -90,10 +89,7 @@ where
             }),
             shared,
         });
-        let sel_state = state.clone();
-        let key = CacheKey::from_digest(slot).with_selector(Arc::new(move |sel: &[u8]| {
-            variant_of(sel, &sel_state.parts.headers)
-        }));
+        let key = CacheKey::from_digest(slot).with_selector(state.clone());
         let inner = self.inner.clone();
         let fill_state = state.clone();
         let fill = move |prev: Option<Prev>| fill_from_origin(inner, fill_state, prev);
@@ -209,6 +205,13 @@ struct ReqState<B> {
     /// The layer's shared state: held here so a request clones its `Arc` once (every clone is
     /// an atomic on a cache line all threads share).
     shared: Arc<Shared>,
+}
+
+/// A request's variant is picked by its own headers.
+impl<B: Send> Select for ReqState<B> {
+    fn variant(&self, selector: &[u8]) -> Option<Digest> {
+        variant_of(selector, &self.parts.headers)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -438,7 +441,7 @@ fn respond<B>(
         // Cannot happen for values this layer wrote; a foreign writer under our prefix could.
         return error_response(opts, Error::FillPanicked, req, side);
     };
-    let now = now_ms();
+    let now = served.at_ms;
     let (age, ttl) = match &served.meta {
         Some(m) => (
             u64::from(stored.origin_age) + m.age_secs(now),
