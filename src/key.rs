@@ -59,11 +59,17 @@ impl Digest {
     /// Lower-case hex, 32 characters.
     pub fn to_hex(&self) -> String {
         let mut s = String::with_capacity(32);
+        self.push_hex(&mut s);
+        s
+    }
+
+    /// Appends the lower-case hex form to `s` (a key is built with no string of its own for
+    /// the digest).
+    fn push_hex(&self, s: &mut String) {
         for b in self.0 {
             s.push(HEX[(b >> 4) as usize] as char);
             s.push(HEX[(b & 15) as usize] as char);
         }
-        s
     }
 }
 
@@ -162,12 +168,20 @@ impl Prefix {
 
     /// `<prefix>{<digest>}:<part>`.
     pub fn key(&self, slot: &Digest, part: &str) -> String {
-        let mut s = String::with_capacity(self.0.len() + 36 + part.len());
+        self.key_with(slot, part, None)
+    }
+
+    /// `<prefix>{<slot>}:<part>[<variant in hex>]`, in one allocation.
+    fn key_with(&self, slot: &Digest, part: &str, variant: Option<&Digest>) -> String {
+        let mut s = String::with_capacity(self.0.len() + 36 + part.len() + 32);
         s.push_str(&self.0);
         s.push('{');
-        s.push_str(&slot.to_hex());
+        slot.push_hex(&mut s);
         s.push_str("}:");
         s.push_str(part);
+        if let Some(v) = variant {
+            v.push_hex(&mut s);
+        }
         s
     }
 
@@ -188,10 +202,7 @@ impl Prefix {
 
     /// The key of one variant of a `Vary`ing entry.
     pub fn variant(&self, slot: &Digest, variant: &Digest) -> String {
-        let mut part = String::with_capacity(34);
-        part.push_str("v:");
-        part.push_str(&variant.to_hex());
-        self.key(slot, &part)
+        self.key_with(slot, "v:", Some(variant))
     }
 
     /// The name of the signal channel of one slot.
@@ -278,6 +289,21 @@ mod tests {
             assert!(Prefix::new(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Prefix::new(&"x".repeat(MAX_PREFIX_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn the_key_layout() {
+        let p = Prefix::new("app:").unwrap();
+        let (d, v) = (Digest::of_key("a"), Digest::of_key("b"));
+        let (dh, vh) = (d.to_hex(), v.to_hex());
+        assert_eq!(dh.len(), 32);
+        assert!(dh
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        let pre = format!("app:v{FORMAT_VERSION}:");
+        assert_eq!(p.lease(&d), format!("{pre}{{{dh}}}:l"));
+        assert_eq!(p.entry(&d), format!("{pre}{{{dh}}}:e"));
+        assert_eq!(p.variant(&d, &v), format!("{pre}{{{dh}}}:v:{vh}"));
     }
 
     #[test]
