@@ -246,8 +246,10 @@ impl MemcachedBuilder {
         self
     }
 
-    /// How long one round trip may take (default 1 s). The engine's own per-call
-    /// `backend_timeout` usually fires first.
+    /// How long one round trip may take (default 1 s): a connection that owes a reply for
+    /// longer is closed, within a quarter of this (at most 250 ms) after the reply was due, and
+    /// every command on it fails. The engine's own per-call `backend_timeout` usually fires
+    /// first.
     pub fn io_timeout(mut self, d: Duration) -> Self {
         self.opts.io_timeout = d;
         self

@@ -12,7 +12,8 @@
 //!
 //! Failures: a connection that breaks (EOF, reset, a reply that does not parse) fails the
 //! commands in flight on it and is dialled again by the next call; a command that gets no reply
-//! within the I/O timeout fails, and its connection is closed (a stopped or partitioned server
+//! within the I/O timeout (noticed by the connection's watchdog within a quarter of it) fails,
+//! and its connection is closed with every command on it (a stopped or partitioned server
 //! would otherwise collect every later command too). A failed command may still have been
 //! applied: the backend's CAS and fence checks make every step safe to repeat.
 
@@ -172,13 +173,16 @@ struct Conn {
 }
 
 /// What one caller puts on a connection: its encoded commands and where their replies go.
+/// A job's replies, one per command; or why its connection ended before they all came.
+type Answer = BackendResult<Vec<BackendResult<Reply>>>;
+
 struct Job {
     /// When the caller handed it over: the watchdog counts from here, so time spent waiting
     /// behind a stuck write counts too.
     queued: Instant,
     wire: Vec<u8>,
     kinds: Kinds,
-    reply: oneshot::Sender<Vec<BackendResult<Reply>>>,
+    reply: oneshot::Sender<Answer>,
 }
 
 /// The reply shapes a job expects, in order (one for the usual single command).
@@ -218,7 +222,7 @@ struct InFlight {
     sent: Instant,
     kinds: Kinds,
     replies: Vec<BackendResult<Reply>>,
-    reply: oneshot::Sender<Vec<BackendResult<Reply>>>,
+    reply: oneshot::Sender<Answer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,7 +315,6 @@ impl Client {
         wire: Vec<u8>,
         kinds: Kinds,
     ) -> BackendResult<Vec<BackendResult<Reply>>> {
-        let opts = &self.inner.opts;
         let i = server.rr.fetch_add(1, Ordering::Relaxed) % server.slots.len();
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
@@ -333,22 +336,13 @@ impl Client {
                 return Err(BackendError::new("memcached: connection closed"));
             }
         }
-        match tokio::time::timeout(opts.io_timeout, rx).await {
-            Ok(Ok(replies)) => Ok(replies),
-            Ok(Err(_)) => Err(BackendError::new(
+        // No timer of our own: the connection's watchdog ends a connection that owes a reply
+        // for longer than the I/O timeout and fails every job on it, with the reason.
+        match rx.await {
+            Ok(answer) => answer,
+            Err(_) => Err(BackendError::new(
                 "memcached: connection lost before the reply",
             )),
-            Err(_) => {
-                // Replies on this connection are late: everything queued behind ours would be
-                // too. Close it; the next call dials a fresh one.
-                if forget(server, i, conn.id) {
-                    conn.kill.notify_one();
-                }
-                Err(BackendError::new(format!(
-                    "memcached: no reply within {:?}",
-                    opts.io_timeout
-                )))
-            }
         }
     }
 
@@ -409,9 +403,9 @@ fn forget(server: &Server, i: usize, id: u64) -> bool {
 }
 
 /// Runs one connection until it breaks, is killed, owes a reply for longer than `io_timeout`,
-/// or every sender is gone. Commands in flight when it ends get no reply (their callers see the
-/// connection lost). The watchdog is what closes a connection to a hung server when callers
-/// give up first (the engine's own timeout is usually shorter and drops the waiting call).
+/// or every sender is gone. Commands in flight or queued when it ends fail with the reason.
+/// The watchdog is the only timer: callers arm none of their own, so a round trip costs no
+/// timer registration (the engine's own `backend_timeout` usually fires first anyway).
 async fn drive(
     stream: TcpStream,
     mut jobs: mpsc::UnboundedReceiver<Job>,
@@ -494,7 +488,7 @@ async fn drive(
                 if front.replies.len() == front.kinds.len() {
                     if let Some(done) = q.pop_front() {
                         drop(q);
-                        let _ = done.reply.send(done.replies);
+                        let _ = done.reply.send(Ok(done.replies));
                     }
                 }
             }
@@ -507,7 +501,9 @@ async fn drive(
         }
     };
     let watchdog = async {
-        let period = (io_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        // A late reply is noticed within a quarter of the timeout (and at most 250 ms) after
+        // it was due.
+        let period = (io_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -529,8 +525,23 @@ async fn drive(
         e = watchdog => Some(e),
         _ = kill.notified() => None,
     };
-    if let Some(e) = ended {
+    if let Some(e) = &ended {
         tracing::debug!(error = %e, "memcached connection ended");
+    }
+    // Every job on this connection fails now, with the reason: those written and owed a reply,
+    // and those still queued (closing the queue sends later callers to a fresh connection).
+    let why = match &ended {
+        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => e.to_string(),
+        Some(e) => format!("memcached: connection lost: {e}"),
+        None => "memcached: connection closed".to_string(),
+    };
+    jobs.close();
+    let owed = std::mem::take(&mut *lock(&flight));
+    for f in owed {
+        let _ = f.reply.send(Err(BackendError::new(why.clone())));
+    }
+    while let Ok(job) = jobs.try_recv() {
+        let _ = job.reply.send(Err(BackendError::new(why.clone())));
     }
 }
 
