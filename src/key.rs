@@ -29,16 +29,38 @@ impl Digest {
     {
         // The framed input is built once; a hot key's digest is then found in this thread's
         // memo by comparing those bytes, and hashed only when it is not there. One `update` over
-        // the framed bytes is the same hash as one per piece.
-        MEMO.with_borrow_mut(|m| {
-            m.input.clear();
-            for f in fields {
-                let f = f.as_ref();
-                m.input.extend_from_slice(&(f.len() as u64).to_le_bytes());
-                m.input.extend_from_slice(f);
-            }
-            m.digest()
-        })
+        // the framed bytes is the same hash as one per piece. The scratch buffer is taken out
+        // of the memo while the caller's fields are read, so a field that computes a digest
+        // itself finds the memo free (with an empty buffer of its own).
+        let mut input = MEMO
+            .try_with(|m| m.try_borrow_mut().map(|mut m| std::mem::take(&mut m.input)))
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        input.clear();
+        for f in fields {
+            let f = f.as_ref();
+            input.extend_from_slice(&(f.len() as u64).to_le_bytes());
+            input.extend_from_slice(f);
+        }
+        let kept = MEMO.try_with(|m| m.try_borrow_mut().ok().map(|mut m| m.digest(&input)));
+        // No memo (this thread's is gone, in a thread-local destructor): hash directly.
+        let d = kept.ok().flatten().unwrap_or_else(|| Digest::hash(&input));
+        if input.len() <= MEMO_INPUT_MAX {
+            let _ = MEMO.try_with(|m| {
+                if let Ok(mut m) = m.try_borrow_mut() {
+                    m.input = input;
+                }
+            });
+        }
+        d
+    }
+
+    fn hash(input: &[u8]) -> Digest {
+        let full = Sha256::digest(input);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&full[..16]);
+        Digest(out)
     }
 
     /// The digest of a plain application key, as used by [`Stampede::get_or_fill`](crate::Stampede::get_or_fill).
@@ -88,6 +110,7 @@ thread_local! {
 /// again on every request for it, and SHA-256 is most of the cost of a key.
 #[derive(Default)]
 struct Memo {
+    /// The scratch buffer `of_fields` frames its fields in, kept between calls.
     input: Vec<u8>,
     /// Up to `MEMO_SLOTS`, replaced in turn.
     kept: Vec<(Vec<u8>, Digest)>,
@@ -95,26 +118,21 @@ struct Memo {
 }
 
 impl Memo {
-    fn digest(&mut self) -> Digest {
-        if let Some((_, d)) = self.kept.iter().find(|(k, _)| *k == self.input) {
+    fn digest(&mut self, input: &[u8]) -> Digest {
+        if let Some((_, d)) = self.kept.iter().find(|(k, _)| k == input) {
             return *d;
         }
-        let full = Sha256::digest(&self.input);
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&full[..16]);
-        let d = Digest(out);
-        if self.input.len() <= MEMO_INPUT_MAX {
+        let d = Digest::hash(input);
+        if input.len() <= MEMO_INPUT_MAX {
             if self.kept.len() < MEMO_SLOTS {
-                self.kept.push((self.input.clone(), d));
+                self.kept.push((input.to_vec(), d));
             } else {
                 let (k, kd) = &mut self.kept[self.next];
                 k.clear();
-                k.extend_from_slice(&self.input);
+                k.extend_from_slice(input);
                 *kd = d;
                 self.next = (self.next + 1) % MEMO_SLOTS;
             }
-        } else {
-            self.input = Vec::new();
         }
         d
     }
@@ -271,6 +289,41 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| check(&inputs));
         });
+    }
+
+    #[test]
+    fn a_digest_of_digests_and_a_digest_in_a_thread_exit_are_right() {
+        // Fields that compute digests while `of_fields` reads them.
+        let parts = ["a", "b", "c"];
+        let inner: Vec<Vec<u8>> = parts
+            .iter()
+            .map(|p| Digest::of_key(p).as_bytes().to_vec())
+            .collect();
+        let want = reference(&inner.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        for _ in 0..2 {
+            let got =
+                Digest::of_fields(parts.iter().map(|p| Digest::of_key(p).as_bytes().to_vec()));
+            assert_eq!(got, want);
+        }
+        // A digest computed by a thread-local's destructor, after this thread's memo may be
+        // gone (destructors run in reverse order of first use here, so the memo goes first).
+        struct OnExit(std::sync::mpsc::Sender<Digest>);
+        impl Drop for OnExit {
+            fn drop(&mut self) {
+                let _ = self.0.send(Digest::of_key("at exit"));
+            }
+        }
+        thread_local! {
+            static ON_EXIT: std::cell::RefCell<Option<OnExit>> = const { std::cell::RefCell::new(None) };
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            ON_EXIT.with_borrow_mut(|o| *o = Some(OnExit(tx)));
+            let _ = Digest::of_key("warm the memo");
+        })
+        .join()
+        .expect("the thread exits without a panic");
+        assert_eq!(rx.recv().unwrap(), reference(&[b"k", b"at exit"]));
     }
 
     #[test]
