@@ -16,6 +16,9 @@
 //! and its connection is closed with every command on it (a stopped or partitioned server
 //! would otherwise collect every later command too). A failed command may still have been
 //! applied: the backend's CAS and fence checks make every step safe to repeat.
+//!
+//! Each connection is a task spawned on the runtime of the call that dialled it, so that
+//! runtime must keep running while the backend is used (as with any pooled tokio client).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -28,7 +31,7 @@ use tokio::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{BackendError, BackendResult};
 use crate::entry::decimal;
@@ -169,7 +172,6 @@ struct Slot {
 struct Conn {
     id: u64,
     jobs: mpsc::UnboundedSender<Job>,
-    kill: Arc<Notify>,
 }
 
 /// What one caller puts on a connection: its encoded commands and where their replies go.
@@ -324,8 +326,9 @@ impl Client {
             reply: tx,
         };
         // A send that fails found the connection's task already gone, so nothing of this job
-        // was written: dial again and resend, once. (A connection that ends just after the
-        // send drops the job unwritten; its caller sees the connection lost.)
+        // was written: dial again and resend, once. (A job sent as the connection ends fails
+        // with the reason, or, if it arrives after the task has stopped reading the queue, is
+        // dropped with the queue: its caller sees the connection lost.)
         let mut conn = self.conn(server, i).await?;
         if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
             forget(server, i, conn.id);
@@ -336,6 +339,10 @@ impl Client {
                 return Err(BackendError::new("memcached: connection closed"));
             }
         }
+        // Not held while waiting: a job that lands in the queue of a connection that has just
+        // ended is dropped with the queue once the slot forgets it, instead of keeping the
+        // queue (and so this wait) alive.
+        drop(conn);
         // No timer of our own: the connection's watchdog ends a connection that owes a reply
         // for longer than the I/O timeout and fails every job on it, with the reason.
         match rx.await {
@@ -366,15 +373,14 @@ impl Client {
             let conn = Conn {
                 id: server.next_id.fetch_add(1, Ordering::Relaxed),
                 jobs,
-                kill: Arc::new(Notify::new()),
             };
             *lock(&slot.live) = Some(conn.clone());
             // The task holds the server weakly: when the client is dropped, the slots and their
             // senders go with it, and every connection task ends.
-            let (server, id, kill) = (Arc::downgrade(server), conn.id, conn.kill.clone());
+            let (server, id) = (Arc::downgrade(server), conn.id);
             let (io_timeout, max_value) = (opts.io_timeout, opts.max_value);
             tokio::spawn(async move {
-                drive(stream, rx, &kill, io_timeout, max_value).await;
+                drive(stream, rx, io_timeout, max_value).await;
                 if let Some(server) = server.upgrade() {
                     forget(&server, i, id);
                 }
@@ -402,14 +408,13 @@ fn forget(server: &Server, i: usize, id: u64) -> bool {
     }
 }
 
-/// Runs one connection until it breaks, is killed, owes a reply for longer than `io_timeout`,
-/// or every sender is gone. Commands in flight or queued when it ends fail with the reason.
+/// Runs one connection until it breaks, owes a reply for longer than `io_timeout`, or every
+/// sender is gone. Commands in flight or queued when it ends fail with the reason.
 /// The watchdog is the only timer: callers arm none of their own, so a round trip costs no
 /// timer registration (the engine's own `backend_timeout` usually fires first anyway).
 async fn drive(
     stream: TcpStream,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    kill: &Notify,
     io_timeout: Duration,
     max_value: usize,
 ) {
@@ -440,7 +445,8 @@ async fn drive(
                 // Queue before writing, so the reader can never see a reply it cannot place.
                 let mut q = lock(&flight);
                 while let Some(job) = next.take() {
-                    // A caller that already gave up (its timeout fired) is not written at all.
+                    // A caller that already gave up (the engine's timeout dropped its call) is
+                    // not written at all.
                     if !job.reply.is_closed() {
                         buf.extend_from_slice(&job.wire);
                         q.push_back(InFlight {
@@ -519,22 +525,19 @@ async fn drive(
             }
         }
     };
-    let ended = tokio::select! {
-        r = writer => r.err(),
-        r = reader => r.err(),
-        e = watchdog => Some(e),
-        _ = kill.notified() => None,
+    let lost = |e: std::io::Error| format!("memcached: connection lost: {e}");
+    let why = tokio::select! {
+        r = writer => r.err().map(lost),
+        r = reader => r.err().map(lost),
+        e = watchdog => Some(e.to_string()),
     };
-    if let Some(e) = &ended {
-        tracing::debug!(error = %e, "memcached connection ended");
+    if let Some(why) = &why {
+        tracing::debug!(error = %why, "memcached connection ended");
     }
     // Every job on this connection fails now, with the reason: those written and owed a reply,
     // and those still queued (closing the queue sends later callers to a fresh connection).
-    let why = match &ended {
-        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => e.to_string(),
-        Some(e) => format!("memcached: connection lost: {e}"),
-        None => "memcached: connection closed".to_string(),
-    };
+    // (The writer ends without an error only when every sender is gone: the client dropped.)
+    let why = why.unwrap_or_else(|| "memcached: connection closed".to_string());
     jobs.close();
     let owed = std::mem::take(&mut *lock(&flight));
     for f in owed {
