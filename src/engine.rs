@@ -186,8 +186,9 @@ pub enum StaleReason {
     Deadline,
 }
 
-/// A served value.
+/// A served value. Made by the engine only (`#[non_exhaustive]`: fields may be added).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Served {
     /// The value.
     pub value: Bytes,
