@@ -51,6 +51,19 @@ impl<F: Fn(&[u8]) -> Option<Digest> + Send + Sync> Select for F {
 }
 
 /// A shared [`Select`]: `Arc::new(|selector: &[u8]| ...)` or an `Arc` of a `Select` type.
+///
+/// ```
+/// use std::sync::Arc;
+/// use tower_stampede::{key::Digest, CacheKey, Selector};
+///
+/// // This caller's variant: its language, for a value stored per `accept-language`.
+/// let lang = "de".to_string();
+/// let select: Selector = Arc::new(move |selector: &[u8]| {
+///     (selector == b"accept-language").then(|| Digest::of_key(&lang))
+/// });
+/// let key = CacheKey::new("/home").with_selector(select);
+/// # let _ = key;
+/// ```
 pub type Selector = Arc<dyn Select>;
 
 /// What a call is about: the slot (the logical key) and, for values that vary by request, how
