@@ -215,6 +215,18 @@ pub struct Served {
     pub at_ms: u64,
 }
 
+impl Served {
+    /// Served at this moment: `at_ms` is read from the engine's clock.
+    fn now(value: Bytes, meta: Option<Meta>, status: Status) -> Self {
+        Served {
+            value,
+            meta,
+            status,
+            at_ms: now_ms(),
+        }
+    }
+}
+
 /// The stampede engine. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Stampede {
@@ -733,12 +745,7 @@ impl Stampede {
                     if status == Status::Collapsed {
                         metrics::counter!("stampede_collapsed_total").increment(1);
                     }
-                    return Ok(Served {
-                        value,
-                        meta,
-                        status,
-                        at_ms: now_ms(),
-                    });
+                    return Ok(Served::now(value, meta, status));
                 }
                 Shared::Stale {
                     value,
@@ -751,24 +758,22 @@ impl Stampede {
                     }
                     metrics::counter!("stampede_stale_served_total", "reason" => "held")
                         .increment(1);
-                    return Ok(Served {
+                    return Ok(Served::now(
                         value,
-                        meta: Some(meta),
-                        status: Status::Stale(StaleReason::Revalidating),
-                        at_ms: now_ms(),
-                    });
+                        Some(meta),
+                        Status::Stale(StaleReason::Revalidating),
+                    ));
                 }
                 Shared::Failed(f) => {
                     return match fresh_stale(last_stale, true) {
                         Some((value, meta)) => {
                             metrics::counter!("stampede_stale_served_total", "reason" => "error")
                                 .increment(1);
-                            Ok(Served {
+                            Ok(Served::now(
                                 value,
-                                meta: Some(meta),
-                                status: Status::Stale(StaleReason::Error),
-                                at_ms: now_ms(),
-                            })
+                                Some(meta),
+                                Status::Stale(StaleReason::Error),
+                            ))
                         }
                         None => Err(f.into_error()),
                     };
@@ -776,12 +781,7 @@ impl Stampede {
                 Shared::Pass => {
                     match own {
                         Some(Own::Value(value)) => {
-                            return Ok(Served {
-                                value,
-                                meta: None,
-                                status: Status::Passed,
-                                at_ms: now_ms(),
-                            })
+                            return Ok(Served::now(value, None, Status::Passed))
                         }
                         Some(Own::Panicked) => return Err(Error::FillPanicked),
                         // A pass we waited on (another caller's fill): go to the source.
@@ -795,12 +795,7 @@ impl Stampede {
                 Shared::Recompete => {
                     match own {
                         Some(Own::Value(value)) => {
-                            return Ok(Served {
-                                value,
-                                meta: None,
-                                status: Status::Passed,
-                                at_ms: now_ms(),
-                            })
+                            return Ok(Served::now(value, None, Status::Passed))
                         }
                         Some(Own::Panicked) => return Err(Error::FillPanicked),
                         // Our fill was not used (or we followed): compete again.
@@ -845,24 +840,20 @@ impl Stampede {
     {
         metrics::counter!("stampede_deadline_total").increment(1);
         if let Some((value, meta)) = fresh_stale(last_stale, true) {
-            return Ok(Served {
+            return Ok(Served::now(
                 value,
-                meta: Some(meta),
-                status: Status::Stale(StaleReason::Deadline),
-                at_ms: now_ms(),
-            });
+                Some(meta),
+                Status::Stale(StaleReason::Deadline),
+            ));
         }
         match fill {
             Some(f) if self.inner.cfg.source_after_deadline => {
                 // Not stored: the lease holder may still be filling.
                 tracing::debug!(key = %key.slot, "deadline passed: calling the source (opt-in)");
                 match call_fill(f, None, self.inner.cfg.fill_timeout).await {
-                    FillRun::Done(Ok(fill)) => Ok(Served {
-                        value: fill_value(fill),
-                        meta: None,
-                        status: Status::Passed,
-                        at_ms: now_ms(),
-                    }),
+                    FillRun::Done(Ok(fill)) => {
+                        Ok(Served::now(fill_value(fill), None, Status::Passed))
+                    }
                     FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
                     FillRun::Panicked => Err(Error::FillPanicked),
                     FillRun::TimedOut => Err(Error::FillTimeout(self.inner.cfg.fill_timeout)),
@@ -947,19 +938,9 @@ impl Stampede {
                 } else {
                     Status::Passed
                 };
-                Ok(Served {
-                    value,
-                    meta: meta_out,
-                    status,
-                    at_ms: now_ms(),
-                })
+                Ok(Served::now(value, meta_out, status))
             }
-            FillRun::Done(Ok(fill)) => Ok(Served {
-                value: fill_value(fill),
-                meta: None,
-                status: Status::Passed,
-                at_ms: now_ms(),
-            }),
+            FillRun::Done(Ok(fill)) => Ok(Served::now(fill_value(fill), None, Status::Passed)),
             FillRun::Done(Err(e)) => stale_or(last_stale, Error::Fill(Arc::from(e))),
             FillRun::Panicked => Err(Error::FillPanicked),
             FillRun::TimedOut => {
@@ -1016,21 +997,13 @@ impl Stampede {
                 selector,
                 variant,
                 ..
-            } if self.matches(&key, selector.as_deref(), variant) => Ok(Served {
-                value,
-                meta,
-                status: Status::Bypass,
-                at_ms: now_ms(),
-            }),
+            } if self.matches(&key, selector.as_deref(), variant) => {
+                Ok(Served::now(value, meta, Status::Bypass))
+            }
             Shared::Failed(f) => Err(f.into_error()),
             Shared::TimedOut => Err(Error::Timeout(self.inner.cfg.wait_timeout)),
             _ if leader => match own {
-                Some(Own::Value(value)) => Ok(Served {
-                    value,
-                    meta: None,
-                    status: Status::Bypass,
-                    at_ms: now_ms(),
-                }),
+                Some(Own::Value(value)) => Ok(Served::now(value, None, Status::Bypass)),
                 _ => Err(Error::FillPanicked),
             },
             _ => {
@@ -1039,12 +1012,9 @@ impl Stampede {
                     return Err(Error::FillPanicked);
                 };
                 match call_fill(fill, None, self.inner.cfg.fill_timeout).await {
-                    FillRun::Done(Ok(fill)) => Ok(Served {
-                        value: fill_value(fill),
-                        meta: None,
-                        status: Status::Bypass,
-                        at_ms: now_ms(),
-                    }),
+                    FillRun::Done(Ok(fill)) => {
+                        Ok(Served::now(fill_value(fill), None, Status::Bypass))
+                    }
                     FillRun::Done(Err(e)) => Err(Error::Fill(Arc::from(e))),
                     FillRun::Panicked => Err(Error::FillPanicked),
                     FillRun::TimedOut => Err(Error::FillTimeout(self.inner.cfg.fill_timeout)),
@@ -1773,12 +1743,11 @@ fn fresh_stale(st: Option<(Bytes, Meta)>, any_window: bool) -> Option<(Bytes, Me
 
 fn stale_or(st: Option<(Bytes, Meta)>, err: Error) -> Result<Served, Error> {
     match fresh_stale(st, true) {
-        Some((value, meta)) => Ok(Served {
+        Some((value, meta)) => Ok(Served::now(
             value,
-            meta: Some(meta),
-            status: Status::Stale(StaleReason::Error),
-            at_ms: now_ms(),
-        }),
+            Some(meta),
+            Status::Stale(StaleReason::Error),
+        )),
         None => Err(err),
     }
 }

@@ -32,26 +32,17 @@ impl Digest {
         // the framed bytes is the same hash as one per piece. The scratch buffer is taken out
         // of the memo while the caller's fields are read, so a field that computes a digest
         // itself finds the memo free (with an empty buffer of its own).
-        let mut input = MEMO
-            .try_with(|m| m.try_borrow_mut().map(|mut m| std::mem::take(&mut m.input)))
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let mut input = crate::local::with(&MEMO, |m| std::mem::take(&mut m.input), Vec::new);
         input.clear();
         for f in fields {
             let f = f.as_ref();
             input.extend_from_slice(&(f.len() as u64).to_le_bytes());
             input.extend_from_slice(f);
         }
-        let kept = MEMO.try_with(|m| m.try_borrow_mut().ok().map(|mut m| m.digest(&input)));
         // No memo (this thread's is gone, in a thread-local destructor): hash directly.
-        let d = kept.ok().flatten().unwrap_or_else(|| Digest::hash(&input));
+        let d = crate::local::with(&MEMO, |m| m.digest(&input), || Digest::hash(&input));
         if input.len() <= MEMO_INPUT_MAX {
-            let _ = MEMO.try_with(|m| {
-                if let Ok(mut m) = m.try_borrow_mut() {
-                    m.input = input;
-                }
-            });
+            crate::local::with(&MEMO, |m| m.input = input, || ());
         }
         d
     }

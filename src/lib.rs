@@ -26,6 +26,7 @@ pub mod entry;
 mod error;
 pub mod http;
 pub mod key;
+mod local;
 mod policy;
 
 pub use backoff::Backoff;

@@ -10,25 +10,25 @@ use http::HeaderValue;
 pub(crate) type Last<K> = RefCell<Option<(K, HeaderValue)>>;
 
 /// The value held in `last` when `same` accepts its key and value, else `build()`, which is then
-/// held for `key`. During thread teardown it builds without holding anything.
+/// held for `key`. Without the thread's state (thread teardown) it builds and holds nothing.
 pub(crate) fn reuse<K: 'static>(
     last: &'static LocalKey<Last<K>>,
     key: K,
     same: impl FnOnce(&K, &HeaderValue) -> bool,
     build: impl Fn() -> HeaderValue,
 ) -> HeaderValue {
-    last.try_with(|last| {
-        let Ok(mut last) = last.try_borrow_mut() else {
-            return build();
-        };
-        if let Some((k, v)) = &*last {
-            if same(k, v) {
-                return v.clone();
+    crate::local::with(
+        last,
+        |last| {
+            if let Some((k, v)) = &*last {
+                if same(k, v) {
+                    return v.clone();
+                }
             }
-        }
-        let v = build();
-        *last = Some((key, v.clone()));
-        v
-    })
-    .unwrap_or_else(|_| build())
+            let v = build();
+            *last = Some((key, v.clone()));
+            v
+        },
+        &build,
+    )
 }

@@ -579,11 +579,9 @@ fn decoded(value: Bytes) -> Option<StoredResponse> {
     }
     let fp = fingerprint(&value);
     let slot = (fp >> 32) as usize % MEMO_SLOTS;
-    DECODED
-        .try_with(|memo| {
-            let Ok(mut memo) = memo.try_borrow_mut() else {
-                return decode_copy(&value).map(|(_, stored)| stored);
-            };
+    crate::local::with(
+        &DECODED,
+        |memo| {
             let m = &mut memo[slot];
             if let Some((kept, stored)) = &m.kept {
                 if kept[..] == value[..] {
@@ -597,8 +595,9 @@ fn decoded(value: Bytes) -> Option<StoredResponse> {
                 m.seen = fp;
             }
             Some(stored)
-        })
-        .unwrap_or_else(|_| decode_copy(&value).map(|(_, stored)| stored))
+        },
+        || decode_copy(&value).map(|(_, stored)| stored),
+    )
 }
 
 /// `value` decoded from this thread's own copy of it (returned too), with placeholder `Age` and

@@ -174,10 +174,10 @@ struct Conn {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
-/// What one caller puts on a connection: its encoded commands and where their replies go.
 /// A job's replies, one per command; or why its connection ended before they all came.
 type Answer = BackendResult<Vec<BackendResult<Reply>>>;
 
+/// What one caller puts on a connection: its encoded commands and where their replies go.
 struct Job {
     /// When the caller handed it over: the watchdog counts from here, so time spent waiting
     /// behind a stuck write counts too.
@@ -397,14 +397,11 @@ impl Client {
     }
 }
 
-/// Clears slot `i` if it still holds connection `id`; true if it did.
-fn forget(server: &Server, i: usize, id: u64) -> bool {
+/// Clears slot `i` if it still holds connection `id`.
+fn forget(server: &Server, i: usize, id: u64) {
     let mut live = lock(&server.slots[i].live);
     if live.as_ref().is_some_and(|c| c.id == id) {
         *live = None;
-        true
-    } else {
-        false
     }
 }
 
