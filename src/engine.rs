@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -250,6 +250,9 @@ struct Inner {
     /// The last `Vary` selector seen per slot, so a hit on a varying entry is one round trip.
     /// Sharded: every HTTP lookup reads it.
     memo: Vec<Mutex<HashMap<Digest, Bytes>>>,
+    /// Whether any selector was ever memoized: until one is, a lookup takes no memo lock (a hot
+    /// slot's shard lock is a cache line every thread writes).
+    memo_used: AtomicBool,
     /// Slots whose lease is held by a failed fill, until about when it expires. Read only when a
     /// lease is found held.
     failed: Mutex<HashMap<Digest, (Instant, Failure)>>,
@@ -454,6 +457,7 @@ impl Stampede {
                 memo: (0..MEMO_SHARDS)
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
+                memo_used: AtomicBool::new(false),
                 failed: Mutex::new(HashMap::new()),
                 hot: std::sync::OnceLock::new(),
             }),
@@ -584,8 +588,8 @@ impl Stampede {
         // Moved into the future once (an `async fn` would hold `fill` twice).
         let mut fill = Some(fill);
         async move {
-            let first = self.lookup(&key).await;
-            if let Ok(looked) = &first {
+            let mut first = self.lookup(&key).await;
+            if let Ok(looked) = &mut first {
                 if let Some(served) = self.serve_stored(&key, looked, now_ms(), || fill.take()) {
                     return Ok(served);
                 }
@@ -598,11 +602,12 @@ impl Stampede {
     }
 
     /// A fresh entry (refreshed early when XFetch says so), or one inside stale-while-revalidate
-    /// (refreshed in the background); `None` for anything else.
+    /// (refreshed in the background); `None` for anything else. The value served is moved out
+    /// of `looked`, which the caller then drops.
     fn serve_stored<F, Fut, E>(
         &self,
         key: &CacheKey,
-        looked: &Looked,
+        looked: &mut Looked,
         now: u64,
         take_fill: impl FnOnce() -> Option<F>,
     ) -> Option<Served>
@@ -611,11 +616,12 @@ impl Stampede {
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
-        let Found::Entry { value, meta, .. } = &looked.found else {
+        let Found::Entry { meta, .. } = &looked.found else {
             return None;
         };
+        let meta = *meta;
         let status = if meta.is_fresh(now) {
-            if self.xfetch_due(meta, now) {
+            if self.xfetch_due(&meta, now) {
                 if let Some(f) = take_fill() {
                     metrics::counter!("stampede_early_refresh_total").increment(1);
                     self.spawn_refresh(key.clone(), looked.clone(), f);
@@ -631,9 +637,12 @@ impl Stampede {
         } else {
             return None;
         };
+        let Found::Entry { value, .. } = &mut looked.found else {
+            return None;
+        };
         Some(Served {
-            value: value.clone(),
-            meta: Some(*meta),
+            value: std::mem::take(value),
+            meta: Some(meta),
             status,
             at_ms: now,
         })
@@ -664,7 +673,7 @@ impl Stampede {
                 Some(r) => r,
                 None => self.lookup(&key).await,
             };
-            let looked = match looked {
+            let mut looked = match looked {
                 Ok(l) => l,
                 Err(_) => {
                     let Some(fill) = fill.take() else {
@@ -677,7 +686,7 @@ impl Stampede {
             if let Some(st) = looked.stale_in(now, true) {
                 last_stale = Some(st);
             }
-            if let Some(served) = self.serve_stored(&key, &looked, now, || fill.take()) {
+            if let Some(served) = self.serve_stored(&key, &mut looked, now, || fill.take()) {
                 return Ok(served);
             }
             if let Found::Pass = &looked.found {
@@ -1549,12 +1558,8 @@ impl Stampede {
                 ..Looked::default()
             });
         };
-        // One parse of the record; the bare header only when the record is undecodable.
-        let record = Record::decode(&bytes);
-        let header = match &record {
-            Some(r) => Some(*r.header()),
-            None => Header::parse(&bytes),
-        };
+        // One parse of the record, which keeps `bytes` as the value: no second handle on it.
+        let (header, record) = Record::decode_owned(bytes);
         let mut looked = Looked {
             seen_fence: header.map_or(0, |h| h.fence),
             epoch: header.map_or(0, |h| h.epoch),
@@ -1654,6 +1659,10 @@ impl Stampede {
 
     fn memo_variant(&self, key: &CacheKey) -> Option<Digest> {
         key.select.as_ref()?;
+        // The memo is only a shortcut: a lookup that misses it reads the vary head instead.
+        if !self.inner.memo_used.load(Ordering::Relaxed) {
+            return None;
+        }
         let sel = self.memo_shard(&key.slot).get(&key.slot).cloned();
         sel.and_then(|sel| key.variant_for(&sel))
     }
@@ -1663,6 +1672,7 @@ impl Stampede {
         if memo.get(slot) == Some(&selector) {
             return;
         }
+        self.inner.memo_used.store(true, Ordering::Relaxed);
         if memo.len() >= MEMO_CAP {
             memo.clear();
         }

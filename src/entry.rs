@@ -123,19 +123,25 @@ pub(crate) fn decimal(buf: &mut [u8; 21], magnitude: u64, negative: bool) -> &[u
 }
 
 fn parse_digits(b: &[u8]) -> Option<u64> {
-    // At most 20 digits fit a u128 without overflow checks per digit; the range check is once.
-    if b.len() > 38 {
-        return None;
-    }
-    let mut v: u128 = 0;
-    for &c in b {
+    // Up to 19 digits cannot overflow a u64 (10^19 - 1 < 2^64); a 20th (the fields are 20
+    // wide) is added with a check.
+    let (head, last) = match b.len() {
+        0..=19 => (b, None),
+        20 => (&b[..19], Some(b[19])),
+        _ => return None,
+    };
+    let digit = |c: u8| {
         let d = c.wrapping_sub(b'0');
-        if d > 9 {
-            return None;
-        }
-        v = v * 10 + u128::from(d);
+        (d <= 9).then_some(u64::from(d))
+    };
+    let mut v: u64 = 0;
+    for &c in head {
+        v = v * 10 + digit(c)?;
     }
-    u64::try_from(v).ok()
+    match last {
+        None => Some(v),
+        Some(c) => v.checked_mul(10)?.checked_add(digit(c)?),
+    }
 }
 
 /// Freshness windows of a stored value.
@@ -344,8 +350,22 @@ impl Record {
 
     /// Decodes stored bytes; `None` for anything malformed.
     pub fn decode(bytes: &Bytes) -> Option<Record> {
-        let header = Header::parse(bytes)?;
-        let mut body = bytes.slice(HEADER_LEN..);
+        Record::decode_owned(bytes.clone()).1
+    }
+
+    /// Decodes stored bytes it owns, so the value is `bytes` itself, advanced past the
+    /// metadata, rather than a second handle on its buffer (a hot entry's buffer is shared by
+    /// every thread serving it, and each handle taken or dropped is an atomic on its one
+    /// contended count). Returns the header too, when only it parses.
+    pub(crate) fn decode_owned(mut bytes: Bytes) -> (Option<Header>, Option<Record>) {
+        let Some(header) = Header::parse(&bytes) else {
+            return (None, None);
+        };
+        bytes.advance(HEADER_LEN);
+        (Some(header), Record::decode_body(header, bytes))
+    }
+
+    fn decode_body(header: Header, mut body: Bytes) -> Option<Record> {
         match header.kind {
             Kind::Entry => {
                 if body.remaining() < 44 {
@@ -436,6 +456,34 @@ mod tests {
         let mut longer = b.to_vec();
         longer.push(0);
         assert!(Record::decode(&Bytes::from(longer)).is_none());
+    }
+
+    #[test]
+    fn twenty_digit_fields_parse_exactly() {
+        let max = format!("{:020}", u64::MAX);
+        assert_eq!(parse_digits(max.as_bytes()), Some(u64::MAX));
+        assert_eq!(parse_digits(b"18446744073709551616"), None, "u64::MAX + 1");
+        assert_eq!(parse_digits(b"99999999999999999999"), None);
+        assert_eq!(parse_digits(b"00000000000000000042"), Some(42));
+        assert_eq!(parse_digits(b"0000000000000000004x"), None);
+        assert_eq!(parse_digits(b"x0000000000000000004"), None);
+        assert_eq!(parse_digits(b"000000000000000000042"), None, "21 digits");
+        for v in [0, 9, 10, 1 << 40, u64::MAX / 10, u64::MAX - 1] {
+            assert_eq!(parse_digits(format!("{v:020}").as_bytes()), Some(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn an_owned_decode_keeps_the_header_of_an_undecodable_body() {
+        let meta = Meta::new(1000, &Ttl::fresh(Duration::from_secs(1)), Duration::ZERO);
+        let b = Record::encode_entry(header(), &meta, b"hello");
+        let (h, r) = Record::decode_owned(b.slice(..b.len() - 1));
+        assert_eq!(h, Some(header()));
+        assert!(r.is_none());
+        let (h, r) = Record::decode_owned(b.clone());
+        assert_eq!(h, Some(header()));
+        assert!(matches!(r, Some(Record::Entry { value, .. }) if &value[..] == b"hello"));
+        assert_eq!(Record::decode_owned(b.slice(..10)), (None, None));
     }
 
     #[test]

@@ -127,6 +127,9 @@ struct Gate {
     hook: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     /// Every `extend` fails (and is counted) when set.
     fail_extends: Option<Counter>,
+    /// Counts every `fetch`, and those that asked for a variant too.
+    fetches: Counter,
+    variant_fetches: Counter,
 }
 
 impl Backend for Gate {
@@ -138,6 +141,10 @@ impl Backend for Gate {
         s: &'a Digest,
         v: Option<&'a Digest>,
     ) -> BoxFuture<'a, BackendResult<Fetched>> {
+        self.fetches.inc();
+        if v.is_some() {
+            self.variant_fetches.inc();
+        }
         self.inner.fetch(s, v)
     }
     fn try_acquire<'a>(
@@ -191,6 +198,66 @@ impl Backend for Gate {
     }
 }
 
+/// A varying entry costs one fetch per hit once its selector is known (the engine's memo asks
+/// for the variant with the entry), and a plain key one fetch whether or not the memo is in use.
+#[tokio::test(start_paused = true)]
+async fn a_varying_hit_is_one_fetch_once_its_selector_is_known() {
+    let fetches = Counter::default();
+    let variant_fetches = Counter::default();
+    let e = Stampede::with_config(
+        Gate {
+            inner: MemoryBackend::default(),
+            hook: Mutex::new(None),
+            fail_extends: None,
+            fetches: fetches.clone(),
+            variant_fetches: variant_fetches.clone(),
+        },
+        Config::default(),
+    )
+    .unwrap();
+    let plain = || {
+        e.get_or_fill("plain", || async {
+            Ok::<_, std::io::Error>(Fill::store("p", minute()))
+        })
+    };
+    assert_eq!(plain().await.unwrap().status, Status::Stored);
+    let before = fetches.get();
+    assert_eq!(plain().await.unwrap().status, Status::Hit);
+    assert_eq!(fetches.get() - before, 1, "a plain hit before any memo");
+
+    let select: tower_stampede::Selector =
+        Arc::new(|sel: &[u8]| Some(Digest::of_key([sel, b"=gzip"].concat())));
+    let varying = || {
+        let key = tower_stampede::CacheKey::new("varying").with_selector(select.clone());
+        e.get_or_fill_with(key, |_| async {
+            Ok::<_, std::io::Error>(Fill::Store {
+                value: Bytes::from_static(b"v"),
+                ttl: minute(),
+                selector: Some(Bytes::from_static(b"accept-encoding")),
+            })
+        })
+    };
+    assert_eq!(varying().await.unwrap().status, Status::Stored);
+    for round in 0..3 {
+        let (f, vf) = (fetches.get(), variant_fetches.get());
+        let s = varying().await.unwrap();
+        assert_eq!(s.status, Status::Hit, "round {round}");
+        assert_eq!(&s.value[..], b"v");
+        assert_eq!(
+            (fetches.get() - f, variant_fetches.get() - vf),
+            (1, 1),
+            "round {round}"
+        );
+    }
+    let before = fetches.get();
+    assert_eq!(plain().await.unwrap().status, Status::Hit);
+    assert_eq!(
+        fetches.get() - before,
+        1,
+        "a plain hit with the memo in use"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
     let mem = MemoryBackend::default();
@@ -202,6 +269,8 @@ async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
     let gate = Gate {
         inner: mem.clone(),
         fail_extends: None,
+        fetches: Counter::default(),
+        variant_fetches: Counter::default(),
         hook: Mutex::new(Some(Box::pin(async move {
             let s = b2.get_or_fill("race", bf).await.unwrap();
             assert_eq!(s.status, Status::Stored);
@@ -363,6 +432,8 @@ async fn a_failed_extend_does_not_stop_the_fill_and_the_fence_decides() {
             inner: mem.clone(),
             hook: Mutex::new(None),
             fail_extends: Some(extends.clone()),
+            fetches: Counter::default(),
+            variant_fetches: Counter::default(),
         },
         cfg.clone(),
     )
