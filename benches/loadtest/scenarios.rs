@@ -1182,8 +1182,9 @@ impl HitTarget<'_> {
 }
 
 /// Rows: hot-key hits (1 KiB) and the ceilings, all as ratios to nginx. Every target is
-/// measured `LOADTEST_HIT_ROUNDS` times (default 2), the rounds interleaved, and its best round
-/// reported: a compile on the shared cores during one round then does not decide a ratio.
+/// measured `LOADTEST_HIT_ROUNDS` times (default 2), the rounds interleaved (every other one in
+/// reverse order), and its best round reported: a compile on the shared cores during one round
+/// then does not decide a ratio.
 async fn hits(
     o: &Origin,
     systems: &[Sys],
@@ -1268,8 +1269,13 @@ async fn hits(
             Err(e) => diag.push(format!("hits / hyper + Redis GET: {e}")),
         }
     }
+    let n = targets.len();
     for round in 0..rounds {
-        for t in targets.iter_mut() {
+        // Every other round runs the targets in reverse, so no system always runs first or
+        // right after another (a host that slows down during a round would otherwise always
+        // cost the same systems).
+        for i in 0..n {
+            let t = &mut targets[if round % 2 == 0 { i } else { n - 1 - i }];
             eprintln!(
                 "loadtest: hot-key hits, round {}/{rounds}: {}",
                 round + 1,
