@@ -11,11 +11,7 @@ pub(crate) fn with<T: 'static, R>(
     f: impl FnOnce(&mut T) -> R,
     otherwise: impl FnOnce() -> R,
 ) -> R {
-    let mut f = Some(f);
-    match key.try_with(|cell| {
-        let mut t = cell.try_borrow_mut().ok()?;
-        f.take().map(|f| f(&mut t))
-    }) {
+    match key.try_with(|cell| cell.try_borrow_mut().ok().map(|mut t| f(&mut t))) {
         Ok(Some(r)) => r,
         _ => otherwise(),
     }
