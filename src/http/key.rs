@@ -1,21 +1,18 @@
 //! HTTP cache keys: the URL-level slot and the `Vary` selector.
 
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, HeaderValue, Uri};
 
 use crate::key::Digest;
 
 /// The URL-level slot: method class + scheme + authority + path + query. GET and HEAD share a
 /// slot (HEAD is answered from the GET entry).
-pub(crate) fn url_slot(uri: &Uri, headers: &HeaderMap) -> Digest {
+/// `host` is the request's `Host`, used when the URI has no authority (origin form).
+pub(crate) fn url_slot(uri: &Uri, host: Option<&HeaderValue>) -> Digest {
     let scheme = uri.scheme_str().unwrap_or("http");
     let authority = uri
         .authority()
         .map(|a| a.as_str())
-        .or_else(|| {
-            headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
+        .or_else(|| host.and_then(|h| h.to_str().ok()))
         .unwrap_or_default();
     // Hosts are case-insensitive; most arrive lower-case already, and then cost no copy.
     let authority: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase())
@@ -90,7 +87,6 @@ pub(crate) fn variant_of(selector: &[u8], req: &HeaderMap) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn vary_normalises_names() {

@@ -74,8 +74,8 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let shared = self.shared.clone();
-        let slot = match classify(&req, &shared.opts) {
-            Route::Cache(slot) => slot,
+        let (slot, conditional) = match classify(&req, &shared.opts) {
+            Route::Cache { slot, conditional } => (slot, conditional),
             Route::Bypass(detail) => {
                 return Box::pin(bypass(shared, self.inner.clone(), req, detail));
             }
@@ -83,6 +83,7 @@ where
         let (parts, _body) = req.into_parts();
         let state = Arc::new(ReqState {
             parts,
+            conditional,
             side: Mutex::new(SideState {
                 own: None,
                 detail: None,
@@ -99,7 +100,7 @@ where
             let served = state.shared.engine.get_or_fill_with(key, fill).await;
             let opts = &state.shared.opts;
             Ok(match served {
-                Ok(s) => respond(opts, s, &state.parts, &state.side),
+                Ok(s) => respond(opts, s, &state),
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
         })
@@ -107,7 +108,11 @@ where
 }
 
 enum Route {
-    Cache(Digest),
+    /// Through the cache, at this slot; `conditional` when the request has validators.
+    Cache {
+        slot: Digest,
+        conditional: bool,
+    },
     Bypass(&'static str),
 }
 
@@ -117,21 +122,20 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
         return Route::Bypass("method");
     }
     let h = req.headers();
-    if h.contains_key(header::AUTHORIZATION) {
+    let scan = HeadScan::of(h);
+    if scan.authorization {
         // Never served from or stored in the shared cache (RFC 9111 section 3.5, read
         // conservatively): and never a pass marker, so it cannot switch the URL's cache off.
         return Route::Bypass("authorization");
     }
-    if request_no_store(h) {
+    if scan.no_store {
         return Route::Bypass("no-store");
     }
     // A GET with a body is not a cacheable request shape (and its body is not in the key).
-    let has_body = h.contains_key(header::TRANSFER_ENCODING)
-        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v != "0");
-    if has_body {
+    if scan.body {
         return Route::Bypass("request-body");
     }
-    if opts.defaults.ttl.is_some() && has_relevant_cookie(h, &opts.cookies) {
+    if scan.cookie && opts.defaults.ttl.is_some() && has_relevant_cookie(h, &opts.cookies) {
         return Route::Bypass("cookie");
     }
     // Build the slot from the request head without consuming it.
@@ -143,9 +147,53 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
                 None => return Route::Bypass("key"),
             }
         }
-        None => url_slot(req.uri(), h),
+        None => url_slot(req.uri(), scan.host),
     };
-    Route::Cache(slot)
+    Route::Cache {
+        slot,
+        conditional: scan.conditional,
+    }
+}
+
+/// What the cache needs to know of a request's headers, found in one pass over them: a hit
+/// would otherwise pay for about eight hash lookups, most of them for headers that are absent.
+#[derive(Default)]
+struct HeadScan<'a> {
+    authorization: bool,
+    /// `Cache-Control: no-store`.
+    no_store: bool,
+    /// `Transfer-Encoding`, or a `Content-Length` other than 0.
+    body: bool,
+    /// Any `Cookie` (which ones matter is [`has_relevant_cookie`]'s to say).
+    cookie: bool,
+    /// `If-None-Match` or `If-Modified-Since`: the response may be a 304.
+    conditional: bool,
+    /// The first `Host`.
+    host: Option<&'a HeaderValue>,
+}
+
+impl<'a> HeadScan<'a> {
+    fn of(h: &'a HeaderMap) -> Self {
+        let mut s = HeadScan::default();
+        for (name, v) in h {
+            if name == header::HOST {
+                s.host = s.host.or(Some(v));
+            } else if name == header::AUTHORIZATION {
+                s.authorization = true;
+            } else if name == header::CACHE_CONTROL {
+                s.no_store |= has_no_store(v);
+            } else if name == header::TRANSFER_ENCODING {
+                s.body = true;
+            } else if name == header::CONTENT_LENGTH {
+                s.body |= v != "0";
+            } else if name == header::COOKIE {
+                s.cookie = true;
+            } else if name == header::IF_NONE_MATCH || name == header::IF_MODIFIED_SINCE {
+                s.conditional = true;
+            }
+        }
+        s
+    }
 }
 
 fn head_only<B>(req: &Request<B>) -> Request<()> {
@@ -157,15 +205,13 @@ fn head_only<B>(req: &Request<B>) -> Request<()> {
     r
 }
 
-fn request_no_store(h: &HeaderMap) -> bool {
-    h.get_all(header::CACHE_CONTROL).iter().any(|v| {
-        v.to_str()
-            .map(|s| {
-                s.split(',')
-                    .any(|d| d.trim().eq_ignore_ascii_case("no-store"))
-            })
-            .unwrap_or(false)
-    })
+fn has_no_store(v: &HeaderValue) -> bool {
+    v.to_str()
+        .map(|s| {
+            s.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-store"))
+        })
+        .unwrap_or(false)
 }
 
 fn has_relevant_cookie(h: &HeaderMap, policy: &CookiePolicy) -> bool {
@@ -201,6 +247,8 @@ type Side<B> = Mutex<SideState<B>>;
 /// its response.
 struct ReqState<B> {
     parts: Parts,
+    /// The request has validators (see [`HeadScan`]), so a stored 200 may be answered with 304.
+    conditional: bool,
     side: Side<B>,
     /// The layer's shared state: held here so a request clones its `Arc` once (every clone is
     /// an atomic on a cache line all threads share).
@@ -239,7 +287,7 @@ where
     let invalidate = if opts.invalidate_on_unsafe && !req.method().is_safe() {
         match &opts.key_fn {
             Some(f) => f(&head_only(&req).into_parts().0).map(|k| user_slot(&k)),
-            None => Some(url_slot(req.uri(), req.headers())),
+            None => Some(url_slot(req.uri(), req.headers().get(header::HOST))),
         }
     } else {
         None
@@ -422,12 +470,8 @@ fn own<B>(side: &Side<B>, detail: &'static str, res: Response<ResponseBody<B>>) 
     }
 }
 
-fn respond<B>(
-    opts: &Options,
-    served: Served,
-    req: &Parts,
-    side: &Side<B>,
-) -> Response<ResponseBody<B>> {
+fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<ResponseBody<B>> {
+    let (req, side, conditional) = (&state.parts, &state.side, state.conditional);
     let detail = lock(side).detail;
     // Our own fill ran and its response is ours alone (passed, too large, or while the store
     // is down).
@@ -472,7 +516,7 @@ fn respond<B>(
     }
     headers.insert(CACHE_STATUS, cs);
 
-    if status == StatusCode::OK && not_modified(&req.headers, &headers) {
+    if status == StatusCode::OK && conditional && not_modified(&req.headers, &headers) {
         let mut res = Response::new(ResponseBody::empty());
         *res.status_mut() = StatusCode::NOT_MODIFIED;
         let h = res.headers_mut();
@@ -740,6 +784,49 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(body)).encode()
+    }
+
+    fn scan(pairs: &[(&'static str, &'static str)]) -> (bool, bool, bool, bool, bool, String) {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        let s = HeadScan::of(&h);
+        let host = s.host.map(|v| v.to_str().unwrap().to_owned());
+        (
+            s.authorization,
+            s.no_store,
+            s.body,
+            s.cookie,
+            s.conditional,
+            host.unwrap_or_default(),
+        )
+    }
+
+    #[test]
+    fn one_pass_over_the_request_headers_finds_what_the_lookups_did() {
+        let none = (false, false, false, false, false, String::new());
+        assert_eq!(scan(&[]), none);
+        assert_eq!(scan(&[("accept", "*/*"), ("x-other", "1")]), none);
+        assert!(scan(&[("authorization", "Basic x")]).0);
+        // no-store in any Cache-Control line, in any case, among other directives.
+        assert!(
+            scan(&[
+                ("cache-control", "max-age=0"),
+                ("cache-control", "x, No-Store")
+            ])
+            .1
+        );
+        assert!(!scan(&[("cache-control", "no-cache, no-store-x")]).1);
+        assert!(scan(&[("transfer-encoding", "chunked")]).2);
+        assert!(scan(&[("content-length", "0"), ("content-length", "5")]).2);
+        assert!(!scan(&[("content-length", "0")]).2);
+        assert!(scan(&[("cookie", "a=1")]).3);
+        assert!(scan(&[("if-none-match", "\"e\"")]).4);
+        assert!(scan(&[("if-modified-since", "Thu, 22 Oct 2015 07:28:00 GMT")]).4);
+        assert!(!scan(&[("if-match", "\"e\""), ("if-range", "\"e\"")]).4);
+        // The first Host, as `HeaderMap::get` gave.
+        assert_eq!(scan(&[("host", "a.test"), ("host", "b.test")]).5, "a.test");
     }
 
     #[test]
