@@ -804,7 +804,7 @@ mod tests {
     }
 
     #[test]
-    fn one_pass_over_the_request_headers_finds_what_the_lookups_did() {
+    fn one_pass_over_the_request_headers_finds_what_a_hit_needs() {
         let none = (false, false, false, false, false, String::new());
         assert_eq!(scan(&[]), none);
         assert_eq!(scan(&[("accept", "*/*"), ("x-other", "1")]), none);
@@ -819,6 +819,8 @@ mod tests {
         );
         assert!(!scan(&[("cache-control", "no-cache, no-store-x")]).1);
         assert!(scan(&[("transfer-encoding", "chunked")]).2);
+        // Every Content-Length counts, not only the first (the lookup this replaced read only
+        // the first; hyper refuses conflicting values anyway).
         assert!(scan(&[("content-length", "0"), ("content-length", "5")]).2);
         assert!(!scan(&[("content-length", "0")]).2);
         assert!(scan(&[("cookie", "a=1")]).3);
