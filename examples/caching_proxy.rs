@@ -19,8 +19,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -95,6 +97,11 @@ struct Args {
     /// Per-call timeout of the store (slower counts as a store error; the proxy then fails open).
     #[arg(long, env = "STAMPEDE_BACKEND_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
     backend_timeout: Duration,
+    /// Close a client connection that makes no progress for this long (0 turns it off): no
+    /// request being served and no byte written to it, as on an idle keep-alive connection, a
+    /// request head never finished, or a response the client stopped reading.
+    #[arg(long, env = "STAMPEDE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
     /// Serve /metrics (Prometheus) and /healthz here; never proxied.
     #[arg(long, env = "STAMPEDE_ADMIN")]
     admin: Option<SocketAddr>,
@@ -148,15 +155,11 @@ struct ProxyInner {
 impl Service<Request<Body>> for Proxy {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>,
-    >;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
@@ -327,6 +330,8 @@ async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: do not spin on it.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             let (slow, nocache) = (slow.clone(), nocache.clone());
@@ -380,7 +385,7 @@ async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
 
 /// Serves `/metrics` and `/healthz` on `addr`. The metrics recorder exists only with an admin
 /// address: without one the engine's counters are no-ops.
-async fn admin(addr: SocketAddr) -> Result<(), BoxError> {
+async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
     let listener = TcpListener::bind(addr).await?;
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     // Histogram samples pile up in the recorder until something drains them: a scrape does,
@@ -417,11 +422,20 @@ async fn admin(addr: SocketAddr) -> Result<(), BoxError> {
                     Ok::<_, Infallible>(r)
                 }
             });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+            let activity = Arc::new(Activity::default());
+            let io = TokioIo::new(Watched {
+                io: stream,
+                activity: activity.clone(),
             });
+            spawn_watched(
+                async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                },
+                activity,
+                idle,
+            );
         }
     });
     Ok(())
@@ -437,10 +451,10 @@ impl hyper::body::Body for OutBody {
     type Error = std::io::Error;
 
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        std::pin::Pin::new(&mut self.0)
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.0)
             .poll_frame(cx)
             .map_err(std::io::Error::other)
     }
@@ -458,7 +472,7 @@ impl hyper::body::Body for OutBody {
 /// concrete error type, so the connection future spawned per connection stays provably `Send`
 /// (rustc cannot see through nested async blocks otherwise). A hit allocates neither a second
 /// future nor a boxed request body.
-fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>) -> Serve {
+fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>, conn: &Arc<Activity>) -> Serve {
     // Forwarding headers are added by `Proxy` only when a request actually goes upstream, so
     // a hit costs no header rewriting.
     let (parts, body) = req.into_parts();
@@ -480,23 +494,24 @@ fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>) -> Serve {
     Serve {
         fut: svc.call(Request::from_parts(parts, body)),
         log,
+        busy: Some(Busy::new(conn)),
     }
 }
 
-/// The future of [`serve`]: the layer's own (boxed once, so `Unpin`) and the access log line.
+/// The future of [`serve`]: the layer's own (boxed once, so `Unpin`), the access log line, and
+/// the connection's busy mark, cleared when the response head is ready (or the request dropped).
 struct Serve {
     fut: <StampedeService<Proxy> as Service<Request<Body>>>::Future,
     log: Option<(std::time::Instant, http::Method, String)>,
+    busy: Option<Busy>,
 }
 
 impl std::future::Future for Serve {
     type Output = Result<Served, Infallible>;
 
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let res = std::task::ready!(std::pin::Pin::new(&mut self.fut).poll(cx))?;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = std::task::ready!(Pin::new(&mut self.fut).poll(cx))?;
+        self.busy = None;
         if let Some((started, method, path)) = self.log.take() {
             tracing::debug!(
                 %method, %path, status = res.status().as_u16(),
@@ -505,8 +520,136 @@ impl std::future::Future for Serve {
                 "request"
             );
         }
-        std::task::Poll::Ready(Ok(res.map(OutBody)))
+        Poll::Ready(Ok(res.map(OutBody)))
     }
+}
+
+/// What a connection's watchdog looks at: whether anything was written to the client since its
+/// last look, and whether a request is being served. HTTP/1 serves one request at a time per
+/// connection, so `busy` is a flag, not a count.
+#[derive(Default)]
+struct Activity {
+    wrote: AtomicBool,
+    busy: AtomicBool,
+}
+
+/// Marks a connection busy while its request is served (see [`Serve`]).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(conn: &Arc<Activity>) -> Busy {
+        conn.busy.store(true, Ordering::Relaxed);
+        Busy(conn.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+/// A client connection's socket, noting every write that moves bytes.
+struct Watched {
+    io: tokio::net::TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Watched {
+    fn noted(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.activity.wrote.store(true, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.noted(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.noted(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Runs a connection's future on its own task and, unless `idle` is zero, a watchdog beside it
+/// that closes the connection (drops its future) once it has made no progress for `idle`: no
+/// request being served and nothing written to the client. That bounds an idle keep-alive
+/// connection, a request head that never ends (slowloris), a client that stops reading its
+/// response, and an upstream body that stalls mid-way. A request being served is bounded by the
+/// fill and wait timeouts instead, so a slow origin is never cut off here.
+///
+/// The watchdog looks every quarter of `idle`, so a connection is closed between `idle` and
+/// 1.25 x `idle` after its last progress. It is a task of its own, woken only by its ticks and by
+/// the connection's end: a request pays two flag writes and one per write, never a timer.
+fn spawn_watched<F>(conn: F, activity: Arc<Activity>, idle: Duration)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut task = tokio::spawn(conn);
+    if idle.is_zero() {
+        return;
+    }
+    let every = (idle / 4).max(Duration::from_millis(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet = 0;
+        loop {
+            tokio::select! {
+                _ = &mut task => return,
+                _ = tick.tick() => {
+                    let wrote = activity.wrote.swap(false, Ordering::Relaxed);
+                    if wrote || activity.busy.load(Ordering::Relaxed) {
+                        quiet = 0;
+                        continue;
+                    }
+                    quiet += 1;
+                    if quiet == 4 {
+                        tracing::debug!(?idle, "closing a connection that made no progress");
+                        task.abort();
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -588,7 +731,7 @@ async fn main() -> Result<(), BoxError> {
     });
 
     if let Some(a) = args.admin {
-        admin(a).await?;
+        admin(a, args.idle_timeout).await?;
     }
     let listener = TcpListener::bind(args.listen).await?;
     println!(
@@ -617,13 +760,17 @@ async fn main() -> Result<(), BoxError> {
                 };
                 let _ = stream.set_nodelay(true);
                 let svc = layer.layer(Proxy { shared: proxy.clone(), peer });
-                let conn_svc =
-                    hyper::service::service_fn(move |req: Request<Incoming>| serve(svc.clone(), req));
+                let activity = Arc::new(Activity::default());
+                let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
+                let busy = activity.clone();
+                let conn_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    serve(svc.clone(), req, &busy)
+                });
                 let mut stop = stop_rx.clone();
                 let guard = live.clone();
-                tokio::spawn(async move {
+                spawn_watched(async move {
                     let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), conn_svc);
+                        .serve_connection(io, conn_svc);
                     tokio::pin!(conn);
                     tokio::select! {
                         _ = conn.as_mut() => {}
@@ -633,7 +780,7 @@ async fn main() -> Result<(), BoxError> {
                         }
                     }
                     drop(guard);
-                });
+                }, activity, args.idle_timeout);
             }
             _ = &mut shutdown => break,
         }

@@ -97,8 +97,8 @@ impl Drop for Proxy {
     }
 }
 
-/// The upstream: `/slow?ms=N` (cacheable for 60 s) and `/nocache?ms=N` (`no-store`), counting
-/// calls and the peak of concurrent calls.
+/// The upstream: `/slow?ms=N` (cacheable for 60 s), `/nocache?ms=N` (`no-store`) and `/big`
+/// (64 MiB, streamed), counting calls and the peak of concurrent calls.
 #[derive(Clone, Default)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
@@ -108,6 +108,49 @@ struct Upstream {
     peak: Arc<AtomicUsize>,
     /// Every request's body, as it arrived.
     bodies: Arc<std::sync::Mutex<Vec<Bytes>>>,
+    /// `/big` bodies dropped before their end (their connection went away).
+    abandoned: Arc<AtomicUsize>,
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `/big`'s body: `left` bytes in 64 KiB chunks, counted in `abandoned` when dropped unfinished.
+struct Big {
+    left: usize,
+    abandoned: Arc<AtomicUsize>,
+}
+
+static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+impl hyper::body::Body for Big {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(CHUNK.len());
+        self.left -= n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &CHUNK[..n],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+}
+
+impl Drop for Big {
+    fn drop(&mut self) {
+        if self.left > 0 {
+            self.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Upstream {
@@ -149,15 +192,28 @@ impl Upstream {
                             .unwrap_or(200);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                         this.running.fetch_sub(1, Ordering::SeqCst);
-                        let cc = if req.uri.path() == "/nocache" {
-                            "no-store"
-                        } else {
-                            "max-age=60"
+                        let (cc, body): (_, UpBody) = match req.uri.path() {
+                            "/nocache" => (
+                                "no-store",
+                                Full::new(Bytes::from(format!("call {n}"))).boxed(),
+                            ),
+                            "/big" => (
+                                "max-age=60",
+                                Big {
+                                    left: 64 << 20,
+                                    abandoned: this.abandoned.clone(),
+                                }
+                                .boxed(),
+                            ),
+                            _ => (
+                                "max-age=60",
+                                Full::new(Bytes::from(format!("call {n}"))).boxed(),
+                            ),
                         };
                         Ok::<_, Infallible>(
                             Response::builder()
                                 .header("cache-control", cc)
-                                .body(Full::new(Bytes::from(format!("call {n}"))))
+                                .body(body)
                                 .unwrap(),
                         )
                     }
@@ -420,6 +476,93 @@ async fn without_an_upstream_it_runs_its_demo_upstream() {
     let (_, _, count) = send(&c, http::Method::GET, proxy.url("/count")).await;
     let count = String::from_utf8_lossy(&count);
     assert!(count.starts_with("upstream calls: 1 (/slow)"), "{count}");
+}
+
+/// Reads `s` until the proxy closes it (end of stream or reset): what it sent before, or `None`
+/// if it was still open after `within`.
+async fn until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(got)
+}
+
+async fn connect(p: &Proxy, head: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_unfinished_connections_are_closed_but_not_a_slow_request() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &["--idle-timeout", "1s"]);
+    let mut silent = connect(&proxy, "").await;
+    let mut unfinished = connect(&proxy, "GET /slow?ms=0 HTTP/1.1\r\nHost: app.test\r\n").await;
+    let mut kept_alive = connect(&proxy, "GET /slow?ms=0 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    // Served for 3 s, three times the idle timeout: a request being served is progress.
+    let mut slow = connect(
+        &proxy,
+        "GET /slow?ms=3000 HTTP/1.1\r\nHost: app.test\r\n\r\n",
+    )
+    .await;
+    let bound = Duration::from_secs(20);
+    for (name, s, answered) in [
+        ("silent", &mut silent, false),
+        ("unfinished head", &mut unfinished, false),
+        ("idle after its response", &mut kept_alive, true),
+        ("slow request", &mut slow, true),
+    ] {
+        let got = until_closed(s, bound)
+            .await
+            .unwrap_or_else(|| panic!("{name}: still open after {bound:?}"));
+        let got = String::from_utf8_lossy(&got);
+        if answered {
+            assert!(got.starts_with("HTTP/1.1 200"), "{name}: {got}");
+            assert!(
+                got.ends_with("call 1") || got.ends_with("call 2"),
+                "{name}: {got}"
+            );
+        } else {
+            assert!(got.is_empty(), "{name}: {got}");
+        }
+    }
+    assert_eq!(up.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_the_upstream_body_with_it() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &["--idle-timeout", "1s"]);
+    // 64 MiB, far more than the sockets on the way hold: the proxy's writes stall.
+    let mut s = connect(&proxy, "GET /big?ms=0 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.abandoned.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled response still holds the upstream's body"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.calls(), 1);
+    let got = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the stalled connection is closed");
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(got.len() < 64 << 20, "{} bytes", got.len());
 }
 
 /// Sends a request in the background and returns once it has reached the upstream.
