@@ -565,6 +565,72 @@ async fn a_client_that_stops_reading_is_dropped_and_the_upstream_body_with_it() 
     assert!(got.len() < 64 << 20, "{} bytes", got.len());
 }
 
+/// One request on its own connection (`Connection: close`): the status line and `Cache-Status`.
+async fn raw_get(p: &Proxy, target: &[u8]) -> (String, String) {
+    let mut head = b"GET ".to_vec();
+    head.extend_from_slice(target);
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
+        .await
+        .unwrap();
+    // A refused head may be answered (and the connection closed) before it is all sent.
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &head).await;
+    let got = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the proxy answers and closes");
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let status = got.lines().next().unwrap_or("").to_string();
+    let cs = got
+        .lines()
+        .find_map(|l| l.strip_prefix("cache-status: "))
+        .unwrap_or("")
+        .to_string();
+    (status, cs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_and_odd_request_targets_get_a_clear_answer_and_the_proxy_stays_up() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &[]);
+    let long = format!("/slow?ms=0&q={}", "a%2F".repeat(2048)).into_bytes();
+    let (status, cs) = raw_get(&proxy, &long).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(cs.contains("stored"), "{cs}");
+    let (status, cs) = raw_get(&proxy, &long).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(cs.contains("hit"), "{cs}");
+    assert_eq!(up.calls(), 1);
+
+    for (target, want) in [
+        // Beyond what a URI can hold (`http` refuses over 64 KiB).
+        (
+            format!("/slow?q={}", "b".repeat(200_000)).into_bytes(),
+            "414",
+        ),
+        // Beyond hyper's buffer for a request head (about 408 KiB).
+        (
+            format!("/slow?q={}", "c".repeat(600_000)).into_bytes(),
+            "431",
+        ),
+        // Bytes that are not a URI.
+        (b"/slow?q=\xff\xfe".to_vec(), "400"),
+        // Percent-encoded NUL and 0xFF, and raw UTF-8, are a URI: passed on.
+        (b"/slow?ms=0&q=%FF%00".to_vec(), "200"),
+        ("/slow?ms=0&q=\u{fc}\u{f8}".as_bytes().to_vec(), "200"),
+    ] {
+        let (status, _) = raw_get(&proxy, &target).await;
+        assert!(
+            status.starts_with(&format!("HTTP/1.1 {want}")),
+            "{}...: {status}",
+            String::from_utf8_lossy(&target[..20])
+        );
+    }
+    assert_eq!(up.calls(), 3);
+    let (status, _) = raw_get(&proxy, b"/slow?ms=0").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(up.calls(), 4);
+}
+
 /// Sends a request in the background and returns once it has reached the upstream.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 async fn in_flight(
