@@ -524,12 +524,13 @@ impl std::future::Future for Serve {
     }
 }
 
-/// What a connection's watchdog looks at: whether anything was written to the client since its
-/// last look, and whether a request is being served. HTTP/1 serves one request at a time per
-/// connection, so `busy` is a flag, not a count.
+/// What a connection's watchdog looks at: whether the connection made progress since its last
+/// look (wrote to the client, or finished serving a request), and whether a request is being
+/// served. hyper's HTTP/1 server serves one request at a time per connection (its dispatcher
+/// holds one in-flight future), so `busy` is a flag, not a count.
 #[derive(Default)]
 struct Activity {
-    wrote: AtomicBool,
+    progress: AtomicBool,
     busy: AtomicBool,
 }
 
@@ -545,6 +546,8 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        // Progress too, so that the idle time is counted from here, not from the last tick.
+        self.0.progress.store(true, Ordering::Relaxed);
         self.0.busy.store(false, Ordering::Relaxed);
     }
 }
@@ -559,7 +562,7 @@ impl Watched {
     fn noted(&self, r: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = r {
             if n > 0 {
-                self.activity.wrote.store(true, Ordering::Relaxed);
+                self.activity.progress.store(true, Ordering::Relaxed);
             }
         }
         r
@@ -612,12 +615,16 @@ impl tokio::io::AsyncWrite for Watched {
 /// that closes the connection (drops its future) once it has made no progress for `idle`: no
 /// request being served and nothing written to the client. That bounds an idle keep-alive
 /// connection, a request head that never ends (slowloris), a client that stops reading its
-/// response, and an upstream body that stalls mid-way. A request being served is bounded by the
-/// fill and wait timeouts instead, so a slow origin is never cut off here.
+/// response, and an upstream body that stalls mid-way (a streamed one, passed or over
+/// `--max-body`, is cut when it pauses longer than `idle`). A request waiting for its response
+/// head (up to `--max-body` of a cacheable body is buffered before it) is bounded by the fill and
+/// wait timeouts instead, so a slow origin is never cut off here.
 ///
 /// The watchdog looks every quarter of `idle`, so a connection is closed between `idle` and
-/// 1.25 x `idle` after its last progress. It is a task of its own, woken only by its ticks and by
-/// the connection's end: a request pays two flag writes and one per write, never a timer.
+/// 1.25 x `idle` after its last progress (nominally: a loaded runtime runs ticks late, and a tick
+/// is at least 1 ms). It is a task of its own, woken only by its ticks and by the connection's
+/// end: a request pays an `Arc` clone and drop and three flag writes, and each write to the
+/// client one more, never a timer.
 fn spawn_watched<F>(conn: F, activity: Arc<Activity>, idle: Duration)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
@@ -635,8 +642,8 @@ where
             tokio::select! {
                 _ = &mut task => return,
                 _ = tick.tick() => {
-                    let wrote = activity.wrote.swap(false, Ordering::Relaxed);
-                    if wrote || activity.busy.load(Ordering::Relaxed) {
+                    let progress = activity.progress.swap(false, Ordering::Relaxed);
+                    if progress || activity.busy.load(Ordering::Relaxed) {
                         quiet = 0;
                         continue;
                     }

@@ -98,7 +98,7 @@ impl Drop for Proxy {
 }
 
 /// The upstream: `/slow?ms=N` (cacheable for 60 s), `/nocache?ms=N` (`no-store`) and `/big`
-/// (64 MiB, streamed), counting calls and the peak of concurrent calls.
+/// (endless, streamed), counting calls and the peak of concurrent calls.
 #[derive(Clone, Default)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
@@ -200,7 +200,7 @@ impl Upstream {
                             "/big" => (
                                 "max-age=60",
                                 Big {
-                                    left: 64 << 20,
+                                    left: usize::MAX,
                                     abandoned: this.abandoned.clone(),
                                 }
                                 .boxed(),
@@ -519,6 +519,10 @@ async fn idle_and_unfinished_connections_are_closed_but_not_a_slow_request() {
         "GET /slow?ms=3000 HTTP/1.1\r\nHost: app.test\r\n\r\n",
     )
     .await;
+    // Not closed early (a loaded machine can only make the close later).
+    assert!(until_closed(&mut silent, Duration::from_millis(300))
+        .await
+        .is_none());
     let bound = Duration::from_secs(20);
     for (name, s, answered) in [
         ("silent", &mut silent, false),
@@ -547,7 +551,7 @@ async fn idle_and_unfinished_connections_are_closed_but_not_a_slow_request() {
 async fn a_client_that_stops_reading_is_dropped_and_the_upstream_body_with_it() {
     let up = Upstream::default();
     let proxy = Proxy::start(up.start().await, &["--idle-timeout", "1s"]);
-    // 64 MiB, far more than the sockets on the way hold: the proxy's writes stall.
+    // An endless body: whatever the sockets on the way hold, the proxy's writes stall.
     let mut s = connect(&proxy, "GET /big?ms=0 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while up.abandoned.load(Ordering::SeqCst) == 0 {
@@ -562,7 +566,6 @@ async fn a_client_that_stops_reading_is_dropped_and_the_upstream_body_with_it() 
         .await
         .expect("the stalled connection is closed");
     assert!(got.starts_with(b"HTTP/1.1 200"));
-    assert!(got.len() < 64 << 20, "{} bytes", got.len());
 }
 
 /// One request on its own connection (`Connection: close`): the status line and `Cache-Status`.
