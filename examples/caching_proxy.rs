@@ -167,6 +167,10 @@ impl Service<Request<Body>> for Proxy {
         strip_hop_by_hop(req.headers_mut());
         add_forwarding(req.headers_mut(), self.peer);
         Box::pin(async move {
+            // RFC 9112 section 3.2.4: the asterisk-form is for a server-wide OPTIONS alone.
+            if req.uri() == "*" && req.method() != http::Method::OPTIONS {
+                return Ok(status(StatusCode::BAD_REQUEST, "bad request target\n"));
+            }
             let pq = req
                 .uri()
                 .path_and_query()
