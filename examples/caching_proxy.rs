@@ -164,6 +164,8 @@ impl Service<Request<Body>> for Proxy {
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let this = self.clone();
+        // RFC 9110 section 6.2: our own HTTP version, whatever the client's.
+        *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
         add_forwarding(req.headers_mut(), self.peer);
         Box::pin(async move {
@@ -186,6 +188,9 @@ impl Service<Request<Body>> for Proxy {
             match tokio::time::timeout(this.shared.timeout, this.shared.client.request(req)).await {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
+                    // RFC 9110 section 6.2 again: not the upstream's version (an HTTP/1.0 one,
+                    // say); hyper still answers a 1.0 client in 1.0.
+                    parts.version = http::Version::HTTP_11;
                     strip_hop_by_hop(&mut parts.headers);
                     // RFC 9110 section 7.6.3: in every message forwarded, responses too. It is
                     // stored with the response, so hits carry it at no cost.

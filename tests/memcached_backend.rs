@@ -692,29 +692,21 @@ async fn a_restart_under_load_fails_no_call_and_refills_each_key_once() {
 
 /// A fake server that answers every line with the same garbage, then keeps reading.
 async fn garbage_server(reply: &'static [u8], close: bool) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
+    let addr = common::raw_server(move |mut sock| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 65536];
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 65536];
-                loop {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {
-                            if sock.write_all(reply).await.is_err() || close {
-                                return;
-                            }
-                        }
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if sock.write_all(reply).await.is_err() || close {
+                        return;
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     format!("memcache://{addr}")
 }
 

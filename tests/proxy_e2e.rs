@@ -110,6 +110,8 @@ struct Upstream {
     bodies: Arc<std::sync::Mutex<Vec<Bytes>>>,
     /// `/big` bodies dropped before their end (their connection went away).
     abandoned: Arc<AtomicUsize>,
+    /// Requests that arrived in HTTP/1.0.
+    http10: Arc<AtomicUsize>,
 }
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -169,6 +171,9 @@ impl Upstream {
                     async move {
                         let n = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
                         let (req, body) = req.into_parts();
+                        if req.version == http::Version::HTTP_10 {
+                            this.http10.fetch_add(1, Ordering::SeqCst);
+                        }
                         let body = body.collect().await.map(|b| b.to_bytes());
                         this.bodies
                             .lock()
@@ -634,6 +639,58 @@ async fn long_and_odd_request_targets_get_a_clear_answer_and_the_proxy_stays_up(
     let (status, _) = raw_get(&proxy, b"/slow?ms=0").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(up.calls(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_the_proxys_own_http_version() {
+    // An HTTP/1.0 upstream, as Python's http.server is by default.
+    let addr = common::raw_server(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let cc = if got.starts_with(b"GET /nocache") {
+            "no-store"
+        } else {
+            "max-age=60"
+        };
+        let res = format!("HTTP/1.0 200 OK\r\nCache-Control: {cc}\r\nContent-Length: 2\r\n\r\nok");
+        let _ = s.write_all(res.as_bytes()).await;
+    })
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    // Passed through, stored, then a hit: each answered in the proxy's own HTTP/1.1 (RFC 9110
+    // section 6.2).
+    for (target, want) in [
+        ("/nocache", "no-store"),
+        ("/cached", "stored"),
+        ("/cached", "hit"),
+    ] {
+        let (status, cs) = raw_get(&proxy, target.as_bytes()).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{target}: {cs}");
+        assert!(cs.contains(want), "{target}: {cs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &[]);
+    for target in ["/nocache?ms=0", "/slow?ms=0", "/slow?ms=0"] {
+        let head = format!("GET {target} HTTP/1.0\r\nHost: app.test\r\n\r\n");
+        let mut s = connect(&proxy, &head).await;
+        let got = until_closed(&mut s, Duration::from_secs(20))
+            .await
+            .expect("a 1.0 connection is closed after its response");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.0 200 OK"), "{target}: {got}");
+    }
+    assert_eq!(up.calls(), 2);
+    assert_eq!(up.http10.load(Ordering::SeqCst), 0);
 }
 
 /// Sends a request in the background and returns once it has reached the upstream.

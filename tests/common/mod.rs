@@ -67,3 +67,20 @@ pub async fn pause_fails_open_and_resume_brings_hits_back(
     assert!(back, "caching resumes after SIGCONT and the cooldown");
     assert!(!engine.breaker_open());
 }
+
+/// A TCP server on a free loopback port that runs `serve` on each connection it accepts, for
+/// peers that speak a protocol by hand (garbage, an old HTTP version). Returns its address.
+pub async fn raw_server<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(serve(sock));
+        }
+    });
+    addr
+}
