@@ -199,9 +199,17 @@ impl Service<Request<Body>> for Proxy {
                         .append(header::VIA, HeaderValue::from_static(VIA));
                     Ok(Response::from_parts(parts, body.map_err(box_err).boxed()))
                 }
-                Ok(Err(e)) => {
+                Ok(Err(e)) if e.is_connect() => {
                     tracing::warn!(error = %e, "upstream unreachable");
                     Ok(status(StatusCode::BAD_GATEWAY, "upstream unreachable\n"))
+                }
+                // Connected, but no valid response: not HTTP, a malformed head, or closed early.
+                Ok(Err(e)) => {
+                    tracing::warn!(error = ?e, "upstream sent no valid response");
+                    Ok(status(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream sent no valid response\n",
+                    ))
                 }
                 Err(_) => Ok(status(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")),
             }

@@ -341,13 +341,36 @@ fn cache_status(h: &http::HeaderMap) -> &str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_upstream_is_a_502_and_a_hanging_one_a_504() {
+async fn an_unreachable_or_broken_upstream_is_a_502_and_a_hanging_one_a_504() {
     let c = client();
     // Nothing listens on this port.
     let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dead = Proxy::start(closed, &[]);
     let (s, _, body) = send(&c, http::Method::GET, dead.url("/x")).await;
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{body:?}");
+    assert_eq!(body, "upstream unreachable\n");
+
+    // Connected, but what comes back is not HTTP, or a head hyper refuses, or nothing.
+    let bad = common::raw_server(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        let reply: &[u8] = if buf[..n].starts_with(b"GET /garbage") {
+            b"NOT HTTP AT ALL\r\n\r\n"
+        } else if buf[..n].starts_with(b"GET /two-lengths") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"
+        } else {
+            b""
+        };
+        let _ = s.write_all(reply).await;
+    })
+    .await;
+    let bad = Proxy::start(bad, &[]);
+    for path in ["/garbage", "/two-lengths", "/closed"] {
+        let (s, _, body) = send(&c, http::Method::GET, bad.url(path)).await;
+        assert_eq!(s, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(body, "upstream sent no valid response\n", "{path}");
+    }
 
     let up = Upstream::default();
     let addr = up.start().await;
