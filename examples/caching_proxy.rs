@@ -439,20 +439,11 @@ async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
                     Ok::<_, Infallible>(r)
                 }
             });
-            let activity = Arc::new(Activity::default());
-            let io = TokioIo::new(Watched {
-                io: stream,
-                activity: activity.clone(),
+            spawn_watched(stream, idle, |io, _| async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
             });
-            spawn_watched(
-                async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, svc)
-                        .await;
-                },
-                activity,
-                idle,
-            );
         }
     });
     Ok(())
@@ -628,25 +619,32 @@ impl tokio::io::AsyncWrite for Watched {
     }
 }
 
-/// Runs a connection's future on its own task and, unless `idle` is zero, a watchdog beside it
-/// that closes the connection (drops its future) once it has made no progress for `idle`: no
-/// request being served and nothing written to the client. That bounds an idle keep-alive
-/// connection, a request head that never ends (slowloris), a client that stops reading its
-/// response, and an upstream body that stalls mid-way (a streamed one, passed or over
-/// `--max-body`, is cut when it pauses longer than `idle`). A request waiting for its response
-/// head (up to `--max-body` of a cacheable body is buffered before it) is bounded by the fill and
-/// wait timeouts instead, so a slow origin is never cut off here.
+/// Runs a connection on its own task -- `conn` is given the socket, wrapped to note writes, and the
+/// connection's [`Activity`] for its requests' [`Busy`] marks -- and, unless `idle` is zero, a
+/// watchdog beside it that closes the connection (drops its future) once it has made no progress
+/// for `idle`: no request being served and nothing written to the client. That bounds an idle
+/// keep-alive connection, a request head that never ends (slowloris), a client that stops reading
+/// its response, and an upstream body that stalls mid-way (a streamed one, passed or over
+/// `--max-body`, is cut when it pauses longer than `idle`). A request waiting for its response head
+/// (up to `--max-body` of a cacheable body is buffered before it) is bounded by the fill and wait
+/// timeouts instead, so a slow origin is never cut off here.
 ///
 /// The watchdog looks every quarter of `idle`, so a connection is closed between `idle` and
 /// 1.25 x `idle` after its last progress (nominally: a loaded runtime runs ticks late, and a tick
 /// is at least 1 ms). It is a task of its own, woken only by its ticks and by the connection's
 /// end: a request pays an `Arc` clone and drop and three flag writes, and each write to the
 /// client one more, never a timer.
-fn spawn_watched<F>(conn: F, activity: Arc<Activity>, idle: Duration)
+fn spawn_watched<F, C>(stream: tokio::net::TcpStream, idle: Duration, conn: F)
 where
-    F: std::future::Future<Output = ()> + Send + 'static,
+    F: FnOnce(TokioIo<Watched>, Arc<Activity>) -> C,
+    C: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut task = tokio::spawn(conn);
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(Watched {
+        io: stream,
+        activity: activity.clone(),
+    });
+    let mut task = tokio::spawn(conn(io, activity.clone()));
     if idle.is_zero() {
         return;
     }
@@ -784,15 +782,12 @@ async fn main() -> Result<(), BoxError> {
                 };
                 let _ = stream.set_nodelay(true);
                 let svc = layer.layer(Proxy { shared: proxy.clone(), peer });
-                let activity = Arc::new(Activity::default());
-                let io = TokioIo::new(Watched { io: stream, activity: activity.clone() });
-                let busy = activity.clone();
-                let conn_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    serve(svc.clone(), req, &busy)
-                });
                 let mut stop = stop_rx.clone();
                 let guard = live.clone();
-                spawn_watched(async move {
+                spawn_watched(stream, args.idle_timeout, |io, busy| async move {
+                    let conn_svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        serve(svc.clone(), req, &busy)
+                    });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(io, conn_svc);
                     tokio::pin!(conn);
@@ -804,7 +799,7 @@ async fn main() -> Result<(), BoxError> {
                         }
                     }
                     drop(guard);
-                }, activity, args.idle_timeout);
+                });
             }
             _ = &mut shutdown => break,
         }

@@ -352,12 +352,13 @@ async fn an_unreachable_or_broken_upstream_is_a_502_and_a_hanging_one_a_504() {
 
     // Connected, but what comes back is not HTTP, or a head hyper refuses, or nothing.
     let bad = common::raw_server(|mut s| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap_or(0);
-        let reply: &[u8] = if buf[..n].starts_with(b"GET /garbage") {
+        use tokio::io::AsyncWriteExt;
+        let Some(head) = read_head(&mut s).await else {
+            return;
+        };
+        let reply: &[u8] = if head.starts_with(b"GET /garbage") {
             b"NOT HTTP AT ALL\r\n\r\n"
-        } else if buf[..n].starts_with(b"GET /two-lengths") {
+        } else if head.starts_with(b"GET /two-lengths") {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"
         } else {
             b""
@@ -506,6 +507,19 @@ async fn without_an_upstream_it_runs_its_demo_upstream() {
     assert!(count.starts_with("upstream calls: 1 (/slow)"), "{count}");
 }
 
+/// A request head read off `s` by a hand-written upstream; `None` if it closes first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(got)
+}
+
 /// Reads `s` until the proxy closes it (end of stream or reset): what it sent before, or `None`
 /// if it was still open after `within`.
 async fn until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
@@ -525,12 +539,14 @@ async fn until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> Option
     Some(got)
 }
 
-async fn connect(p: &Proxy, head: &str) -> tokio::net::TcpStream {
+/// A connection to the proxy on which `head` has been sent (as much of it as the proxy took: a
+/// refused head may be answered, and the connection closed, before it is all sent).
+async fn connect(p: &Proxy, head: impl AsRef<[u8]>) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
         .await
         .unwrap();
-    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(head.as_ref()).await;
     s
 }
 
@@ -601,11 +617,7 @@ async fn raw_get(p: &Proxy, target: &[u8]) -> (String, String) {
     let mut head = b"GET ".to_vec();
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.port))
-        .await
-        .unwrap();
-    // A refused head may be answered (and the connection closed) before it is all sent.
-    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &head).await;
+    let mut s = connect(p, head).await;
     let got = until_closed(&mut s, Duration::from_secs(20))
         .await
         .expect("the proxy answers and closes");
@@ -668,15 +680,11 @@ async fn long_and_odd_request_targets_get_a_clear_answer_and_the_proxy_stays_up(
 async fn responses_carry_the_proxys_own_http_version() {
     // An HTTP/1.0 upstream, as Python's http.server is by default.
     let addr = common::raw_server(|mut s| async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let cc = if got.starts_with(b"GET /nocache") {
+        use tokio::io::AsyncWriteExt;
+        let Some(head) = read_head(&mut s).await else {
+            return;
+        };
+        let cc = if head.starts_with(b"GET /nocache") {
             "no-store"
         } else {
             "max-age=60"
