@@ -266,24 +266,34 @@ const VIA: &str = "1.1 tower-stampede";
 /// Via, X-Forwarded-For and Forwarded on the way in.
 fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     let ip = peer.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    // The chain so far, every X-Forwarded-For line of it, byte for byte (what it holds is the
+    // upstream's to judge), then the client's address.
+    let mut xff = Vec::new();
+    for v in h.get_all("x-forwarded-for") {
+        xff.extend_from_slice(v.as_bytes());
+        xff.extend_from_slice(b", ");
+    }
+    xff.extend_from_slice(ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&xff) {
         h.insert("x-forwarded-for", v);
     }
-    let host = h
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| format!(";host=\"{v}\""))
-        .unwrap_or_default();
-    let fwd = if peer.is_ipv6() {
-        format!("for=\"[{ip}]\";proto=http{host}")
+    let mut fwd = if peer.is_ipv6() {
+        format!("for=\"[{ip}]\";proto=http").into_bytes()
     } else {
-        format!("for={ip};proto=http{host}")
+        format!("for={ip};proto=http").into_bytes()
     };
-    if let Ok(v) = HeaderValue::try_from(fwd) {
+    // RFC 7239 section 4: the Host as a quoted-string, with any `"` or backslash in it escaped.
+    if let Some(host) = h.get(header::HOST) {
+        fwd.extend_from_slice(b";host=\"");
+        for &b in host.as_bytes() {
+            if b == b'"' || b == b'\\' {
+                fwd.push(b'\\');
+            }
+            fwd.push(b);
+        }
+        fwd.push(b'"');
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&fwd) {
         h.append("forwarded", v);
     }
     h.append(header::VIA, HeaderValue::from_static(VIA));

@@ -724,6 +724,67 @@ async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
     assert_eq!(up.http10.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
+    // A hand-written upstream that keeps each request head as it arrived.
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let addr = common::raw_server(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some(head) = read_head(&mut s).await else {
+                return;
+            };
+            seen.lock().unwrap().push(head);
+            let res = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 2\r\n\r\nok";
+            let _ = s.write_all(res).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    // Two X-Forwarded-For lines, one with a byte that is not UTF-8, and a Host with a quote
+    // and a backslash in it.
+    let mut s = connect(
+        &proxy,
+        b"GET /a HTTP/1.1\r\nHost: a\"b\\c\r\nX-Forwarded-For: 10.0.0.1\r\n\
+          X-Forwarded-For: 10.0.0.2, \x80x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let got = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the proxy answers and closes");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200 OK"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 1);
+    // Each value of a header, as text (a byte that is not UTF-8 shown as U+FFFD).
+    let named = |name: &str| -> Vec<String> {
+        heads[0]
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter_map(|l| {
+                let (n, v) = l.split_at(l.iter().position(|&b| b == b':')?);
+                n.eq_ignore_ascii_case(name.as_bytes())
+                    .then(|| String::from_utf8_lossy(v[1..].trim_ascii()).into_owned())
+            })
+            .collect()
+    };
+    assert_eq!(
+        named("x-forwarded-for"),
+        ["10.0.0.1, 10.0.0.2, \u{fffd}x, 127.0.0.1"],
+        "the whole chain, then the client"
+    );
+    assert_eq!(
+        named("forwarded"),
+        [r#"for=127.0.0.1;proto=http;host="a\"b\\c""#],
+        "RFC 7239: the host a valid quoted-string"
+    );
+}
+
 /// Sends a request in the background and returns once it has reached the upstream.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 async fn in_flight(
