@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{header, HeaderMap, Request};
+use http::{header, HeaderMap, HeaderValue, Request};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use super::key::vary_selector;
@@ -24,7 +24,8 @@ pub(crate) struct Directives {
 pub(crate) fn directives(headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
     for v in headers.get_all(header::CACHE_CONTROL) {
-        let Ok(v) = v.to_str() else { continue };
+        // obs-text (in a quoted argument, say) does not hide the line's directives.
+        let v = String::from_utf8_lossy(v.as_bytes());
         for part in v.split(',') {
             let part = part.trim();
             let (name, arg) = match part.split_once('=') {
@@ -51,6 +52,55 @@ pub(crate) fn directives(headers: &HeaderMap) -> Directives {
         d.explicit_age = true;
     }
     d
+}
+
+/// `Cache-Control` as the policy crate should read it, or `None` when there is none. The crate
+/// matches directive names exactly, skips a line that is not UTF-8, reads an overflowing
+/// delta-seconds as 0 and refuses to store `proxy-revalidate` outright. So: one line, names
+/// lower-cased (RFC 9111 section 5.2: case-insensitive, so `Private` is `private`), obs-text
+/// as `?`, `max-age` and `s-maxage` over 2^31 as 2^31 (section 1.2.2), and `proxy-revalidate`
+/// left to [`directives`], which applies it as must-revalidate (section 5.2.2.8: it concerns
+/// a response once stale).
+fn policy_cache_control(headers: &HeaderMap) -> Option<HeaderValue> {
+    const MAX_DELTA: u64 = 1 << 31;
+    let mut out = String::new();
+    let mut any = false;
+    for v in headers.get_all(header::CACHE_CONTROL) {
+        any = true;
+        for part in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let part = part.trim();
+            let (name, arg) = match part.split_once('=') {
+                Some((n, a)) => (n.trim().to_ascii_lowercase(), Some(a.trim())),
+                None => (part.to_ascii_lowercase(), None),
+            };
+            if name.is_empty() || name == "proxy-revalidate" {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(&name);
+            if let Some(arg) = arg {
+                out.push('=');
+                let digits = arg.trim_matches('"');
+                let huge = (name == "max-age" || name == "s-maxage")
+                    && !digits.is_empty()
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && digits.parse::<u64>().map_or(true, |n| n > MAX_DELTA);
+                if huge {
+                    out.push_str(&MAX_DELTA.to_string());
+                } else {
+                    out.push_str(arg);
+                }
+            }
+        }
+    }
+    // obs-text as `?`: a `HeaderValue` made from text is visible ASCII.
+    let out: String = out
+        .chars()
+        .map(|c| if c.is_ascii() { c } else { '?' })
+        .collect();
+    any.then(|| HeaderValue::try_from(out).ok()).flatten()
 }
 
 /// The layer's defaults for responses whose origin says nothing.
@@ -100,7 +150,17 @@ pub(crate) fn decide(
         immutable_min_time_to_live: Duration::ZERO,
         ignore_cargo_cult: false,
     };
-    let policy = CachePolicy::new_options(req, res, now, opts);
+    let policy = match policy_cache_control(&res.headers) {
+        Some(cc) => {
+            let (mut parts, ()) = http::Response::new(()).into_parts();
+            parts.status = res.status;
+            parts.version = res.version;
+            parts.headers = res.headers.clone();
+            parts.headers.insert(header::CACHE_CONTROL, cc);
+            CachePolicy::new_options(req, &parts, now, opts)
+        }
+        None => CachePolicy::new_options(req, res, now, opts),
+    };
     if !policy.is_storable() {
         return Decision::Pass("not-storable");
     }
@@ -208,6 +268,71 @@ mod tests {
                 Decision::Pass(got) => assert_eq!(got, why, "{h:?}"),
                 other => panic!("{h:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn directive_names_are_case_insensitive_and_obs_text_hides_nothing() {
+        for (cc, why) in [
+            ("max-age=60, Private", "not-storable"),
+            ("PRIVATE", "not-storable"),
+            ("No-Store", "no-store"),
+            ("private, max-age=60, ext=\"caf\u{e9}\"", "not-storable"),
+        ] {
+            match decide(
+                &req(),
+                &res(200, &[("cache-control", cc)]),
+                &defaults(Some(10)),
+            ) {
+                Decision::Pass(got) => assert_eq!(got, why, "{cc}"),
+                other => panic!("{cc}: {other:?}"),
+            }
+        }
+        // Bytes that are not UTF-8 (obs-text), as an origin may send them.
+        for raw in [
+            &b"private, max-age=60, ext=\"caf\xe9\""[..],
+            b"no-store, ext=\"\xe9\"",
+        ] {
+            let mut r = res(200, &[]);
+            r.headers
+                .insert("cache-control", HeaderValue::from_bytes(raw).unwrap());
+            assert!(
+                matches!(decide(&req(), &r, &defaults(Some(10))), Decision::Pass(_)),
+                "{raw:?}"
+            );
+        }
+        for (cc, fresh) in [("Max-Age=60", 60), ("max-age=60, S-MAXAGE=0", 0)] {
+            match decide(&req(), &res(200, &[("cache-control", cc)]), &defaults(None)) {
+                Decision::Store { ttl, .. } => {
+                    assert_eq!(ttl.fresh, Duration::from_secs(fresh), "{cc}")
+                }
+                other => panic!("{cc}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_overflowing_max_age_is_2_pow_31_and_proxy_revalidate_is_must_revalidate() {
+        let r = res(200, &[("cache-control", "max-age=99999999999999999999999")]);
+        match decide(&req(), &r, &defaults(None)) {
+            Decision::Store { ttl, .. } => {
+                assert_eq!(ttl.fresh, Duration::from_secs(1 << 31).min(Ttl::MAX))
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = res(
+            200,
+            &[(
+                "cache-control",
+                "max-age=60, proxy-revalidate, stale-if-error=600",
+            )],
+        );
+        match decide(&req(), &r, &defaults(None)) {
+            Decision::Store { ttl, .. } => {
+                assert_eq!(ttl.fresh, Duration::from_secs(60));
+                assert!(ttl.stale_if_error.is_zero() && ttl.stale_while_revalidate.is_zero());
+            }
+            other => panic!("{other:?}"),
         }
     }
 

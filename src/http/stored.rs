@@ -55,8 +55,10 @@ impl StoredResponse {
         let origin_age = headers
             .get(header::AGE)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(0);
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            // RFC 9111 section 1.2.2: a delta-seconds too large to hold is 2^31.
+            .map_or(0, |v| v.parse::<u32>().map_or(1 << 31, |n| n.min(1 << 31)));
         // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
         let named: Vec<String> = headers
             .get_all(header::CONNECTION)
@@ -161,6 +163,21 @@ mod tests {
         assert!(d.headers.get(header::CONNECTION).is_none());
         assert_eq!(d.headers.get(header::VARY).unwrap(), "accept-encoding");
         assert_eq!(d.headers.get(header::CONTENT_LENGTH).unwrap(), "4");
+    }
+
+    #[test]
+    fn an_origin_age_too_large_is_2_pow_31() {
+        for (age, want) in [
+            ("5000000000", 1 << 31),
+            ("2147483649", 1 << 31),
+            ("12", 12),
+            ("x", 0),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::AGE, HeaderValue::from_static(age));
+            let s = StoredResponse::new(StatusCode::OK, &h, Bytes::new());
+            assert_eq!(s.origin_age, want, "{age}");
+        }
     }
 
     #[test]
