@@ -173,6 +173,16 @@ impl Service<Request<Body>> for Proxy {
             if req.uri() == "*" && req.method() != http::Method::OPTIONS {
                 return Ok(status(StatusCode::BAD_REQUEST, "bad request target\n"));
             }
+            // A tunnel is not what a reverse proxy is for (RFC 9110 section 9.3.6).
+            if req.method() == http::Method::CONNECT {
+                return Ok(status(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "CONNECT is not supported by this proxy\n",
+                ));
+            }
+            if let Some(res) = max_forwards(&mut req) {
+                return Ok(res);
+            }
             let pq = req
                 .uri()
                 .path_and_query()
@@ -215,6 +225,43 @@ impl Service<Request<Body>> for Proxy {
             }
         })
     }
+}
+
+/// RFC 9110 section 7.6.2: `Max-Forwards` on OPTIONS and TRACE. At 0 this proxy is the final
+/// recipient and answers itself (OPTIONS with what it allows; TRACE it does not reflect);
+/// otherwise it forwards the value less one.
+fn max_forwards(req: &mut Request<Body>) -> Option<Response<Body>> {
+    let m = req.method();
+    if m != http::Method::OPTIONS && m != http::Method::TRACE {
+        return None;
+    }
+    let n: u64 = req
+        .headers()
+        .get(header::MAX_FORWARDS)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if n > 0 {
+        req.headers_mut()
+            .insert(header::MAX_FORWARDS, HeaderValue::from(n - 1));
+        return None;
+    }
+    let (code, msg) = if req.method() == http::Method::OPTIONS {
+        (StatusCode::OK, "")
+    } else {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "TRACE is not answered by this proxy\n",
+        )
+    };
+    let mut r = status(code, msg);
+    r.headers_mut().insert(
+        header::ALLOW,
+        HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+    );
+    Some(r)
 }
 
 fn status(code: StatusCode, msg: &'static str) -> Response<Body> {
@@ -282,15 +329,11 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     } else {
         format!("for={ip};proto=http").into_bytes()
     };
-    // RFC 7239 section 4: the Host as a quoted-string, with any `"` or backslash in it escaped.
+    // RFC 7239 section 4: the Host as a quoted-string (it may hold a colon). `host_ok` let in
+    // no quote or backslash that would need escaping.
     if let Some(host) = h.get(header::HOST) {
         fwd.extend_from_slice(b";host=\"");
-        for &b in host.as_bytes() {
-            if b == b'"' || b == b'\\' {
-                fwd.push(b'\\');
-            }
-            fwd.push(b);
-        }
+        fwd.extend_from_slice(host.as_bytes());
         fwd.push(b'"');
     }
     if let Ok(v) = HeaderValue::from_bytes(&fwd) {
@@ -493,7 +536,30 @@ impl hyper::body::Body for OutBody {
 fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>, conn: &Arc<Activity>) -> Serve {
     // Forwarding headers are added by `Proxy` only when a request actually goes upstream, so
     // a hit costs no header rewriting.
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // RFC 9112 section 3.2.2: an absolute-form target names the host; Host is replaced by it,
+    // so the cache key and the upstream agree on which host the response is for.
+    if let Some(a) = parts.uri.authority() {
+        let host = match a.port() {
+            Some(p) => format!("{}:{p}", a.host()),
+            None => a.host().to_string(),
+        };
+        if let Ok(v) = HeaderValue::try_from(host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    if !host_ok(&parts) {
+        let res = Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Bytes::from_static(b"bad or missing Host\n").into())
+            .expect("a valid response");
+        return Serve {
+            fut: Box::pin(std::future::ready(Ok(res))),
+            log: None,
+            busy: Some(Busy::new(conn)),
+        };
+    }
     // What the access log line needs, taken only when it is on.
     let log = tracing::enabled!(tracing::Level::DEBUG).then(|| {
         (
@@ -513,6 +579,20 @@ fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>, conn: &Arc<Act
         fut: svc.call(Request::from_parts(parts, body)),
         log,
         busy: Some(Busy::new(conn)),
+    }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request needs exactly one Host, and it must be a host
+/// (`host[:port]`, no user info, no spaces); HTTP/1.0 may leave it out.
+fn host_ok(parts: &http::request::Parts) -> bool {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h
+            .as_bytes()
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:[]%".contains(&b)),
+        (None, _) => parts.version < http::Version::HTTP_11,
+        _ => false,
     }
 }
 

@@ -801,6 +801,8 @@ async fn an_origin_error_page_goes_only_to_the_request_that_got_it() {
             .to_string();
         let mut r = ok("private", format!("error page for {user}"));
         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("7"));
         r
     });
     let svc = StampedeLayer::in_memory().layer(origin.service());
@@ -815,18 +817,27 @@ async fn an_origin_error_page_goes_only_to_the_request_that_got_it() {
             (i, send(&svc, req).await)
         }));
     }
+    let mut others = 0;
     for t in tasks {
         let (i, g) = t.await.unwrap();
         let own = Bytes::from(format!("error page for {i}"));
         if g.body != own {
-            assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{}", g.cs());
+            others += 1;
+            // The origin's status and Retry-After, on a page of ours.
+            assert_eq!(g.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", g.cs());
+            assert_eq!(g.headers.get(header::RETRY_AFTER).unwrap(), "7");
             assert!(
                 !g.body.starts_with(b"error page"),
                 "another user's page leaked"
             );
+            // Not forwarded: no fwd-status (RFC 9211 section 2.3).
+            assert!(!g.cs().contains("fwd-status"), "{}", g.cs());
+            assert!(g.cs().contains("detail=origin-error"), "{}", g.cs());
+        } else {
             assert!(g.cs().contains("fwd-status=500"), "{}", g.cs());
         }
     }
+    assert_eq!(others, 4, "one fill, four waiting on it");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1106,4 +1117,54 @@ async fn cookie_policy_cache_opts_in() {
         assert_eq!(&send(&svc, req).await.body[..], b"run 1");
     }
     assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_host_is_never_keyed_and_an_empty_query_is_its_own_url() {
+    // The origin answers for the last Host it sees, as a virtual-hosting server might.
+    let origin = Origin::new(ms(1), |req, n| {
+        let host = req
+            .headers()
+            .get_all(header::HOST)
+            .iter()
+            .next_back()
+            .cloned();
+        let host = host.map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+        ok("max-age=60", format!("{} {n}", host.unwrap_or_default()))
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let with_hosts = |uri: &str, hosts: &[&[u8]]| {
+        let mut r = get(uri);
+        for h in hosts {
+            r.headers_mut()
+                .append(header::HOST, http::HeaderValue::from_bytes(h).unwrap());
+        }
+        r
+    };
+    // Two Host lines, and an absolute-form target naming another host than Host's: bypassed,
+    // so neither can store the other host's page under victim.test's key.
+    let g = send(&svc, with_hosts("/p", &[b"victim.test", b"attacker.test"])).await;
+    assert!(g.cs().contains("fwd=bypass; detail=host"), "{}", g.cs());
+    let g = send(
+        &svc,
+        with_hosts("http://victim.test/p", &[b"attacker.test"]),
+    )
+    .await;
+    assert!(g.cs().contains("fwd=bypass; detail=host"), "{}", g.cs());
+    let g = send(&svc, with_hosts("/p", &[b"victim.test"])).await;
+    assert_eq!(&g.body[..], b"victim.test 3", "{}", g.cs());
+    assert!(g.cs().contains("stored"), "{}", g.cs());
+    // The absolute form naming the same host (in another case) is the same URL: a hit.
+    let g = send(&svc, with_hosts("http://Victim.test/p", &[b"victim.test"])).await;
+    assert_eq!(&g.body[..], b"victim.test 3", "{}", g.cs());
+    assert!(g.cs().contains("hit"), "{}", g.cs());
+    // A Host that is not text is a host of its own, not the same as no Host.
+    let g = send(&svc, with_hosts("/q", &[])).await;
+    assert_eq!(&g.body[..], b" 4");
+    let g = send(&svc, with_hosts("/q", &[b"\xff"])).await;
+    assert_eq!(&g.body[..], "\u{fffd} 5".as_bytes(), "{}", g.cs());
+    // RFC 3986 section 6.2.3: `/q?` is not `/q`.
+    let g = send(&svc, with_hosts("/q?", &[])).await;
+    assert_eq!(&g.body[..], b" 6", "{}", g.cs());
+    assert_eq!(origin.calls(), 6);
 }

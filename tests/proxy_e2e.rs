@@ -724,30 +724,52 @@ async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
     assert_eq!(up.http10.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
-    // A hand-written upstream that keeps each request head as it arrived.
-    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+type Heads = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A hand-written upstream that keeps each request head as it arrived and answers `ok`,
+/// cacheable for 60 s.
+async fn recording_upstream() -> (SocketAddr, Heads) {
+    let heads = Heads::default();
     let seen = heads.clone();
     let addr = common::raw_server(move |mut s| {
         let seen = seen.clone();
         async move {
             use tokio::io::AsyncWriteExt;
-            let Some(head) = read_head(&mut s).await else {
-                return;
-            };
-            seen.lock().unwrap().push(head);
-            let res = b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 2\r\n\r\nok";
-            let _ = s.write_all(res).await;
+            while let Some(head) = read_head(&mut s).await {
+                seen.lock().unwrap().push(head);
+                let res =
+                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(res).await.is_err() {
+                    return;
+                }
+            }
         }
     })
     .await;
+    (addr, heads)
+}
+
+/// Each value of header `name` in a request head, as text (a byte that is not UTF-8 shown as
+/// U+FFFD).
+fn values(head: &[u8], name: &str) -> Vec<String> {
+    head.split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter_map(|l| {
+            let (n, v) = l.split_at(l.iter().position(|&b| b == b':')?);
+            n.eq_ignore_ascii_case(name.as_bytes())
+                .then(|| String::from_utf8_lossy(v[1..].trim_ascii()).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
+    let (addr, heads) = recording_upstream().await;
     let proxy = Proxy::start(addr, &[]);
-    // Two X-Forwarded-For lines, one with a byte that is not UTF-8, and a Host with a quote
-    // and a backslash in it.
+    // Two X-Forwarded-For lines, one with a byte that is not UTF-8.
     let mut s = connect(
         &proxy,
-        b"GET /a HTTP/1.1\r\nHost: a\"b\\c\r\nX-Forwarded-For: 10.0.0.1\r\n\
+        b"GET /a HTTP/1.1\r\nHost: app.test:8080\r\nX-Forwarded-For: 10.0.0.1\r\n\
           X-Forwarded-For: 10.0.0.2, \x80x\r\nConnection: close\r\n\r\n",
     )
     .await;
@@ -761,28 +783,98 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     );
     let heads = heads.lock().unwrap();
     assert_eq!(heads.len(), 1);
-    // Each value of a header, as text (a byte that is not UTF-8 shown as U+FFFD).
-    let named = |name: &str| -> Vec<String> {
-        heads[0]
-            .split(|&b| b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .filter_map(|l| {
-                let (n, v) = l.split_at(l.iter().position(|&b| b == b':')?);
-                n.eq_ignore_ascii_case(name.as_bytes())
-                    .then(|| String::from_utf8_lossy(v[1..].trim_ascii()).into_owned())
-            })
-            .collect()
-    };
     assert_eq!(
-        named("x-forwarded-for"),
+        values(&heads[0], "x-forwarded-for"),
         ["10.0.0.1, 10.0.0.2, \u{fffd}x, 127.0.0.1"],
         "the whole chain, then the client"
     );
     assert_eq!(
-        named("forwarded"),
-        [r#"for=127.0.0.1;proto=http;host="a\"b\\c""#],
-        "RFC 7239: the host a valid quoted-string"
+        values(&heads[0], "forwarded"),
+        [r#"for=127.0.0.1;proto=http;host="app.test:8080""#],
+        "RFC 7239: the host a quoted-string (it may hold a colon)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_per_request_and_an_absolute_target_names_it() {
+    let (addr, heads) = recording_upstream().await;
+    let proxy = Proxy::start(addr, &[]);
+    let answer = |head: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let mut s = connect(proxy, head).await;
+            let got = until_closed(&mut s, Duration::from_secs(20))
+                .await
+                .expect("the proxy answers and closes");
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    };
+    // RFC 9112 section 3.2: two Hosts, none in HTTP/1.1, or one that is not a host: 400, and
+    // nothing goes upstream.
+    for head in [
+        "GET /p HTTP/1.1\r\nHost: victim.test\r\nHost: attacker.test\r\nConnection: close\r\n\r\n",
+        "GET /p HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /p HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
+        "GET /p HTTP/1.1\r\nHost: user@victim.test\r\nConnection: close\r\n\r\n",
+    ] {
+        let got = answer(head).await;
+        assert!(got.starts_with("HTTP/1.1 400"), "{head:?}: {got}");
+    }
+    assert_eq!(heads.lock().unwrap().len(), 0);
+    // Section 3.2.2: the absolute-form's authority replaces Host, so what is stored under
+    // victim.test's key was asked of the upstream for victim.test.
+    let got = answer(
+        "GET http://victim.test/p HTTP/1.1\r\nHost: attacker.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let got = answer("GET /p HTTP/1.1\r\nHost: victim.test\r\nConnection: close\r\n\r\n").await;
+    assert!(got.contains("hit"), "{got}");
+    // HTTP/1.0 may leave Host out.
+    let got = answer("GET /q HTTP/1.0\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.0 200"), "{got}");
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 2);
+    assert_eq!(values(&heads[0], "host"), ["victim.test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_refused_and_max_forwards_is_honoured() {
+    let (addr, heads) = recording_upstream().await;
+    let proxy = Proxy::start(addr, &[]);
+    for (head, want) in [
+        (
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 501",
+        ),
+        // RFC 9110 section 7.6.2: at 0 the proxy is the final recipient.
+        (
+            "OPTIONS /p HTTP/1.1\r\nHost: app.test\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (
+            "TRACE /p HTTP/1.1\r\nHost: app.test\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 405",
+        ),
+    ] {
+        let mut s = connect(&proxy, head).await;
+        let got = until_closed(&mut s, Duration::from_secs(20))
+            .await
+            .expect("the proxy answers and closes");
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with(want), "{head:?}: {got}");
+    }
+    assert_eq!(heads.lock().unwrap().len(), 0, "nothing went upstream");
+    // Otherwise forwarded, one less.
+    let mut s = connect(
+        &proxy,
+        "TRACE /p HTTP/1.1\r\nHost: app.test\r\nMax-Forwards: 3\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let got = until_closed(&mut s, Duration::from_secs(20)).await.unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    let heads = heads.lock().unwrap();
+    assert_eq!(values(&heads[0], "max-forwards"), ["2"]);
 }
 
 /// Sends a request in the background and returns once it has reached the upstream.

@@ -4,30 +4,32 @@ use http::{HeaderMap, HeaderValue, Uri};
 
 use crate::key::Digest;
 
-/// The URL-level slot: method class + scheme + authority + path + query. GET and HEAD share a
+/// The URL-level slot: method class + scheme + authority + path and query. GET and HEAD share a
 /// slot (HEAD is answered from the GET entry).
-/// `host` is the request's `Host`, used when the URI has no authority (origin form).
+/// `host` is the request's `Host`, used when the URI has no authority (origin form), byte for
+/// byte: a `Host` that is not text is a host of its own, not the empty one.
 pub(crate) fn url_slot(uri: &Uri, host: Option<&HeaderValue>) -> Digest {
     let scheme = uri.scheme_str().unwrap_or("http");
     let authority = uri
         .authority()
-        .map(|a| a.as_str())
-        .or_else(|| host.and_then(|h| h.to_str().ok()))
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| host.map(|h| h.as_bytes()))
         .unwrap_or_default();
     // Hosts are case-insensitive; most arrive lower-case already, and then cost no copy.
-    let authority: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase())
-    {
+    let authority: std::borrow::Cow<'_, [u8]> = if authority.iter().any(u8::is_ascii_uppercase) {
         authority.to_ascii_lowercase().into()
     } else {
         authority.into()
     };
+    // Path and query as one field, so `/a?` and `/a` stay apart (RFC 3986 section 6.2.3: an
+    // empty query is not no query).
+    let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
     Digest::of_fields([
         "http".as_bytes(),
         b"GET",
         scheme.as_bytes(),
-        authority.as_bytes(),
-        uri.path().as_bytes(),
-        uri.query().unwrap_or("").as_bytes(),
+        &authority,
+        target.as_bytes(),
     ])
 }
 

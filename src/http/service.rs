@@ -123,6 +123,17 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
     }
     let h = req.headers();
     let scan = HeadScan::of(h);
+    // More than one Host, or an absolute-form target naming another authority than Host: which
+    // host the response is for depends on who reads which (RFC 9112 section 3.2 makes the first
+    // a 400, section 3.2.2 has a proxy replace Host). Never keyed on a guess: a request that
+    // could store one host's response under another's key is not cached.
+    if scan.hosts > 1
+        || scan
+            .host
+            .is_some_and(|h| !host_matches_target(req.uri(), h))
+    {
+        return Route::Bypass("host");
+    }
     if scan.authorization {
         // Never served from or stored in the shared cache (RFC 9111 section 3.5, read
         // conservatively): and never a pass marker, so it cannot switch the URL's cache off.
@@ -170,6 +181,8 @@ struct HeadScan<'a> {
     conditional: bool,
     /// The first `Host`.
     host: Option<&'a HeaderValue>,
+    /// How many `Host` lines (saturating).
+    hosts: u8,
 }
 
 impl<'a> HeadScan<'a> {
@@ -178,6 +191,7 @@ impl<'a> HeadScan<'a> {
         for (name, v) in h {
             if name == header::HOST {
                 s.host = s.host.or(Some(v));
+                s.hosts = s.hosts.saturating_add(1);
             } else if name == header::AUTHORIZATION {
                 s.authorization = true;
             } else if name == header::CACHE_CONTROL {
@@ -194,6 +208,12 @@ impl<'a> HeadScan<'a> {
         }
         s
     }
+}
+
+/// Whether `host` names the target's authority, where the target has one (absolute form).
+fn host_matches_target(uri: &http::Uri, host: &HeaderValue) -> bool {
+    uri.authority()
+        .is_none_or(|a| a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
 }
 
 fn head_only<B>(req: &Request<B>) -> Request<()> {
@@ -332,13 +352,25 @@ fn fill_headers(h: &HeaderMap) -> HeaderMap {
 
 /// An origin 5xx, carried as the fill's error so the engine applies stale-if-error and signals
 /// `failed`. The response itself goes only to the request whose own fill received it (it may be
-/// private); the others get a generic 502 naming its status.
+/// private); the others get a generic page with its status and its `Retry-After`.
 #[derive(Debug)]
-pub(crate) struct UpstreamFailure(StatusCode);
+pub(crate) struct UpstreamFailure {
+    status: StatusCode,
+    retry_after: Option<HeaderValue>,
+}
+
+impl UpstreamFailure {
+    fn of(status: StatusCode, headers: &HeaderMap) -> Box<Self> {
+        Box::new(UpstreamFailure {
+            status,
+            retry_after: headers.get(header::RETRY_AFTER).cloned(),
+        })
+    }
+}
 
 impl std::fmt::Display for UpstreamFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "origin answered {}", self.0)
+        write!(f, "origin answered {}", self.status)
     }
 }
 
@@ -431,17 +463,17 @@ where
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
             if failed {
                 // Still a failure (stale-if-error, the failed signal), never a pass marker.
-                let status = res.status();
+                let failure = UpstreamFailure::of(res.status(), res.headers());
                 lock(side).own = Some(res);
-                return Err(Box::new(UpstreamFailure(status)));
+                return Err(failure);
             }
             Ok(own(side, "too-large", res))
         }
         Buffered::Complete(bytes) => {
             if failed {
-                let status = rparts.status;
+                let failure = UpstreamFailure::of(rparts.status, &rparts.headers);
                 lock(side).own = Some(Response::from_parts(rparts, ResponseBody::full(bytes)));
-                return Err(Box::new(UpstreamFailure(status)));
+                return Err(failure);
             }
             Ok(match decide(&policy_req, &rparts, &opts.defaults) {
                 Decision::Store { ttl, selector } => Fill::Store {
@@ -493,6 +525,8 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
         ),
         None => (u64::from(stored.origin_age), None),
     };
+    // RFC 9111 section 5.1: an Age too large to hold is sent as 2^31.
+    let age = age.min(1 << 31);
     let cs = match detail {
         None => cache_status::for_status_memo(&opts.name, served.status, ttl),
         Some(_) => cache_status::for_status(&opts.name, served.status, ttl, detail),
@@ -702,20 +736,21 @@ fn error_response<B>(
     let (status, detail, body): (StatusCode, &str, &str) = match &e {
         Error::Fill(err) => {
             if let Some(up) = err.downcast_ref::<UpstreamFailure>() {
-                let code = up.0.as_u16();
-                // Our own fill got the origin's error: relay it whole. Others waiting on that
-                // fill get a generic 502 (the error page may be private).
+                // Our own fill got the origin's error: relay it whole.
                 if let Some(res) = lock(side).own.take() {
+                    let code = up.status.as_u16();
                     let cs = cache_status::error(&opts.name, Some(code), "origin-error");
                     return finish_own(res, cs, req);
                 }
-                return plain_error(
-                    opts,
-                    StatusCode::BAD_GATEWAY,
-                    Some(code),
-                    "origin-error",
-                    "the origin failed\n",
-                );
+                // Others (waiting on that fill, or arriving while its lease runs) get its status
+                // and Retry-After on a generic page (the error page may be private), and no
+                // `fwd-status`: their own request was not forwarded (RFC 9211 section 2.3).
+                let mut res =
+                    plain_error(opts, up.status, None, "origin-error", "the origin failed\n");
+                if let Some(ra) = &up.retry_after {
+                    res.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+                }
+                return res;
             }
             (StatusCode::BAD_GATEWAY, "origin-error", "origin error\n")
         }
