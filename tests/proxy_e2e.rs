@@ -550,6 +550,15 @@ async fn connect(p: &Proxy, head: impl AsRef<[u8]>) -> tokio::net::TcpStream {
     s
 }
 
+/// `head` sent on a connection of its own: all the proxy answered until it closed, as text.
+async fn exchange(p: &Proxy, head: impl AsRef<[u8]>) -> String {
+    let mut s = connect(p, head).await;
+    let got = until_closed(&mut s, Duration::from_secs(20))
+        .await
+        .expect("the proxy answers and closes");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_unfinished_connections_are_closed_but_not_a_slow_request() {
     let up = Upstream::default();
@@ -617,11 +626,7 @@ async fn raw_get(p: &Proxy, target: &[u8]) -> (String, String) {
     let mut head = b"GET ".to_vec();
     head.extend_from_slice(target);
     head.extend_from_slice(b" HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
-    let mut s = connect(p, head).await;
-    let got = until_closed(&mut s, Duration::from_secs(20))
-        .await
-        .expect("the proxy answers and closes");
-    let got = String::from_utf8_lossy(&got).into_owned();
+    let got = exchange(p, head).await;
     let status = got.lines().next().unwrap_or("").to_string();
     let cs = got
         .lines()
@@ -713,11 +718,8 @@ async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
     let proxy = Proxy::start(up.start().await, &[]);
     for target in ["/nocache?ms=0", "/slow?ms=0", "/slow?ms=0"] {
         let head = format!("GET {target} HTTP/1.0\r\nHost: app.test\r\n\r\n");
-        let mut s = connect(&proxy, &head).await;
-        let got = until_closed(&mut s, Duration::from_secs(20))
-            .await
-            .expect("a 1.0 connection is closed after its response");
-        let got = String::from_utf8_lossy(&got);
+        // A 1.0 connection is closed after its response.
+        let got = exchange(&proxy, &head).await;
         assert!(got.starts_with("HTTP/1.0 200 OK"), "{target}: {got}");
     }
     assert_eq!(up.calls(), 2);
@@ -767,20 +769,13 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     let (addr, heads) = recording_upstream().await;
     let proxy = Proxy::start(addr, &[]);
     // Two X-Forwarded-For lines, one with a byte that is not UTF-8.
-    let mut s = connect(
+    let got = exchange(
         &proxy,
         b"GET /a HTTP/1.1\r\nHost: app.test:8080\r\nX-Forwarded-For: 10.0.0.1\r\n\
           X-Forwarded-For: 10.0.0.2, \x80x\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let got = until_closed(&mut s, Duration::from_secs(20))
-        .await
-        .expect("the proxy answers and closes");
-    assert!(
-        got.starts_with(b"HTTP/1.1 200 OK"),
-        "{}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
     let heads = heads.lock().unwrap();
     assert_eq!(heads.len(), 1);
     assert_eq!(
@@ -799,16 +794,6 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
 async fn one_host_per_request_and_an_absolute_target_names_it() {
     let (addr, heads) = recording_upstream().await;
     let proxy = Proxy::start(addr, &[]);
-    let answer = |head: &'static str| {
-        let proxy = &proxy;
-        async move {
-            let mut s = connect(proxy, head).await;
-            let got = until_closed(&mut s, Duration::from_secs(20))
-                .await
-                .expect("the proxy answers and closes");
-            String::from_utf8_lossy(&got).into_owned()
-        }
-    };
     // RFC 9112 section 3.2: two Hosts, none in HTTP/1.1, or one that is not a host: 400, and
     // nothing goes upstream.
     for head in [
@@ -817,21 +802,26 @@ async fn one_host_per_request_and_an_absolute_target_names_it() {
         "GET /p HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n",
         "GET /p HTTP/1.1\r\nHost: user@victim.test\r\nConnection: close\r\n\r\n",
     ] {
-        let got = answer(head).await;
+        let got = exchange(&proxy, head).await;
         assert!(got.starts_with("HTTP/1.1 400"), "{head:?}: {got}");
     }
     assert_eq!(heads.lock().unwrap().len(), 0);
     // Section 3.2.2: the absolute-form's authority replaces Host, so what is stored under
     // victim.test's key was asked of the upstream for victim.test.
-    let got = answer(
+    let got = exchange(
+        &proxy,
         "GET http://victim.test/p HTTP/1.1\r\nHost: attacker.test\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
-    let got = answer("GET /p HTTP/1.1\r\nHost: victim.test\r\nConnection: close\r\n\r\n").await;
+    let got = exchange(
+        &proxy,
+        "GET /p HTTP/1.1\r\nHost: victim.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(got.contains("hit"), "{got}");
     // HTTP/1.0 may leave Host out.
-    let got = answer("GET /q HTTP/1.0\r\n\r\n").await;
+    let got = exchange(&proxy, "GET /q HTTP/1.0\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.0 200"), "{got}");
     let heads = heads.lock().unwrap();
     assert_eq!(heads.len(), 2);
@@ -857,22 +847,17 @@ async fn connect_is_refused_and_max_forwards_is_honoured() {
             "HTTP/1.1 405",
         ),
     ] {
-        let mut s = connect(&proxy, head).await;
-        let got = until_closed(&mut s, Duration::from_secs(20))
-            .await
-            .expect("the proxy answers and closes");
-        let got = String::from_utf8_lossy(&got);
+        let got = exchange(&proxy, head).await;
         assert!(got.starts_with(want), "{head:?}: {got}");
     }
     assert_eq!(heads.lock().unwrap().len(), 0, "nothing went upstream");
     // Otherwise forwarded, one less.
-    let mut s = connect(
+    let got = exchange(
         &proxy,
         "TRACE /p HTTP/1.1\r\nHost: app.test\r\nMax-Forwards: 3\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let got = until_closed(&mut s, Duration::from_secs(20)).await.unwrap();
-    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     let heads = heads.lock().unwrap();
     assert_eq!(values(&heads[0], "max-forwards"), ["2"]);
 }

@@ -21,31 +21,53 @@ pub(crate) struct Directives {
     pub(crate) no_store: bool,
 }
 
-pub(crate) fn directives(headers: &HeaderMap) -> Directives {
-    let mut d = Directives::default();
+/// RFC 9111 section 1.2.2: a delta-seconds (`max-age`, `Age`) too large to hold is taken and
+/// sent as 2^31.
+pub(crate) const DELTA_SECONDS_MAX: u32 = 1 << 31;
+
+/// Every response `Cache-Control` directive, in order: the name lower-cased (RFC 9111 section
+/// 5.2: names are case-insensitive, so `Private` is `private`) and the argument as sent. A byte
+/// that is not ASCII (obs-text, in a quoted argument say) reads as `?`, so it hides nothing
+/// else on its line.
+fn cache_control(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
     for v in headers.get_all(header::CACHE_CONTROL) {
-        // obs-text (in a quoted argument, say) does not hide the line's directives.
-        let v = String::from_utf8_lossy(v.as_bytes());
-        for part in v.split(',') {
+        let text: String = v
+            .as_bytes()
+            .iter()
+            .map(|&b| if b.is_ascii() { b as char } else { '?' })
+            .collect();
+        for part in text.split(',') {
             let part = part.trim();
             let (name, arg) = match part.split_once('=') {
-                Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                Some((n, a)) => (n.trim(), Some(a.trim().to_string())),
                 None => (part, None),
             };
-            // Clamped: a huge number must not overflow a clock downstream.
-            let secs = || {
-                arg.and_then(|a| a.parse::<u64>().ok())
-                    .map(|v| Duration::from_secs(v).min(Ttl::MAX))
-            };
-            match name.to_ascii_lowercase().as_str() {
-                "no-cache" => d.no_cache = true,
-                "no-store" => d.no_store = true,
-                "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-                "max-age" | "s-maxage" => d.explicit_age = true,
-                "stale-while-revalidate" => d.swr = secs(),
-                "stale-if-error" => d.sie = secs(),
-                _ => {}
+            if !name.is_empty() {
+                out.push((name.to_ascii_lowercase(), arg));
             }
+        }
+    }
+    out
+}
+
+fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for (name, arg) in cc {
+        // Clamped: a huge number must not overflow a clock downstream.
+        let secs = || {
+            arg.as_deref()
+                .and_then(|a| a.trim_matches('"').parse::<u64>().ok())
+                .map(|v| Duration::from_secs(v).min(Ttl::MAX))
+        };
+        match name.as_str() {
+            "no-cache" => d.no_cache = true,
+            "no-store" => d.no_store = true,
+            "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
+            "max-age" | "s-maxage" => d.explicit_age = true,
+            "stale-while-revalidate" => d.swr = secs(),
+            "stale-if-error" => d.sie = secs(),
+            _ => {}
         }
     }
     if headers.contains_key(header::EXPIRES) {
@@ -54,53 +76,39 @@ pub(crate) fn directives(headers: &HeaderMap) -> Directives {
     d
 }
 
-/// `Cache-Control` as the policy crate should read it, or `None` when there is none. The crate
-/// matches directive names exactly, skips a line that is not UTF-8, reads an overflowing
-/// delta-seconds as 0 and refuses to store `proxy-revalidate` outright. So: one line, names
-/// lower-cased (RFC 9111 section 5.2: case-insensitive, so `Private` is `private`), obs-text
-/// as `?`, `max-age` and `s-maxage` over 2^31 as 2^31 (section 1.2.2), and `proxy-revalidate`
-/// left to [`directives`], which applies it as must-revalidate (section 5.2.2.8: it concerns
-/// a response once stale).
-fn policy_cache_control(headers: &HeaderMap) -> Option<HeaderValue> {
-    const MAX_DELTA: u64 = 1 << 31;
+/// `Cache-Control` as the policy crate should read it. The crate matches directive names
+/// exactly, skips a line that is not UTF-8, reads an overflowing delta-seconds as 0 and refuses
+/// to store `proxy-revalidate` outright. So: [`cache_control`]'s directives on one line,
+/// `max-age` and `s-maxage` over [`DELTA_SECONDS_MAX`] as that, and `proxy-revalidate` left to
+/// [`directives`], which applies it as must-revalidate (section 5.2.2.8: it concerns a response
+/// once stale).
+fn policy_cache_control(cc: &[(String, Option<String>)]) -> Option<HeaderValue> {
     let mut out = String::new();
-    let mut any = false;
-    for v in headers.get_all(header::CACHE_CONTROL) {
-        any = true;
-        for part in String::from_utf8_lossy(v.as_bytes()).split(',') {
-            let part = part.trim();
-            let (name, arg) = match part.split_once('=') {
-                Some((n, a)) => (n.trim().to_ascii_lowercase(), Some(a.trim())),
-                None => (part.to_ascii_lowercase(), None),
-            };
-            if name.is_empty() || name == "proxy-revalidate" {
-                continue;
-            }
-            if !out.is_empty() {
-                out.push_str(", ");
-            }
-            out.push_str(&name);
-            if let Some(arg) = arg {
-                out.push('=');
-                let digits = arg.trim_matches('"');
-                let huge = (name == "max-age" || name == "s-maxage")
-                    && !digits.is_empty()
-                    && digits.bytes().all(|b| b.is_ascii_digit())
-                    && digits.parse::<u64>().map_or(true, |n| n > MAX_DELTA);
-                if huge {
-                    out.push_str(&MAX_DELTA.to_string());
-                } else {
-                    out.push_str(arg);
-                }
+    for (name, arg) in cc {
+        if name == "proxy-revalidate" {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(name);
+        if let Some(arg) = arg {
+            out.push('=');
+            let digits = arg.trim_matches('"');
+            let huge = (name == "max-age" || name == "s-maxage")
+                && !digits.is_empty()
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && digits
+                    .parse::<u64>()
+                    .map_or(true, |n| n > u64::from(DELTA_SECONDS_MAX));
+            if huge {
+                out.push_str(&DELTA_SECONDS_MAX.to_string());
+            } else {
+                out.push_str(arg);
             }
         }
     }
-    // obs-text as `?`: a `HeaderValue` made from text is visible ASCII.
-    let out: String = out
-        .chars()
-        .map(|c| if c.is_ascii() { c } else { '?' })
-        .collect();
-    any.then(|| HeaderValue::try_from(out).ok()).flatten()
+    HeaderValue::try_from(out).ok()
 }
 
 /// The layer's defaults for responses whose origin says nothing.
@@ -136,7 +144,8 @@ pub(crate) fn decide(
         Ok(s) => s,
         Err(()) => return Decision::Pass("vary-star"),
     };
-    let d = directives(&res.headers);
+    let cc = cache_control(&res.headers);
+    let d = directives(&cc, &res.headers);
     if d.no_store {
         return Decision::Pass("no-store");
     }
@@ -150,7 +159,12 @@ pub(crate) fn decide(
         immutable_min_time_to_live: Duration::ZERO,
         ignore_cargo_cult: false,
     };
-    let policy = match policy_cache_control(&res.headers) {
+    let normalized = res
+        .headers
+        .contains_key(header::CACHE_CONTROL)
+        .then(|| policy_cache_control(&cc))
+        .flatten();
+    let policy = match normalized {
         Some(cc) => {
             let (mut parts, ()) = http::Response::new(()).into_parts();
             parts.status = res.status;

@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use super::body::{buffer, Buffered, ResponseBody};
 use super::cache_status::{self, CACHE_STATUS};
-use super::freshness::{decide, Decision};
+use super::freshness::{decide, Decision, DELTA_SECONDS_MAX};
 use super::key::{url_slot, user_slot, variant_of};
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse};
@@ -526,7 +526,7 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
         None => (u64::from(stored.origin_age), None),
     };
     // RFC 9111 section 5.1: an Age too large to hold is sent as 2^31.
-    let age = age.min(1 << 31);
+    let age = age.min(u64::from(DELTA_SECONDS_MAX));
     let cs = match detail {
         None => cache_status::for_status_memo(&opts.name, served.status, ttl),
         Some(_) => cache_status::for_status(&opts.name, served.status, ttl, detail),

@@ -7,6 +7,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use super::freshness::DELTA_SECONDS_MAX;
 use crate::entry::decimal;
 
 /// A stored response.
@@ -57,8 +58,10 @@ impl StoredResponse {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            // RFC 9111 section 1.2.2: a delta-seconds too large to hold is 2^31.
-            .map_or(0, |v| v.parse::<u32>().map_or(1 << 31, |n| n.min(1 << 31)));
+            .map_or(0, |v| {
+                v.parse::<u32>()
+                    .map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX))
+            });
         // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
         let named: Vec<String> = headers
             .get_all(header::CONNECTION)
