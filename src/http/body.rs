@@ -51,13 +51,6 @@ impl<B> ResponseBody<B> {
     }
 }
 
-/// A whole body, for a response a caller makes itself (a middleware's own 400, say).
-impl<B> From<Bytes> for ResponseBody<B> {
-    fn from(data: Bytes) -> Self {
-        ResponseBody::full(data)
-    }
-}
-
 impl<B> std::fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ResponseBody")
