@@ -514,6 +514,13 @@ async fn a_stale_entry_is_revalidated_with_its_validators() {
         (StatusCode::OK, &b"original body"[..])
     );
     assert!(g.cs().contains("stored"), "{}", g.cs());
+    // RFC 9211: forwarded because the entry was stale, and the origin's 304.
+    assert!(
+        g.cs()
+            .contains("; fwd=stale; fwd-status=304; stored; ttl=60"),
+        "{}",
+        g.cs()
+    );
     assert_eq!(origin.calls(), 2);
     assert!(origin.seen.lock().unwrap()[1]
         .1

@@ -102,6 +102,16 @@ pub(crate) fn bypass(name: &str, detail: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
 }
 
+/// A stale entry's revalidation, stored: `fwd=stale` (RFC 9211 section 2.2) with the origin's
+/// status, 304 when it only freshened the entry.
+pub(crate) fn revalidated(name: &str, fwd_status: u16, ttl: Option<i64>) -> HeaderValue {
+    let ttl = ttl.map(|t| format!("; ttl={t}")).unwrap_or_default();
+    HeaderValue::try_from(format!(
+        "{name}; fwd=stale; fwd-status={fwd_status}; stored{ttl}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
+}
+
 /// For error responses the cache generated or relayed.
 pub(crate) fn error(name: &str, fwd_status: Option<u16>, detail: &str) -> HeaderValue {
     let fs = fwd_status

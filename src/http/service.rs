@@ -87,6 +87,7 @@ where
             side: Mutex::new(SideState {
                 own: None,
                 detail: None,
+                revalidated: None,
             }),
             shared,
         });
@@ -259,6 +260,8 @@ struct SideState<B> {
     /// large to buffer, a passed response (with its `Set-Cookie`), the origin's own 5xx.
     own: Option<Response<ResponseBody<B>>>,
     detail: Option<&'static str>,
+    /// This request's fill revalidated a stale entry, and the origin answered with this status.
+    revalidated: Option<StatusCode>,
 }
 
 type Side<B> = Mutex<SideState<B>>;
@@ -422,6 +425,9 @@ where
         .map_err(Into::into)?;
     let res = inner.call(req).await.map_err(Into::into)?;
     let (rparts, body) = res.into_parts();
+    if prev.is_some() {
+        lock(side).revalidated = Some(rparts.status);
+    }
 
     if rparts.status == StatusCode::NOT_MODIFIED {
         if let Some(ps) = prev_stored {
@@ -504,7 +510,10 @@ fn own<B>(side: &Side<B>, detail: &'static str, res: Response<ResponseBody<B>>) 
 
 fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<ResponseBody<B>> {
     let (req, side, conditional) = (&state.parts, &state.side, state.conditional);
-    let detail = lock(side).detail;
+    let (detail, revalidated) = {
+        let s = lock(side);
+        (s.detail, s.revalidated)
+    };
     // Our own fill ran and its response is ours alone (passed, too large, or while the store
     // is down).
     if matches!(served.status, Status::Passed | Status::Bypass) {
@@ -527,9 +536,12 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
     };
     // RFC 9111 section 5.1: an Age too large to hold is sent as 2^31.
     let age = age.min(u64::from(DELTA_SECONDS_MAX));
-    let cs = match detail {
-        None => cache_status::for_status_memo(&opts.name, served.status, ttl),
-        Some(_) => cache_status::for_status(&opts.name, served.status, ttl, detail),
+    let cs = match (detail, revalidated) {
+        (_, Some(code)) if served.status == Status::Stored => {
+            cache_status::revalidated(&opts.name, code.as_u16(), ttl)
+        }
+        (None, _) => cache_status::for_status_memo(&opts.name, served.status, ttl),
+        (Some(_), _) => cache_status::for_status(&opts.name, served.status, ttl, detail),
     };
     let StoredResponse {
         status,
