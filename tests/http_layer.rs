@@ -1175,3 +1175,63 @@ async fn an_ambiguous_host_is_never_keyed_and_an_empty_query_is_its_own_url() {
     assert_eq!(&g.body[..], b" 6", "{}", g.cs());
     assert_eq!(origin.calls(), 6);
 }
+
+/// An origin behind caches of its own: their `Cache-Status` members (two lines here) stay, in
+/// order, and ours goes last (RFC 9211 section 2), on stored, remembered, large, 304, passed,
+/// bypassed and relayed error responses alike.
+#[tokio::test(start_paused = true)]
+async fn an_earlier_caches_cache_status_is_kept_before_ours() {
+    let big = "x".repeat(20_000);
+    let origin = Origin::new(ms(1), move |req, _| {
+        let (cc, body, status) = match req.uri().path() {
+            "/big" => ("max-age=60", big.clone(), StatusCode::OK),
+            "/private" => ("no-store", "p".to_string(), StatusCode::OK),
+            "/fail" => ("", "down".to_string(), StatusCode::SERVICE_UNAVAILABLE),
+            _ => ("max-age=60", "small".to_string(), StatusCode::OK),
+        };
+        let mut r = ok(cc, body);
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.append("cache-status", "edge; hit".parse().unwrap());
+        h.append("cache-status", "shield; fwd=miss".parse().unwrap());
+        h.insert(header::ETAG, "\"v1\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let one = |g: &Got| {
+        assert_eq!(g.headers.get_all("cache-status").iter().count(), 1);
+        g.cs()
+    };
+    let up = "edge; hit, shield; fwd=miss, tower-stampede; ";
+    for path in ["/small", "/big"] {
+        let u = format!("http://a.test{path}");
+        let g = send(&svc, get(&u)).await;
+        assert_eq!(one(&g), format!("{up}fwd=uri-miss; stored; ttl=60"));
+        // Noted, kept, then answered from the memo (the large value is decoded every time).
+        for _ in 0..3 {
+            let g = send(&svc, get(&u)).await;
+            assert!(one(&g).starts_with(&format!("{up}hit; ttl=")), "{}", g.cs());
+        }
+        let mut req = get(&u);
+        req.headers_mut()
+            .insert(header::IF_NONE_MATCH, "\"v1\"".parse().unwrap());
+        let g = send(&svc, req).await;
+        assert_eq!(g.status, StatusCode::NOT_MODIFIED);
+        assert!(one(&g).starts_with(&format!("{up}hit; ttl=")), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 2);
+
+    let g = send(&svc, get("http://a.test/private")).await;
+    assert_eq!(one(&g), format!("{up}fwd=uri-miss; detail=no-store"));
+    let post = Request::post("http://a.test/small")
+        .body(Full::default())
+        .unwrap();
+    let g = send(&svc, post).await;
+    assert_eq!(one(&g), format!("{up}fwd=bypass; detail=method"));
+    let g = send(&svc, get("http://a.test/fail")).await;
+    assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        one(&g),
+        format!("{up}fwd=uri-miss; fwd-status=503; detail=origin-error")
+    );
+}

@@ -1,12 +1,42 @@
 //! `Cache-Status` (RFC 9211) values.
 
-use http::HeaderValue;
+use http::header::Entry;
+use http::{HeaderMap, HeaderValue};
 
 use crate::engine::{StaleReason, Status};
 use crate::entry::decimal;
 
 /// The header name.
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+
+/// Sets `ours` as the response's `Cache-Status`, after any members already there: RFC 9211
+/// section 2 asks a cache adding its member to keep the existing value, so the whole chain of
+/// caches can be read (the one nearest the origin first). Empty values (the placeholders of a
+/// remembered hit) are not members. The common case, no earlier cache, costs one lookup.
+pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
+    let mut e = match headers.entry(CACHE_STATUS) {
+        Entry::Vacant(e) => {
+            e.insert(ours);
+            return;
+        }
+        Entry::Occupied(e) => e,
+    };
+    let mut chain = Vec::new();
+    for v in e.iter().filter(|v| !v.is_empty()) {
+        chain.extend_from_slice(v.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    let value = if chain.is_empty() {
+        ours
+    } else {
+        chain.extend_from_slice(ours.as_bytes());
+        // Valid field values joined by ", ": this cannot fail, and would fall back to our own
+        // member alone.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).unwrap_or(ours)
+    };
+    // Replaces every line of the field.
+    e.insert(value);
+}
 
 /// Makes a cache name safe as an sf-token.
 pub(crate) fn sanitize_name(name: &str) -> String {

@@ -324,9 +324,7 @@ where
         }
     }
     let (mut parts, body) = res.into_parts();
-    parts
-        .headers
-        .insert(CACHE_STATUS, cache_status::bypass(&opts.name, detail));
+    cache_status::add(&mut parts.headers, cache_status::bypass(&opts.name, detail));
     Ok(Response::from_parts(
         parts,
         ResponseBody::stream(VecDeque::new(), Box::pin(body)),
@@ -560,7 +558,7 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
     } else {
         headers.remove(header::AGE);
     }
-    headers.insert(CACHE_STATUS, cs);
+    cache_status::add(&mut headers, cs);
 
     if status == StatusCode::OK && conditional && not_modified(&req.headers, &headers) {
         let mut res = Response::new(ResponseBody::empty());
@@ -653,8 +651,9 @@ fn fingerprint(v: &[u8]) -> u64 {
 
 /// The stored response in `value`, decoded once per thread while the same value keeps being
 /// served (a hot key), else decoded afresh. Its headers may hold placeholder `Age` and
-/// `Cache-Status` values, for the caller to replace: a clone of a `HeaderMap` has no spare room,
-/// and adding two names to it would grow it on every hit.
+/// `Cache-Status` values (empty; an earlier cache's stored `Cache-Status` is kept instead), for
+/// the caller to replace: a clone of a `HeaderMap` has no spare room, and adding two names to it
+/// would grow it on every hit.
 ///
 /// A hot entry's buffer is shared by every request serving it, on every thread, and each clone
 /// or drop of a slice of it is an atomic on one contended cache line (measured: 11% of a hit on
@@ -695,8 +694,14 @@ fn decoded(value: Bytes) -> Option<StoredResponse> {
 fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
     let copy = Bytes::copy_from_slice(value);
     let mut stored = StoredResponse::decode(&copy)?;
-    for name in [header::AGE, CACHE_STATUS] {
-        stored.headers.insert(name, HeaderValue::from_static(""));
+    stored
+        .headers
+        .insert(header::AGE, HeaderValue::from_static(""));
+    // An earlier cache's `Cache-Status`, stored with the response, stays: ours goes after it.
+    if !stored.headers.contains_key(CACHE_STATUS) {
+        stored
+            .headers
+            .insert(CACHE_STATUS, HeaderValue::from_static(""));
     }
     Some((copy, stored))
 }
@@ -815,7 +820,7 @@ fn finish_own<B>(
     cs: HeaderValue,
     req: &Parts,
 ) -> Response<ResponseBody<B>> {
-    res.headers_mut().insert(CACHE_STATUS, cs);
+    cache_status::add(res.headers_mut(), cs);
     if req.method == Method::HEAD {
         let (parts, _) = res.into_parts();
         return Response::from_parts(parts, ResponseBody::empty());

@@ -40,7 +40,6 @@ fn skip_on_store(name: &HeaderName) -> bool {
         || name == header::AGE
         || name == header::CONTENT_LENGTH
         || name == header::SET_COOKIE
-        || name.as_str() == "cache-status"
 }
 
 /// A header value holding `n` in decimal, in one exact-size allocation (`HeaderValue::from(u64)`
