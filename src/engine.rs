@@ -887,6 +887,7 @@ impl Stampede {
     {
         metrics::counter!("stampede_pass_total").increment(1);
         let started = Instant::now();
+        let fill = move |prev| PASSING.scope((), fill(prev));
         match call_fill(fill, None, self.inner.cfg.fill_timeout).await {
             FillRun::Done(Ok(Fill::Store {
                 value,
@@ -1766,6 +1767,20 @@ enum FillRun {
     Done(Result<Fill, BoxError>),
     Panicked,
     TimedOut,
+}
+
+tokio::task_local! {
+    /// Set while a fill runs for a key that is not cacheable (see [`fill_is_pass`]).
+    static PASSING: ();
+}
+
+/// Whether the fill now running was called because its key is not cacheable: a pass marker
+/// was found, or the fill this caller waited on ended in one. Its result goes to its caller
+/// alone (only a `Fill::Store` may still be stored: hit-for-miss), so it may do less than a
+/// shared fill would: the HTTP layer sends a `HEAD` as `HEAD` instead of fetching the body.
+/// `false` outside such a fill.
+pub(crate) fn fill_is_pass() -> bool {
+    PASSING.try_with(|_| ()).is_ok()
 }
 
 /// Runs a fill in its own task (a panic there cannot take the flight down), bounded by

@@ -1235,3 +1235,83 @@ async fn an_earlier_caches_cache_status_is_kept_before_ours() {
         format!("{up}fwd=uri-miss; fwd-status=503; detail=origin-error")
     );
 }
+
+/// A HEAD on a URL already known to be uncacheable (a pass marker) goes upstream as HEAD: nobody
+/// else gets its response, so a GET would fetch a body only to drop it. A HEAD response is never
+/// stored, even when it says the URL turned cacheable: the GET after it still gets the body and
+/// stores it. A HEAD on a cold URL stays a GET (the entry serves both), and an origin error on a
+/// passed HEAD is relayed.
+#[tokio::test(start_paused = true)]
+async fn a_head_on_an_uncacheable_url_goes_upstream_as_head() {
+    let origin = Origin::new(ms(1), |req, n| {
+        let cc = match req.uri().path() {
+            "/fails" => "no-store",
+            _ if n >= 3 => "max-age=60",
+            _ => "no-store",
+        };
+        let mut r = if req.method() == Method::HEAD {
+            ok(cc, "")
+        } else {
+            ok(cc, format!("body {n}"))
+        };
+        if req.uri().path() == "/fails" && req.method() == Method::HEAD {
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        }
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, "6".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let head = |u: &str| Request::head(u).body(Full::default()).unwrap();
+    let methods = |o: &Origin| -> Vec<Method> {
+        o.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
+    };
+    let u = "http://a.test/p";
+
+    // Call 1, a HEAD on a cold URL: sent as GET; its no-store sets the pass marker.
+    let g = send(&svc, head(u)).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
+    assert_eq!(g.cs(), "tower-stampede; fwd=uri-miss; detail=no-store");
+    // Call 2: the pass marker is there, so the HEAD goes as HEAD.
+    let g = send(&svc, head(u)).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
+    assert_eq!(g.headers.get(header::CONTENT_LENGTH).unwrap(), "6");
+    assert_eq!(g.cs(), "tower-stampede; fwd=uri-miss; detail=no-store");
+    // Call 3: the HEAD says max-age=60 now, and is still not stored.
+    let g = send(&svc, head(u)).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
+    assert_eq!(g.cs(), "tower-stampede; fwd=uri-miss; detail=head");
+    // Call 4, a GET: still a pass-marked URL; it stores (hit-for-miss), with its body.
+    let g = send(&svc, get(u)).await;
+    assert_eq!(&g.body[..], b"body 4");
+    assert!(g.cs().ends_with("; stored; ttl=60"), "{}", g.cs());
+    let g = send(&svc, get(u)).await;
+    assert_eq!(&g.body[..], b"body 4");
+    assert!(g.cs().contains("; hit; ttl="), "{}", g.cs());
+    let g = send(&svc, head(u)).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
+    assert!(g.cs().contains("; hit; ttl="), "{}", g.cs());
+    assert_eq!(
+        methods(&origin),
+        [Method::GET, Method::HEAD, Method::HEAD, Method::GET]
+    );
+
+    // A passed HEAD whose origin fails: its status, relayed.
+    let f = "http://a.test/fails";
+    send(&svc, get(f)).await;
+    let g = send(&svc, head(f)).await;
+    assert_eq!(
+        (g.status, g.body.len()),
+        (StatusCode::SERVICE_UNAVAILABLE, 0)
+    );
+    assert_eq!(
+        g.cs(),
+        "tower-stampede; fwd=uri-miss; fwd-status=503; detail=origin-error"
+    );
+    assert_eq!(methods(&origin)[4..], [Method::GET, Method::HEAD]);
+}

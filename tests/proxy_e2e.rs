@@ -112,6 +112,8 @@ struct Upstream {
     abandoned: Arc<AtomicUsize>,
     /// Requests that arrived in HTTP/1.0.
     http10: Arc<AtomicUsize>,
+    /// Requests that arrived as HEAD.
+    heads: Arc<AtomicUsize>,
 }
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -173,6 +175,9 @@ impl Upstream {
                         let (req, body) = req.into_parts();
                         if req.version == http::Version::HTTP_10 {
                             this.http10.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if req.method == http::Method::HEAD {
+                            this.heads.fetch_add(1, Ordering::SeqCst);
                         }
                         let body = body.collect().await.map(|b| b.to_bytes());
                         this.bodies
@@ -315,6 +320,34 @@ async fn an_uncacheable_url_is_not_serialized() {
         100,
         "the upstream saw 100 requests at once"
     );
+}
+
+/// A HEAD on a URL known to be uncacheable goes upstream as HEAD; on a cold URL it is a GET,
+/// whose response fills the entry for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_goes_upstream_as_head_only_on_an_uncacheable_url() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &[]);
+    let c = client();
+    for (path, heads, calls) in [
+        ("/nocache?ms=1", 0, 1),
+        ("/nocache?ms=1", 1, 2),
+        ("/nocache?ms=1", 2, 3),
+        ("/cacheable?ms=1", 2, 4),
+        ("/cacheable?ms=1", 2, 4),
+    ] {
+        let (s, h, body) = send(&c, http::Method::HEAD, proxy.url(path)).await;
+        assert_eq!((s, body.len()), (StatusCode::OK, 0));
+        assert!(cache_status(&h).starts_with("tower-stampede; "), "{h:?}");
+        assert_eq!(
+            (up.heads.load(Ordering::SeqCst), up.calls()),
+            (heads, calls),
+            "HEAD {path}"
+        );
+    }
+    let (_, _, body) = send(&c, http::Method::GET, proxy.url("/cacheable?ms=1")).await;
+    assert_eq!(&body[..], b"call 4");
+    assert_eq!(up.calls(), 4);
 }
 
 async fn send(

@@ -398,8 +398,11 @@ where
     *policy_req.uri_mut() = parts.uri.clone();
     *policy_req.headers_mut() = headers.clone();
 
+    // HEAD becomes GET, so the entry serves both; but on a URL that is not cacheable nobody
+    // else gets this response, and a GET would fetch a body only to drop it.
+    let head_pass = parts.method == Method::HEAD && crate::engine::fill_is_pass();
     let mut req = Request::new(ReqB::default());
-    *req.method_mut() = Method::GET; // HEAD becomes GET: the entry serves both
+    *req.method_mut() = if head_pass { Method::HEAD } else { Method::GET };
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = headers;
@@ -462,6 +465,20 @@ where
     }
 
     let failed = rparts.status.is_server_error();
+    if head_pass {
+        // Never stored: a HEAD response has no body to serve a GET with.
+        let detail = match decide(&policy_req, &rparts, &opts.defaults) {
+            Decision::Pass(detail) => detail,
+            Decision::Store { .. } => "head",
+        };
+        let res = Response::from_parts(rparts, ResponseBody::empty());
+        if failed {
+            let failure = UpstreamFailure::of(res.status(), res.headers());
+            lock(side).own = Some(res);
+            return Err(failure);
+        }
+        return Ok(own(side, detail, res));
+    }
     match buffer(Box::pin(body), opts.max_body).await? {
         Buffered::Overflow { prefix, rest } => {
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
