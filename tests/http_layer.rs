@@ -48,6 +48,15 @@ impl Origin {
     fn peak(&self) -> usize {
         self.peak.load(Ordering::SeqCst)
     }
+    /// The methods of the requests it saw, in order.
+    fn methods(&self) -> Vec<Method> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
     fn service(
         &self,
     ) -> impl Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
@@ -1263,14 +1272,6 @@ async fn a_head_on_an_uncacheable_url_goes_upstream_as_head() {
     });
     let svc = StampedeLayer::in_memory().layer(origin.service());
     let head = |u: &str| Request::head(u).body(Full::default()).unwrap();
-    let methods = |o: &Origin| -> Vec<Method> {
-        o.seen
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(m, _)| m.clone())
-            .collect()
-    };
     let u = "http://a.test/p";
 
     // Call 1, a HEAD on a cold URL: sent as GET; its no-store sets the pass marker.
@@ -1297,7 +1298,7 @@ async fn a_head_on_an_uncacheable_url_goes_upstream_as_head() {
     assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
     assert!(g.cs().contains("; hit; ttl="), "{}", g.cs());
     assert_eq!(
-        methods(&origin),
+        origin.methods(),
         [Method::GET, Method::HEAD, Method::HEAD, Method::GET]
     );
 
@@ -1313,5 +1314,89 @@ async fn a_head_on_an_uncacheable_url_goes_upstream_as_head() {
         g.cs(),
         "tower-stampede; fwd=uri-miss; fwd-status=503; detail=origin-error"
     );
-    assert_eq!(methods(&origin)[4..], [Method::GET, Method::HEAD]);
+    assert_eq!(origin.methods()[4..], [Method::GET, Method::HEAD]);
+}
+
+/// An earlier cache's `Cache-Status` lines are trimmed, and a line that is not a well-formed
+/// list (a trailing comma, only spaces, an open string, bytes outside ASCII) is dropped, so it
+/// can neither swallow our member nor make a parser drop the whole field; on hits too.
+#[tokio::test(start_paused = true)]
+async fn a_malformed_earlier_cache_status_is_dropped_not_joined() {
+    let origin = Origin::new(ms(1), |req, _| {
+        let mut r = ok("max-age=60", "x");
+        let lines: &[&[u8]] = match req.uri().path() {
+            "/comma" => &[b"edge; hit,"],
+            "/space" => &[b" "],
+            "/quote" => &[b"edge; detail=\"open"],
+            "/latin1" => &[b"edge; detail=caf\xe9"],
+            _ => &[b"  edge; hit  ", b"a, b,", b"cdn; detail=\"x, y\""],
+        };
+        for l in lines {
+            r.headers_mut()
+                .append("cache-status", http::HeaderValue::from_bytes(l).unwrap());
+        }
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    for (path, earlier) in [
+        ("/comma", ""),
+        ("/space", ""),
+        ("/quote", ""),
+        ("/latin1", ""),
+        ("/mixed", "edge; hit, cdn; detail=\"x, y\", "),
+    ] {
+        let u = format!("http://a.test{path}");
+        let g = send(&svc, get(&u)).await;
+        assert_eq!(
+            g.cs(),
+            format!("{earlier}tower-stampede; fwd=uri-miss; stored; ttl=60")
+        );
+        for _ in 0..3 {
+            let g = send(&svc, get(&u)).await;
+            let want = format!("{earlier}tower-stampede; hit; ttl=");
+            assert!(g.cs().starts_with(&want), "{path}: {}", g.cs());
+        }
+    }
+}
+
+/// The flag that sends a passed HEAD upstream as HEAD is the outer layer's alone: behind it, an
+/// inner layer that misses still fills with a GET and stores it (the flag is set only while the
+/// passed fill's own future is polled, and the inner layer's fill runs in a task of its own).
+#[tokio::test(start_paused = true)]
+async fn a_passed_head_does_not_make_an_inner_layers_fill_a_head() {
+    let origin = Origin::new(ms(1), |req, n| {
+        let body = if req.method() == Method::HEAD {
+            String::new()
+        } else {
+            format!("body {n}")
+        };
+        ok("", body)
+    });
+    // No Cache-Control: the inner layer stores for its default 1 s, the outer one passes.
+    let inner = StampedeLayer::in_memory()
+        .cache_name("inner")
+        .default_ttl(Duration::from_secs(1))
+        .stale_while_revalidate(Duration::ZERO)
+        .layer(origin.service());
+    let outer = StampedeLayer::in_memory().cache_name("outer").layer(inner);
+    let u = "http://a.test/n";
+    let g = send(&outer, get(u)).await;
+    assert_eq!(
+        g.cs(),
+        "inner; fwd=uri-miss; stored; ttl=1, outer; fwd=uri-miss; detail=no-ttl"
+    );
+    // The inner entry expires; the outer pass marker (5 s) stays.
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let head = Request::head(u).body(Full::default()).unwrap();
+    let g = send(&outer, head).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 0));
+    assert!(
+        g.cs().starts_with("inner; fwd=uri-miss; stored"),
+        "{}",
+        g.cs()
+    );
+    let g = send(&outer, get(u)).await;
+    assert_eq!(&g.body[..], b"body 2");
+    assert!(g.cs().starts_with("inner; hit"), "{}", g.cs());
+    assert_eq!(origin.methods(), [Method::GET, Method::GET]);
 }

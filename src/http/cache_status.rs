@@ -9,10 +9,12 @@ use crate::entry::decimal;
 /// The header name.
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
 
-/// Sets `ours` as the response's `Cache-Status`, after any members already there: RFC 9211
+/// Sets `ours` as the response's `Cache-Status`, after the members already there: RFC 9211
 /// section 2 asks a cache adding its member to keep the existing value, so the whole chain of
-/// caches can be read (the one nearest the origin first). Empty values (the placeholders of a
-/// remembered hit) are not members. The common case, no earlier cache, costs one lookup.
+/// caches can be read (the one nearest the origin first). Earlier lines are trimmed, and those
+/// that are not [`well_formed`] are dropped (as are the empty placeholders of a remembered hit),
+/// so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
+/// earlier cache, costs one lookup.
 pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
     let mut e = match headers.entry(CACHE_STATUS) {
         Entry::Vacant(e) => {
@@ -21,21 +23,60 @@ pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
         }
         Entry::Occupied(e) => e,
     };
-    let mut chain = Vec::new();
-    for v in e.iter().filter(|v| !v.is_empty()) {
-        chain.extend_from_slice(v.as_bytes());
-        chain.extend_from_slice(b", ");
-    }
-    let value = if chain.is_empty() {
-        ours
-    } else {
-        chain.extend_from_slice(ours.as_bytes());
-        // Valid field values joined by ", ": this cannot fail, and would fall back to our own
-        // member alone.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).unwrap_or(ours)
+    let value = {
+        let earlier = || {
+            e.iter()
+                .map(|v| v.as_bytes().trim_ascii())
+                .filter(|v| well_formed(v))
+        };
+        let len: usize = earlier().map(|v| v.len() + 2).sum();
+        if len == 0 {
+            ours
+        } else {
+            let mut chain = Vec::with_capacity(len + ours.len());
+            for v in earlier() {
+                chain.extend_from_slice(v);
+                chain.extend_from_slice(b", ");
+            }
+            chain.extend_from_slice(ours.as_bytes());
+            // Visible ASCII and spaces only: this cannot fail, and would fall back to ours.
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).unwrap_or(ours)
+        }
     };
     // Replaces every line of the field.
     e.insert(value);
+}
+
+/// Whether one trimmed `Cache-Status` line reads as a list that a member of ours can follow:
+/// visible ASCII, SP and HTAB only, no empty member, every string and inner list closed. Not a
+/// full RFC 8941 parser, only what keeps the joined list's members apart.
+fn well_formed(v: &[u8]) -> bool {
+    let (mut quoted, mut escaped, mut depth, mut member) = (false, false, 0u32, false);
+    for &b in v {
+        if !(b == b'\t' || (b' '..=b'~').contains(&b)) {
+            return false;
+        }
+        if quoted {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => quoted = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => (quoted, member) = (true, true),
+            b'(' => (depth, member) = (depth + 1, true),
+            b')' if depth > 0 => depth -= 1,
+            b')' => return false,
+            b',' if depth > 0 || !member => return false,
+            b',' => member = false,
+            b' ' | b'\t' => {}
+            _ => member = true,
+        }
+    }
+    !quoted && depth == 0 && member
 }
 
 /// Makes a cache name safe as an sf-token.
@@ -200,6 +241,34 @@ mod tests {
                 for_status_memo(name, st, ttl),
                 for_status(name, st, ttl, None)
             );
+        }
+    }
+
+    #[test]
+    fn only_well_formed_earlier_values_are_kept() {
+        for ok in [
+            "edge; hit",
+            "edge; hit, cdn; fwd=miss; ttl=-3",
+            r#"edge; detail="a, b \" (c""#,
+            "(a b); x=1, c",
+            "a,\tb",
+        ] {
+            assert!(well_formed(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "edge; hit,",
+            ", edge",
+            "a,, b",
+            r#"edge; detail="open"#,
+            r#"edge; detail="esc\""#,
+            "(a b",
+            "a)",
+            "(a, b)",
+            "edge; detail=\u{e9}",
+            "a\u{7f}",
+        ] {
+            assert!(!well_formed(bad.as_bytes()), "{bad:?}");
         }
     }
 }
