@@ -1,6 +1,6 @@
 //! `Cache-Status` (RFC 9211) values.
 
-use http::header::Entry;
+use http::header::{Entry, OccupiedEntry};
 use http::{HeaderMap, HeaderValue};
 
 use crate::engine::{StaleReason, Status};
@@ -16,13 +16,22 @@ pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-
 /// so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
 /// earlier cache, costs one lookup.
 pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
-    let mut e = match headers.entry(CACHE_STATUS) {
+    match headers.entry(CACHE_STATUS) {
         Entry::Vacant(e) => {
             e.insert(ours);
-            return;
         }
-        Entry::Occupied(e) => e,
-    };
+        // A remembered hit's placeholder, alone: no earlier cache.
+        Entry::Occupied(mut e) if e.get().is_empty() && e.iter().nth(1).is_none() => {
+            e.insert(ours);
+        }
+        Entry::Occupied(e) => after_earlier(e, ours),
+    }
+}
+
+/// [`add`] with earlier lines: ours after those that are well formed, in one value that replaces
+/// every line of the field.
+#[cold]
+fn after_earlier(mut e: OccupiedEntry<'_, HeaderValue>, ours: HeaderValue) {
     let value = {
         let earlier = || {
             e.iter()
@@ -43,7 +52,6 @@ pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
             HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).unwrap_or(ours)
         }
     };
-    // Replaces every line of the field.
     e.insert(value);
 }
 
