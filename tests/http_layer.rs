@@ -1400,3 +1400,87 @@ async fn a_passed_head_does_not_make_an_inner_layers_fill_a_head() {
     assert!(g.cs().starts_with("inner; hit"), "{}", g.cs());
     assert_eq!(origin.methods(), [Method::GET, Method::GET]);
 }
+
+/// RFC 9111 section 4.4: a successful unsafe request invalidates its target and the URIs in
+/// `Location` and `Content-Location` when they are of the target's origin (so a redirect after a
+/// POST reads the new state); never another origin's, never after an error status.
+#[tokio::test(start_paused = true)]
+async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_same_origin() {
+    // GETs are cacheable; a POST answers `/do?status=..&loc=..&cl=..` as told.
+    let origin = Origin::new(ms(1), |req, n| {
+        if req.method() == Method::GET {
+            return ok("max-age=60", format!("run {n}"));
+        }
+        let mut r = ok("", "done");
+        for pair in req.uri().query().unwrap_or("").split('&') {
+            match pair.split_once('=') {
+                Some(("status", v)) => *r.status_mut() = v.parse().unwrap(),
+                Some(("loc", v)) => {
+                    r.headers_mut().insert(header::LOCATION, v.parse().unwrap());
+                }
+                Some(("cl", v)) => {
+                    r.headers_mut()
+                        .insert(header::CONTENT_LOCATION, v.parse().unwrap());
+                }
+                _ => {}
+            }
+        }
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let urls = [
+        "http://a.test/item/1",
+        "http://a.test/item/2",
+        "http://a.test/item/3",
+        "http://a.test/item/4",
+        "http://other.test/item/1",
+    ];
+    // GETs every URL; the ones that were not hits (and are stored again now).
+    let refetched = |svc| async move {
+        let mut out = Vec::new();
+        for u in urls {
+            if !send(&svc, get(u)).await.cs().contains("; hit") {
+                out.push(u);
+            }
+        }
+        out
+    };
+    assert_eq!(refetched(svc.clone()).await, urls);
+    let post = |target: &str| {
+        Request::post(target)
+            .header(header::HOST, "a.test")
+            .body(Full::default())
+            .unwrap()
+    };
+    for (target, expect) in [
+        (
+            "http://a.test/do?status=303&loc=/item/1",
+            &["http://a.test/item/1"][..],
+        ),
+        (
+            "http://a.test/do?status=201&loc=http://A.test/item/2#new",
+            &["http://a.test/item/2"],
+        ),
+        ("http://a.test/do?cl=/item/3", &["http://a.test/item/3"]),
+        (
+            "http://a.test/do?status=303&loc=http://other.test/item/1",
+            &[],
+        ),
+        ("http://a.test/do?status=303&loc=https://a.test/item/4", &[]),
+        ("http://a.test/do?status=500&loc=/item/4", &[]),
+        ("http://a.test/do?status=303&loc=item/4", &[]),
+        // Origin-form, keyed with its Host: the host decides.
+        (
+            "/do?status=303&loc=http://a.test/item/4",
+            &["http://a.test/item/4"],
+        ),
+        (
+            "/do?status=303&loc=/item/1&cl=http://a.test:8080/item/2",
+            &["http://a.test/item/1"],
+        ),
+    ] {
+        let g = send(&svc, post(target)).await;
+        assert!(g.cs().contains("fwd=bypass; detail=method"), "{}", g.cs());
+        assert_eq!(refetched(svc.clone()).await, expect, "POST {target}");
+    }
+}

@@ -307,20 +307,31 @@ where
     ResB::Error: Into<BoxError>,
 {
     let opts = &shared.opts;
-    let invalidate = if opts.invalidate_on_unsafe && !req.method().is_safe() {
-        match &opts.key_fn {
-            Some(f) => f(&head_only(&req).into_parts().0).map(|k| user_slot(&k)),
-            None => Some(url_slot(req.uri(), req.headers().get(header::HOST))),
-        }
-    } else {
-        None
-    };
+    let unsafe_head = (opts.invalidate_on_unsafe && !req.method().is_safe())
+        .then(|| head_only(&req).into_parts().0);
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
     let res = inner.call(req).await?;
-    if let Some(slot) = invalidate {
+    if let Some(head) = unsafe_head {
         if res.status().is_success() || res.status().is_redirection() {
-            // Best effort: a failed invalidation leaves the entry to expire.
-            let _ = shared.engine.invalidate_slot(&slot).await;
+            // RFC 9111 section 4.4: the target URI, and the URIs in `Location` and
+            // `Content-Location` when they are of the target's origin (a redirect after a POST
+            // then reads the new state, not the stored one).
+            let mut slots: Vec<Digest> = slot_of(opts, &head).into_iter().collect();
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let same_origin = res.headers().get(name).and_then(|v| same_origin(&head, v));
+                if let Some(uri) = same_origin {
+                    let mut other = head.clone();
+                    other.uri = uri;
+                    match slot_of(opts, &other) {
+                        Some(slot) if !slots.contains(&slot) => slots.push(slot),
+                        _ => {}
+                    }
+                }
+            }
+            for slot in slots {
+                // Best effort: a failed invalidation leaves the entry to expire.
+                let _ = shared.engine.invalidate_slot(&slot).await;
+            }
         }
     }
     let (mut parts, body) = res.into_parts();
@@ -329,6 +340,47 @@ where
         parts,
         ResponseBody::stream(VecDeque::new(), Box::pin(body)),
     ))
+}
+
+/// The slot a request's URL is stored at, `None` when the key function bypasses it.
+fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
+    match &opts.key_fn {
+        Some(f) => f(head).map(|k| user_slot(&k)),
+        None => Some(url_slot(&head.uri, head.headers.get(header::HOST))),
+    }
+}
+
+/// A `Location` or `Content-Location` value as a URI of the request's origin, in the form of the
+/// request's own target (origin-form targets are keyed with their `Host`); `None` for another
+/// origin or for what it does not read: only absolute paths and absolute URIs, not relative
+/// references. Against an origin-form target, whose scheme this layer cannot know (TLS may end in
+/// front of it), the host and port decide.
+fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
+    let v = v.to_str().ok()?;
+    let v = v.split('#').next().unwrap_or_default().trim();
+    if v.starts_with('/') && !v.starts_with("//") {
+        let mut parts = head.uri.clone().into_parts();
+        parts.path_and_query = Some(v.parse().ok()?);
+        return http::Uri::from_parts(parts).ok();
+    }
+    let uri: http::Uri = v.parse().ok()?;
+    let (scheme, authority) = (uri.scheme_str()?, uri.authority()?.as_str());
+    let same = match head.uri.authority() {
+        Some(a) => {
+            scheme.eq_ignore_ascii_case(head.uri.scheme_str().unwrap_or("http"))
+                && authority.eq_ignore_ascii_case(a.as_str())
+        }
+        None => head
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(authority.as_bytes())),
+    };
+    if !same {
+        return None;
+    }
+    let mut parts = head.uri.clone().into_parts();
+    parts.path_and_query = uri.path_and_query().cloned();
+    http::Uri::from_parts(parts).ok()
 }
 
 /// Request headers of a shared fill: no conditionals and no `Range`, so the leader's request
