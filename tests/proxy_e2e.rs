@@ -764,6 +764,14 @@ type Heads = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 /// A hand-written upstream that keeps each request head as it arrived and answers `ok`,
 /// cacheable for 60 s.
 async fn recording_upstream() -> (SocketAddr, Heads) {
+    recording_upstream_answering(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await
+}
+
+/// [`recording_upstream`] answering every request with `res`.
+async fn recording_upstream_answering(res: &'static [u8]) -> (SocketAddr, Heads) {
     let heads = Heads::default();
     let seen = heads.clone();
     let addr = common::raw_server(move |mut s| {
@@ -772,8 +780,6 @@ async fn recording_upstream() -> (SocketAddr, Heads) {
             use tokio::io::AsyncWriteExt;
             while let Some(head) = read_head(&mut s).await {
                 seen.lock().unwrap().push(head);
-                let res =
-                    b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok";
                 if s.write_all(res).await.is_err() {
                     return;
                 }
@@ -795,6 +801,57 @@ fn values(head: &[u8], name: &str) -> Vec<String> {
                 .then(|| String::from_utf8_lossy(v[1..].trim_ascii()).into_owned())
         })
         .collect()
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1: the fixed ones and those `Connection` names) are
+/// stripped both ways: from the request before it goes upstream, and from the response whether
+/// it was fetched, stored and hit, or passed through for a POST. Others pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_both_ways() {
+    let (addr, heads) = recording_upstream_answering(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nConnection: x-resp-hop\r\n\
+          X-Resp-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+          X-Resp-Keep: 1\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    let request = |method: &str| {
+        format!(
+            "{method} /h HTTP/1.1\r\nHost: app.test\r\nConnection: close, x-req-hop\r\n\
+             X-Req-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\n\
+             TE: trailers\r\nX-Req-Keep: 1\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let mut statuses = Vec::new();
+    for method in ["GET", "GET", "POST"] {
+        let answer = exchange(&proxy, request(method)).await;
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a response head");
+        let head = head.as_bytes();
+        for hop in ["x-resp-hop", "keep-alive", "proxy-authenticate"] {
+            assert!(values(head, hop).is_empty(), "{method}: {hop} in\n{answer}");
+        }
+        // What the proxy says of its own connection to this client, nothing of the upstream's.
+        assert_eq!(values(head, "connection"), ["close"], "{answer}");
+        assert_eq!(values(head, "x-resp-keep"), ["1"], "{answer}");
+        assert_eq!(body, "ok");
+        statuses.push(values(head, "cache-status").concat());
+    }
+    assert!(statuses[0].contains("stored"), "{statuses:?}");
+    assert!(statuses[1].contains("; hit"), "{statuses:?}");
+    assert!(statuses[2].contains("detail=method"), "{statuses:?}");
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 2, "the GET fill and the POST");
+    for head in heads.iter() {
+        for hop in ["x-req-hop", "keep-alive", "proxy-authorization", "te"] {
+            assert!(
+                values(head, hop).is_empty(),
+                "{hop} went upstream:\n{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        assert!(!values(head, "connection").concat().contains("x-req-hop"));
+        assert_eq!(values(head, "x-req-keep"), ["1"]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1025,6 +1082,20 @@ mod with_redis {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigterm_finishes_the_fill_in_flight_and_leaves_no_lease() {
+        sigterm_with_a_fill_in_flight(true).await;
+    }
+
+    /// The fill of a client that has gone is not the connection's any more, only the engine's:
+    /// the proxy drains it on SIGTERM, so its entry is stored and its lease released rather than
+    /// left to expire.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_drains_a_fill_whose_client_has_gone() {
+        sigterm_with_a_fill_in_flight(false).await;
+    }
+
+    /// SIGTERM while a fill runs, its client still waiting for it or gone: the proxy exits by
+    /// itself, the entry is stored, and no lease is left behind.
+    async fn sigterm_with_a_fill_in_flight(client_stays: bool) {
         let redis = Server::redis();
         let up = Upstream::default();
         let addr = up.start().await;
@@ -1040,17 +1111,33 @@ mod with_redis {
         ];
         let mut a = Proxy::start(addr, &args);
         let c = client();
-        let first = in_flight(&up, &c, a.url("/slow?ms=1500")).await;
+        let first = if client_stays {
+            Some(in_flight(&up, &c, a.url("/slow?ms=1500")).await)
+        } else {
+            let gone = connect(&a, "GET /slow?ms=1500 HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while up.calls() == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the fill never reached the upstream"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            drop(gone);
+            None
+        };
         let killed = Command::new("kill")
             .args(["-TERM", &a.child.id().to_string()])
             .status()
             .unwrap();
         assert!(killed.success());
-        let (s, body) = first
-            .await
-            .unwrap()
-            .expect("the request in flight is answered");
-        assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+        if let Some(first) = first {
+            let (s, body) = first
+                .await
+                .unwrap()
+                .expect("the request in flight is answered");
+            assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+        }
         // The process exits by itself, successfully (the bound only keeps a hang from hanging
         // the suite).
         let deadline = Instant::now() + Duration::from_secs(30);
