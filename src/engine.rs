@@ -479,12 +479,13 @@ impl Stampede {
     /// stopped taking requests: running fills finish and their writes release their leases,
     /// instead of leaving them to expire.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout beyond what an instant can hold waits as long as it takes.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             if self.inner.flights.running() == 0 {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -145,6 +145,25 @@ impl Config {
 
     /// Checks the relations between knobs.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // Far beyond any sensible setting, and far inside what deadlines (`Instant + d`) and the
+        // sums below can hold without overflowing.
+        const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+        for (name, d) in [
+            ("lease", self.lease),
+            ("wait_timeout", self.wait_timeout),
+            ("fill_timeout", self.fill_timeout),
+            ("backend_timeout", self.backend_timeout),
+            ("pass_ttl", self.pass_ttl),
+            ("tombstone_ttl", self.tombstone_ttl),
+            ("backoff max", self.backoff.max),
+            ("breaker cooldown", self.breaker_cooldown),
+        ] {
+            if d > LONGEST {
+                return Err(ConfigError::new(format!(
+                    "{name} must be at most 100 years (got {d:?})"
+                )));
+            }
+        }
         let ms = Duration::from_millis(1);
         if self.lease < ms {
             return Err(ConfigError::new("lease must be at least 1 ms"));
@@ -191,6 +210,35 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    /// Durations too long for a deadline are a clear error, not an overflow panic.
+    #[test]
+    fn absurd_durations_are_refused_not_overflowed() {
+        let max = Duration::MAX;
+        let ms = Duration::from_millis(1);
+        let configs = [
+            Config::default().lease(max),
+            Config::default().wait_timeout(max),
+            Config::default().fill_timeout(max),
+            Config::default().backend_timeout(max),
+            Config::default().pass_ttl(max),
+            Config::default().tombstone_ttl(max),
+            Config::default().backoff(ms, max),
+            Config::default().backoff(max, max),
+            Config::default().breaker(1, max),
+        ];
+        for c in configs {
+            let e = c.validate().unwrap_err();
+            assert!(e.to_string().contains("at most 100 years"), "{e}");
+        }
+        // A century is still taken.
+        let century = Duration::from_secs(100 * 365 * 24 * 3600);
+        Config::default()
+            .wait_timeout(century)
+            .fill_timeout(century)
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -977,3 +977,30 @@ async fn failing_keys_do_not_grow_the_memory_store_past_its_budget() {
         mem.used_bytes()
     );
 }
+
+/// `drain` waits for running fills; a timeout too long for a deadline means "as long as it
+/// takes", not an overflow panic.
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_a_running_fill_even_without_a_usable_deadline() {
+    let engine = Stampede::new(MemoryBackend::default());
+    assert!(engine.drain(Duration::MAX).await, "nothing running");
+    let e = engine.clone();
+    let caller = tokio::spawn(async move {
+        e.get_or_fill("k", || async {
+            tokio::time::sleep(secs(3)).await;
+            Ok::<_, std::io::Error>(Fill::store("v", minute()))
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The caller goes away; its fill is the engine's now, and drain waits for it.
+    caller.abort();
+    assert!(engine.drain(Duration::MAX).await);
+    let served = engine
+        .get_or_fill("k", || async {
+            Ok::<_, std::io::Error>(Fill::store("other", minute()))
+        })
+        .await
+        .unwrap();
+    assert_eq!((&served.value[..], served.status), (&b"v"[..], Status::Hit));
+}

@@ -97,8 +97,9 @@ impl Drop for Proxy {
     }
 }
 
-/// The upstream: `/slow?ms=N` (cacheable for 60 s), `/nocache?ms=N` (`no-store`) and `/big`
-/// (endless, streamed), counting calls and the peak of concurrent calls.
+/// The upstream: `/slow?ms=N` (cacheable for 60 s), `/nocache?ms=N` (`no-store`), `/plain` (no
+/// `Cache-Control`) and `/big` (endless, streamed), counting calls and the peak of concurrent
+/// calls.
 #[derive(Clone, Default)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
@@ -215,17 +216,17 @@ impl Upstream {
                                 }
                                 .boxed(),
                             ),
+                            "/plain" => ("", Full::new(Bytes::from(format!("call {n}"))).boxed()),
                             _ => (
                                 "max-age=60",
                                 Full::new(Bytes::from(format!("call {n}"))).boxed(),
                             ),
                         };
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .header("cache-control", cc)
-                                .body(body)
-                                .unwrap(),
-                        )
+                        let mut res = Response::builder();
+                        if !cc.is_empty() {
+                            res = res.header("cache-control", cc);
+                        }
+                        Ok::<_, Infallible>(res.body(body).unwrap())
                     }
                 });
                 tokio::spawn(async move {
@@ -517,6 +518,91 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         1,
         "the admin endpoints never reach the upstream"
     );
+}
+
+/// The tuning flags reach the layer, from the command line or the environment: `--ttl` caches
+/// what the origin gives no freshness (without it, `no-ttl`), and `--max-body` streams a larger
+/// body through uncached, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tuning_flags_reach_the_layer() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let c = client();
+    let plain = Proxy::start(addr, &[]);
+    for _ in 0..2 {
+        let (_, h, _) = send(&c, http::Method::GET, plain.url("/plain?ms=1")).await;
+        assert!(cache_status(&h).ends_with("detail=no-ttl"), "{h:?}");
+    }
+    assert_eq!(up.calls(), 2);
+    let upstream = format!("http://{addr}");
+    let tuned = Proxy::spawn(
+        &["--max-body", "4"],
+        &[("STAMPEDE_UPSTREAM", &upstream), ("STAMPEDE_TTL", "60s")],
+    );
+    let (_, h, body) = send(&c, http::Method::GET, tuned.url("/plain?ms=1")).await;
+    assert_eq!(&body[..], b"call 3", "{h:?}");
+    assert!(cache_status(&h).contains("too-large"), "{h:?}");
+    let (_, h, body) = send(&c, http::Method::GET, tuned.url("/plain?ms=1")).await;
+    assert_eq!(&body[..], b"call 4", "too large to store: {h:?}");
+    let fits = Proxy::spawn(
+        &["--max-body", "1k", "--upstream", &upstream, "--ttl", "60s"],
+        &[],
+    );
+    for want in ["stored", "; hit"] {
+        let (_, h, body) = send(&c, http::Method::GET, fits.url("/plain?ms=1")).await;
+        assert_eq!(&body[..], b"call 5");
+        assert!(cache_status(&h).contains(want), "{h:?}");
+    }
+    assert_eq!(up.calls(), 5);
+}
+
+/// Values that cannot work are refused at start with a message that names them (exit code 2
+/// from the argument parser, 1 from the engine's checks), never a panic, never a proxy that
+/// runs on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_flag_values_are_refused_at_start() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["--ttl", "soon"], "--ttl"),
+        (&["--max-body", "1.5m"], "expected a size"),
+        (&["--max-body", "99999999999999999999g"], "expected a size"),
+        (&["--backoff", "10ms"], "expected MIN..MAX"),
+        (&["--backoff", "500ms..10ms"], "min <= max"),
+        (
+            &["--backoff", "1ms..18446744073709551615s"],
+            "at most 100 years",
+        ),
+        (
+            &["--lease", "10s", "--wait-timeout", "5s"],
+            "must exceed lease",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut child = Command::new(proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--upstream", "http://127.0.0.1:9"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn caching_proxy");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?}: the proxy started instead of refusing");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?}: {status}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
