@@ -5,7 +5,7 @@ mod common;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,11 +23,42 @@ fn proxy_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("examples").join("caching_proxy");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds the examples first (run the README's test command)",
-        bin.display()
-    );
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} is missing: `cargo test` builds the examples first (run the README's test \
+                 command)",
+                bin.display()
+            )
+        });
+    // `cargo test --test proxy_e2e` alone does not rebuild the example: never test an old one.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = vec![
+        root.join("Cargo.toml"),
+        root.join("examples/caching_proxy.rs"),
+    ];
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                sources.push(path);
+            }
+        }
+    }
+    for src in sources {
+        let changed = std::fs::metadata(&src).and_then(|m| m.modified());
+        assert!(
+            changed.map_or(true, |t| t <= built),
+            "{} is older than {}: run `cargo build --all-features --examples` (or the README's \
+             test command) first",
+            bin.display(),
+            src.display()
+        );
+    }
     bin
 }
 
