@@ -146,6 +146,8 @@ struct Upstream {
     http10: Arc<AtomicUsize>,
     /// Requests that arrived as HEAD.
     heads: Arc<AtomicUsize>,
+    /// While set, every answer is a 500.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -254,6 +256,10 @@ impl Upstream {
                             ),
                         };
                         let mut res = Response::builder();
+                        if this.failing.load(Ordering::SeqCst) {
+                            let down = Full::new(Bytes::from_static(b"down")).boxed();
+                            return Ok(res.status(500).body(down).unwrap());
+                        }
                         if !cc.is_empty() {
                             res = res.header("cache-control", cc);
                         }
@@ -585,6 +591,44 @@ async fn tuning_flags_reach_the_layer() {
         assert!(cache_status(&h).contains(want), "{h:?}");
     }
     assert_eq!(up.calls(), 5);
+}
+
+/// `--swr` and `--sie` reach the layer too: past `--ttl`, with `--swr` a stale copy is served at
+/// once while one refresh runs; with `--sie` and the origin failing, it is served instead of the
+/// 500. Without them the 500 goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_flags_reach_the_layer() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let c = client();
+    let swr = Proxy::start(addr, &["--ttl", "1s", "--swr", "60s"]);
+    let sie = Proxy::start(addr, &["--ttl", "1s", "--sie", "60s"]);
+    let strict = Proxy::start(addr, &["--ttl", "1s"]);
+    for p in [&swr, &sie, &strict] {
+        let (_, h, _) = send(&c, http::Method::GET, p.url("/plain?ms=1")).await;
+        assert!(cache_status(&h).contains("stored"), "{h:?}");
+    }
+    assert_eq!(up.calls(), 3);
+    // Past the TTL (the entries are a second fresh).
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let (_, h, body) = send(&c, http::Method::GET, swr.url("/plain?ms=1")).await;
+    assert_eq!(&body[..], b"call 1");
+    assert!(cache_status(&h).contains("stale-while-revalidate"), "{h:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.calls() < 4 {
+        assert!(Instant::now() < deadline, "no background refresh");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    up.failing.store(true, Ordering::SeqCst);
+    let (s, h, body) = send(&c, http::Method::GET, sie.url("/plain?ms=1")).await;
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 2"[..]), "{h:?}");
+    assert!(cache_status(&h).contains("stale-if-error"), "{h:?}");
+    let (s, _, body) = send(&c, http::Method::GET, strict.url("/plain?ms=1")).await;
+    assert_eq!(
+        (s, &body[..]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &b"down"[..])
+    );
+    assert_eq!(up.calls(), 6);
 }
 
 /// Values that cannot work are refused at start with a message that names them (exit code 2
@@ -1185,6 +1229,19 @@ mod with_redis {
             "B served its kept copy after A's POST invalidated the URL"
         );
         assert_eq!(up.calls(), 3);
+    }
+
+    /// `--prefix` names every key the proxy writes; the default prefix is then unused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_prefix_flag_names_the_keys_in_redis() {
+        let redis = Server::redis();
+        let up = Upstream::default();
+        let store = redis.url();
+        let p = Proxy::start(up.start().await, &["--store", &store, "--prefix", "myapp:"]);
+        let (_, h, _) = send(&client(), http::Method::GET, p.url("/slow?ms=1")).await;
+        assert!(cache_status(&h).contains("stored"), "{h:?}");
+        assert_ne!(redis.raw("KEYS myapp:*"), "*0\r\n");
+        assert_eq!(redis.raw("KEYS ts:*"), "*0\r\n");
     }
 
     /// `GET`s the server has run (`INFO commandstats`).
