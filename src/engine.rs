@@ -1193,7 +1193,9 @@ impl Stampede {
                             }
                         }
                     }
-                    let step = backoff.next_step().min(remaining + jitter(cfg.backoff.min));
+                    let step = backoff
+                        .next_step()
+                        .min(remaining.saturating_add(jitter(cfg.backoff.min)));
                     let wake = (Instant::now() + step).min(deadline);
                     let signal = match sub.as_mut() {
                         Some(s) => tokio::select! {

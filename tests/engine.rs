@@ -127,6 +127,9 @@ struct Gate {
     hook: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     /// Every `extend` fails (and is counted) when set.
     fail_extends: Option<Counter>,
+    /// Every `try_acquire` finds the lease held for `Duration::MAX` (and is counted) when set: a
+    /// backend of someone else's may report any remaining time.
+    held_forever: Option<Counter>,
     /// Counts every `fetch`, and those that asked for a variant too.
     fetches: Counter,
     variant_fetches: Counter,
@@ -153,6 +156,14 @@ impl Backend for Gate {
         ttl: Duration,
         seen: u64,
     ) -> BoxFuture<'a, BackendResult<Acquire>> {
+        if let Some(n) = &self.held_forever {
+            n.inc();
+            return Box::pin(async {
+                Ok(Acquire::Held {
+                    remaining: Duration::MAX,
+                })
+            });
+        }
         let hook = self.hook.lock().unwrap().take();
         Box::pin(async move {
             if let Some(h) = hook {
@@ -209,6 +220,7 @@ async fn a_varying_hit_is_one_fetch_once_its_selector_is_known() {
             inner: MemoryBackend::default(),
             hook: Mutex::new(None),
             fail_extends: None,
+            held_forever: None,
             fetches: fetches.clone(),
             variant_fetches: variant_fetches.clone(),
         },
@@ -269,6 +281,7 @@ async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
     let gate = Gate {
         inner: mem.clone(),
         fail_extends: None,
+        held_forever: None,
         fetches: Counter::default(),
         variant_fetches: Counter::default(),
         hook: Mutex::new(Some(Box::pin(async move {
@@ -432,6 +445,7 @@ async fn a_failed_extend_does_not_stop_the_fill_and_the_fence_decides() {
             inner: mem.clone(),
             hook: Mutex::new(None),
             fail_extends: Some(extends.clone()),
+            held_forever: None,
             fetches: Counter::default(),
             variant_fetches: Counter::default(),
         },
@@ -1003,4 +1017,34 @@ async fn drain_waits_for_a_running_fill_even_without_a_usable_deadline() {
         .await
         .unwrap();
     assert_eq!((&served.value[..], served.status), (&b"v"[..], Status::Hit));
+}
+
+/// A lease reported held for `Duration::MAX` (a backend of someone else's) is waited on with
+/// backoff until the caller's deadline, not an overflow panic in the waiter after the first try.
+#[tokio::test(start_paused = true)]
+async fn a_lease_held_for_ever_is_waited_on_until_the_deadline() {
+    let acquires = Counter::default();
+    let e = Stampede::with_config(
+        Gate {
+            inner: MemoryBackend::default(),
+            hook: Mutex::new(None),
+            fail_extends: None,
+            held_forever: Some(acquires.clone()),
+            fetches: Counter::default(),
+            variant_fetches: Counter::default(),
+        },
+        Config::default(),
+    )
+    .unwrap();
+    let calls = Counter::default();
+    let r = e
+        .get_or_fill("k", filler(&calls, ms(1), "v", minute()))
+        .await;
+    assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+    assert_eq!(calls.get(), 0);
+    // One try per backoff step (10 ms doubling to 500 ms, each jittered to at least half) in
+    // the 10 s deadline: 20 to 60 tries. A waiter that panicked on the reply left its flight at
+    // once, and the caller tried again without sleeping (over a thousand tries).
+    let tries = acquires.get();
+    assert!((20..=60).contains(&tries), "tried {tries} times");
 }
