@@ -1434,6 +1434,7 @@ async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_s
         "http://a.test/item/3",
         "http://a.test/item/4",
         "http://other.test/item/1",
+        "http://a.test/?x",
     ];
     // GETs every URL; the ones that were not hits (and are stored again now).
     let refetched = |svc| async move {
@@ -1478,6 +1479,8 @@ async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_s
             "/do?status=303&loc=/item/1&cl=http://a.test:8080/item/2",
             &["http://a.test/item/1"],
         ),
+        // No path is the path `/`.
+        ("/do?status=303&loc=http://a.test?x", &["http://a.test/?x"]),
     ] {
         let g = send(&svc, post(target)).await;
         assert!(g.cs().contains("fwd=bypass; detail=method"), "{}", g.cs());

@@ -156,6 +156,10 @@ impl StampedeLayer {
 
     /// A key function: the bytes naming the resource, or `None` to bypass the cache. The default
     /// key is method class + scheme + authority + path + query.
+    ///
+    /// It is also asked for the keys an unsafe request invalidates: with that request's head,
+    /// and, for a same-origin `Location` or `Content-Location` of its response, with the same
+    /// head but that URL (method and headers still the unsafe request's).
     pub fn key_fn(self, f: impl Fn(&Parts) -> Option<Vec<u8>> + Send + Sync + 'static) -> Self {
         let f: KeyFn = Arc::new(f);
         self.with(|o| o.key_fn = Some(f))

@@ -329,8 +329,11 @@ where
                 }
             }
             for slot in slots {
-                // Best effort: a failed invalidation leaves the entry to expire.
-                let _ = shared.engine.invalidate_slot(&slot).await;
+                // Best effort: a failed invalidation leaves the entry to expire, and the store
+                // is not asked again for this response (it is likely down).
+                if shared.engine.invalidate_slot(&slot).await.is_err() {
+                    break;
+                }
             }
         }
     }
@@ -378,8 +381,15 @@ fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
     if !same {
         return None;
     }
+    // `http://a.test` and `http://a.test?q` name the path `/` (RFC 9110 section 4.2.3).
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let pq = if pq.starts_with('/') {
+        pq.parse()
+    } else {
+        format!("/{pq}").parse()
+    };
     let mut parts = head.uri.clone().into_parts();
-    parts.path_and_query = uri.path_and_query().cloned();
+    parts.path_and_query = Some(pq.ok()?);
     http::Uri::from_parts(parts).ok()
 }
 
