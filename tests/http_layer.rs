@@ -686,7 +686,11 @@ async fn send_axum(app: axum::Router, req: Request<axum::body::Body>) -> Bytes {
 }
 
 /// A store that is always down.
-struct Down;
+/// A store that answers every call with an error, counting invalidations.
+#[derive(Default)]
+struct Down {
+    invalidations: Arc<AtomicUsize>,
+}
 
 impl tower_stampede::backend::Backend for Down {
     fn name(&self) -> &'static str {
@@ -743,6 +747,7 @@ impl tower_stampede::backend::Backend for Down {
         _: &'a tower_stampede::Digest,
         _: Duration,
     ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<u64>> {
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
     }
     fn signal<'a>(
@@ -772,7 +777,7 @@ async fn a_dead_store_fails_open_still_coalesced_in_process() {
             ok("max-age=60", format!("run {n}"))
         }
     });
-    let engine = tower_stampede::Stampede::new(Down);
+    let engine = tower_stampede::Stampede::new(Down::default());
     let svc = StampedeLayer::new(engine.clone())
         .max_body(1024)
         .layer(origin.service());
@@ -1486,4 +1491,27 @@ async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_s
         assert!(g.cs().contains("fwd=bypass; detail=method"), "{}", g.cs());
         assert_eq!(refetched(svc.clone()).await, expect, "POST {target}");
     }
+}
+
+/// With the store down, a POST whose response names other URLs asks the store once, not once per
+/// URL: each failed invalidation would cost it a backend timeout.
+#[tokio::test(start_paused = true)]
+async fn a_dead_store_is_asked_to_invalidate_once_per_response() {
+    let origin = Origin::new(ms(1), |_, _| {
+        let mut r = ok("", "done");
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        let h = r.headers_mut();
+        h.insert(header::LOCATION, "/item/1".parse().unwrap());
+        h.insert(header::CONTENT_LOCATION, "/item/2".parse().unwrap());
+        r
+    });
+    let down = Down::default();
+    let invalidations = down.invalidations.clone();
+    let svc = StampedeLayer::new(tower_stampede::Stampede::new(down)).layer(origin.service());
+    let post = Request::post("http://a.test/do")
+        .body(Full::default())
+        .unwrap();
+    let g = send(&svc, post).await;
+    assert_eq!(g.status, StatusCode::SEE_OTHER);
+    assert_eq!(invalidations.load(Ordering::SeqCst), 1);
 }
