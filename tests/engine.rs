@@ -122,6 +122,7 @@ async fn two_instances_sharing_a_backend_fill_once() {
 
 /// A backend whose first `try_acquire` first runs a hook: it lets a test land another
 /// instance's fill between a caller's lookup and its acquire.
+#[derive(Default)]
 struct Gate {
     inner: MemoryBackend,
     hook: Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
@@ -217,12 +218,9 @@ async fn a_varying_hit_is_one_fetch_once_its_selector_is_known() {
     let variant_fetches = Counter::default();
     let e = Stampede::with_config(
         Gate {
-            inner: MemoryBackend::default(),
-            hook: Mutex::new(None),
-            fail_extends: None,
-            held_forever: None,
             fetches: fetches.clone(),
             variant_fetches: variant_fetches.clone(),
+            ..Gate::default()
         },
         Config::default(),
     )
@@ -280,14 +278,11 @@ async fn a_lookup_that_missed_just_before_another_fill_landed_gets_refreshed() {
     let b2 = b.clone();
     let gate = Gate {
         inner: mem.clone(),
-        fail_extends: None,
-        held_forever: None,
-        fetches: Counter::default(),
-        variant_fetches: Counter::default(),
         hook: Mutex::new(Some(Box::pin(async move {
             let s = b2.get_or_fill("race", bf).await.unwrap();
             assert_eq!(s.status, Status::Stored);
         }))),
+        ..Gate::default()
     };
     let a = Stampede::with_config(gate, Config::default()).unwrap();
     let a_calls = Counter::default();
@@ -443,11 +438,8 @@ async fn a_failed_extend_does_not_stop_the_fill_and_the_fence_decides() {
     let a = Stampede::with_config(
         Gate {
             inner: mem.clone(),
-            hook: Mutex::new(None),
             fail_extends: Some(extends.clone()),
-            held_forever: None,
-            fetches: Counter::default(),
-            variant_fetches: Counter::default(),
+            ..Gate::default()
         },
         cfg.clone(),
     )
@@ -1026,12 +1018,8 @@ async fn a_lease_held_for_ever_is_waited_on_until_the_deadline() {
     let acquires = Counter::default();
     let e = Stampede::with_config(
         Gate {
-            inner: MemoryBackend::default(),
-            hook: Mutex::new(None),
-            fail_extends: None,
             held_forever: Some(acquires.clone()),
-            fetches: Counter::default(),
-            variant_fetches: Counter::default(),
+            ..Gate::default()
         },
         Config::default(),
     )

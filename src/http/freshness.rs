@@ -25,6 +25,18 @@ pub(crate) struct Directives {
 /// sent as 2^31.
 pub(crate) const DELTA_SECONDS_MAX: u32 = 1 << 31;
 
+/// A delta-seconds (RFC 9111 section 1.2.1: digits only), one too large to hold taken as
+/// [`DELTA_SECONDS_MAX`]; `None` when `s` is not one.
+pub(crate) fn delta_seconds(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        s.parse::<u32>()
+            .map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX)),
+    )
+}
+
 /// Every response `Cache-Control` directive, in order: the name lower-cased (RFC 9111 section
 /// 5.2: names are case-insensitive, so `Private` is `private`) and the argument as sent. A byte
 /// that is not ASCII (obs-text, in a quoted argument say) reads as `?`, so it hides nothing
@@ -94,13 +106,8 @@ fn policy_cache_control(cc: &[(String, Option<String>)]) -> Option<HeaderValue> 
         out.push_str(name);
         if let Some(arg) = arg {
             out.push('=');
-            let digits = arg.trim_matches('"');
             let huge = (name == "max-age" || name == "s-maxage")
-                && !digits.is_empty()
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && digits
-                    .parse::<u64>()
-                    .map_or(true, |n| n > u64::from(DELTA_SECONDS_MAX));
+                && delta_seconds(arg.trim_matches('"')) == Some(DELTA_SECONDS_MAX);
             if huge {
                 out.push_str(&DELTA_SECONDS_MAX.to_string());
             } else {

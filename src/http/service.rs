@@ -361,35 +361,32 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
     let v = v.to_str().ok()?;
     let v = v.split('#').next().unwrap_or_default().trim();
-    if v.starts_with('/') && !v.starts_with("//") {
-        let mut parts = head.uri.clone().into_parts();
-        parts.path_and_query = Some(v.parse().ok()?);
-        return http::Uri::from_parts(parts).ok();
-    }
-    let uri: http::Uri = v.parse().ok()?;
-    let (scheme, authority) = (uri.scheme_str()?, uri.authority()?.as_str());
-    let same = match head.uri.authority() {
-        Some(a) => {
-            scheme.eq_ignore_ascii_case(head.uri.scheme_str().unwrap_or("http"))
-                && authority.eq_ignore_ascii_case(a.as_str())
-        }
-        None => head
-            .headers
-            .get(header::HOST)
-            .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(authority.as_bytes())),
-    };
-    if !same {
-        return None;
-    }
-    // `http://a.test` and `http://a.test?q` name the path `/` (RFC 9110 section 4.2.3).
-    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let pq = if pq.starts_with('/') {
-        pq.parse()
+    let path_and_query = if v.starts_with('/') && !v.starts_with("//") {
+        v.to_owned()
     } else {
-        format!("/{pq}").parse()
+        let uri: http::Uri = v.parse().ok()?;
+        let (scheme, authority) = (uri.scheme_str()?, uri.authority()?.as_str());
+        let same = match head.uri.authority() {
+            Some(a) => {
+                scheme.eq_ignore_ascii_case(head.uri.scheme_str().unwrap_or("http"))
+                    && authority.eq_ignore_ascii_case(a.as_str())
+            }
+            None => head
+                .headers
+                .get(header::HOST)
+                .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(authority.as_bytes())),
+        };
+        if !same {
+            return None;
+        }
+        // `http://a.test` and `http://a.test?q` name the path `/` (RFC 9110 section 4.2.3).
+        match uri.path_and_query().map_or("/", |pq| pq.as_str()) {
+            pq if pq.starts_with('/') => pq.to_owned(),
+            pq => format!("/{pq}"),
+        }
     };
     let mut parts = head.uri.clone().into_parts();
-    parts.path_and_query = Some(pq.ok()?);
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
     http::Uri::from_parts(parts).ok()
 }
 
@@ -422,13 +419,15 @@ pub(crate) struct UpstreamFailure {
     retry_after: Option<HeaderValue>,
 }
 
-impl UpstreamFailure {
-    fn of(status: StatusCode, headers: &HeaderMap) -> Box<Self> {
-        Box::new(UpstreamFailure {
-            status,
-            retry_after: headers.get(header::RETRY_AFTER).cloned(),
-        })
-    }
+/// The origin's 5xx `res` as the fill's error: the response kept whole for this request alone,
+/// its status and `Retry-After` for the others.
+fn relay_failure<B>(side: &Side<B>, res: Response<ResponseBody<B>>) -> Box<UpstreamFailure> {
+    let failure = Box::new(UpstreamFailure {
+        status: res.status(),
+        retry_after: res.headers().get(header::RETRY_AFTER).cloned(),
+    });
+    lock(side).own = Some(res);
+    failure
 }
 
 impl std::fmt::Display for UpstreamFailure {
@@ -535,9 +534,7 @@ where
         };
         let res = Response::from_parts(rparts, ResponseBody::empty());
         if failed {
-            let failure = UpstreamFailure::of(res.status(), res.headers());
-            lock(side).own = Some(res);
-            return Err(failure);
+            return Err(relay_failure(side, res));
         }
         return Ok(own(side, detail, res));
     }
@@ -546,17 +543,14 @@ where
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
             if failed {
                 // Still a failure (stale-if-error, the failed signal), never a pass marker.
-                let failure = UpstreamFailure::of(res.status(), res.headers());
-                lock(side).own = Some(res);
-                return Err(failure);
+                return Err(relay_failure(side, res));
             }
             Ok(own(side, "too-large", res))
         }
         Buffered::Complete(bytes) => {
             if failed {
-                let failure = UpstreamFailure::of(rparts.status, &rparts.headers);
-                lock(side).own = Some(Response::from_parts(rparts, ResponseBody::full(bytes)));
-                return Err(failure);
+                let res = Response::from_parts(rparts, ResponseBody::full(bytes));
+                return Err(relay_failure(side, res));
             }
             Ok(match decide(&policy_req, &rparts, &opts.defaults) {
                 Decision::Store { ttl, selector } => Fill::Store {

@@ -7,7 +7,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::freshness::DELTA_SECONDS_MAX;
+use super::freshness::delta_seconds;
 use crate::entry::decimal;
 
 /// A stored response.
@@ -55,12 +55,8 @@ impl StoredResponse {
         let origin_age = headers
             .get(header::AGE)
             .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(0, |v| {
-                v.parse::<u32>()
-                    .map_or(DELTA_SECONDS_MAX, |n| n.min(DELTA_SECONDS_MAX))
-            });
+            .and_then(|v| delta_seconds(v.trim()))
+            .unwrap_or(0);
         // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
         let named: Vec<String> = headers
             .get_all(header::CONNECTION)
