@@ -1515,3 +1515,91 @@ async fn a_dead_store_is_asked_to_invalidate_once_per_response() {
     assert_eq!(g.status, StatusCode::SEE_OTHER);
     assert_eq!(invalidations.load(Ordering::SeqCst), 1);
 }
+
+/// A value under the layer's key that the engine reads (a well-formed record) but that is not a
+/// response the layer wrote, as a foreign writer under the prefix or a damaged store could leave:
+/// never a panic, one 502 that says so, and the entry dropped, so the next request fills afresh
+/// instead of meeting it until it expires.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_stored_response_is_dropped_and_refilled() {
+    use tower_stampede::backend::{memory::MemoryBackend, Token};
+    use tower_stampede::entry::{Header, Kind, Meta, Record};
+    use tower_stampede::key::Digest;
+
+    /// A response record as the layer lays it out: status, origin age, header count, headers.
+    fn response(status: u16, count: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&status.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        for (n, v) in headers {
+            out.extend_from_slice(&(n.len() as u16).to_le_bytes());
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mem = MemoryBackend::default();
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::new(tower_stampede::Stampede::new(mem.clone()))
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    let slot = Digest::of_fields([&b"http-user"[..], b"/p"]);
+    let cl = [("content-length", "3")];
+    let unreadable = [
+        // More headers claimed than `HeaderMap` can hold (it panics on the capacity).
+        response(200, u16::MAX, &cl, b"abc"),
+        // A Content-Length that is not the body's: hyper would frame the body wrongly.
+        response(200, 1, &[("content-length", "9")], b"abc"),
+        response(
+            200,
+            2,
+            &[("content-length", "3"), ("transfer-encoding", "chunked")],
+            b"abc",
+        ),
+        // An informational status, a header name that is not one, status 0.
+        response(103, 1, &cl, b"abc"),
+        response(200, 1, &[("bad name", "x")], b""),
+        response(0, 0, &[], b""),
+    ];
+    let meta = Meta {
+        stored_at_ms: 0,
+        fresh_until_ms: u64::MAX / 2,
+        swr_ms: 0,
+        sie_ms: 0,
+        fill_ms: 1,
+    };
+    for (i, value) in unreadable.iter().enumerate() {
+        let header = Header {
+            kind: Kind::Entry,
+            fence: 1,
+            token: Token::random(),
+            epoch: 0,
+        };
+        mem.put_raw(
+            &slot,
+            Record::encode_entry(header, &meta, value),
+            Duration::from_secs(600),
+        );
+        let g = send(&svc, get("http://a.test/p")).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY, "value {i}");
+        assert!(
+            g.cs().contains("detail=unreadable-entry"),
+            "value {i}: {}",
+            g.cs()
+        );
+        assert_eq!(origin.calls(), i, "value {i}: no fill ran for the 502");
+        let g = send(&svc, get("http://a.test/p")).await;
+        assert_eq!(g.status, StatusCode::OK, "value {i}");
+        assert_eq!(
+            &g.body[..],
+            format!("run {}", i + 1).as_bytes(),
+            "value {i}"
+        );
+        assert_eq!(origin.calls(), i + 1, "value {i}");
+        let g = send(&svc, get("http://a.test/p")).await;
+        assert!(g.cs().contains("; hit"), "value {i}: {}", g.cs());
+    }
+}

@@ -83,6 +83,7 @@ where
         let (parts, _body) = req.into_parts();
         let state = Arc::new(ReqState {
             parts,
+            slot,
             conditional,
             side: Mutex::new(SideState {
                 own: None,
@@ -101,7 +102,10 @@ where
             let served = state.shared.engine.get_or_fill_with(key, fill).await;
             let opts = &state.shared.opts;
             Ok(match served {
-                Ok(s) => respond(opts, s, &state),
+                Ok(s) => match respond(opts, s, &state) {
+                    Some(res) => res,
+                    None => unreadable(&state).await,
+                },
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
         })
@@ -270,6 +274,8 @@ type Side<B> = Mutex<SideState<B>>;
 /// its response.
 struct ReqState<B> {
     parts: Parts,
+    /// The URL-level slot (for dropping an entry this layer cannot read).
+    slot: Digest,
     /// The request has validators (see [`HeadScan`]), so a stored 200 may be answered with 304.
     conditional: bool,
     side: Side<B>,
@@ -579,7 +585,13 @@ fn own<B>(side: &Side<B>, detail: &'static str, res: Response<ResponseBody<B>>) 
     }
 }
 
-fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<ResponseBody<B>> {
+/// The response for what the engine served; `None` when the stored value is not a response
+/// this layer can read (see [`unreadable`]).
+fn respond<B>(
+    opts: &Options,
+    served: Served,
+    state: &ReqState<B>,
+) -> Option<Response<ResponseBody<B>>> {
     let (req, side, conditional) = (&state.parts, &state.side, state.conditional);
     let (detail, revalidated) = {
         let s = lock(side);
@@ -590,13 +602,12 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
     if matches!(served.status, Status::Passed | Status::Bypass) {
         if let Some(res) = lock(side).own.take() {
             let cs = cache_status::for_status(&opts.name, served.status, None, detail);
-            return finish_own(res, cs, req);
+            return Some(finish_own(res, cs, req));
         }
     }
-    let Some(stored) = decoded(served.value) else {
-        // Cannot happen for values this layer wrote; a foreign writer under our prefix could.
-        return error_response(opts, Error::FillPanicked, req, side);
-    };
+    // `None` cannot happen for values this layer wrote; a foreign writer under our prefix (or
+    // a damaged store) could leave one.
+    let stored = decoded(served.value)?;
     let now = served.at_ms;
     let (age, ttl) = match &served.meta {
         Some(m) => (
@@ -654,7 +665,7 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
         if let Some(v) = headers.get(CACHE_STATUS) {
             h.insert(CACHE_STATUS, v.clone());
         }
-        return res;
+        return Some(res);
     }
 
     // Stored with the entry since this version; entries written before it get one here.
@@ -672,7 +683,7 @@ fn respond<B>(opts: &Options, served: Served, state: &ReqState<B>) -> Response<R
     let mut res = Response::new(body);
     *res.status_mut() = status;
     *res.headers_mut() = headers;
-    res
+    Some(res)
 }
 
 thread_local! {
@@ -777,6 +788,26 @@ fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
             .insert(CACHE_STATUS, HeaderValue::from_static(""));
     }
     Some((copy, stored))
+}
+
+/// The store served a value under this URL that is not a response this layer wrote (a foreign
+/// writer under the prefix, a damaged store): it is dropped (invalidated, so the next request
+/// fills afresh instead of meeting it again until it expires) and this request gets a 502
+/// that says so. Whether the drop worked is only logged: the answer is the same.
+async fn unreadable<B>(state: &ReqState<B>) -> Response<ResponseBody<B>> {
+    let dropped = state.shared.engine.invalidate_slot(&state.slot).await;
+    tracing::warn!(
+        slot = %state.slot,
+        dropped = dropped.is_ok(),
+        "the store held a value under this URL that is not a stored response; dropped it"
+    );
+    plain_error(
+        &state.shared.opts,
+        StatusCode::BAD_GATEWAY,
+        None,
+        "unreadable-entry",
+        "the cache held an unreadable entry for this URL; it has been dropped, retry\n",
+    )
 }
 
 /// Does the client's conditional request match the stored response (RFC 9110 section 13)?

@@ -112,10 +112,16 @@ impl StoredResponse {
             return None;
         }
         let status = StatusCode::from_u16(buf.get_u16_le()).ok()?;
+        // Only a final response is ever stored.
+        if status.is_informational() {
+            return None;
+        }
         let origin_age = buf.get_u32_le();
         let count = buf.get_u16_le() as usize;
-        // Room for what serving adds (Age, Cache-Status, Content-Length) without regrowing.
-        let mut headers = HeaderMap::with_capacity(count + 3);
+        // Room for what serving adds (Age, Cache-Status, Content-Length) without regrowing; the
+        // count is the record's claim, so no more than its bytes can hold (a header takes at
+        // least 7), and `HeaderMap` refuses (panics on) a capacity over 32,768.
+        let mut headers = HeaderMap::with_capacity(count.min(buf.remaining() / 7) + 3);
         for _ in 0..count {
             if buf.remaining() < 2 {
                 return None;
@@ -132,6 +138,20 @@ impl StoredResponse {
             }
             let value = HeaderValue::from_maybe_shared(buf.split_to(vl)).ok()?;
             headers.append(name, value);
+        }
+        // What `new` writes: no framing of a transfer, and a Content-Length that is the body's.
+        // A record that says otherwise would have hyper frame the body wrongly.
+        if headers.contains_key(header::TRANSFER_ENCODING) {
+            return None;
+        }
+        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        if let Some(len) = lengths.next() {
+            let mut digits = [0u8; 21];
+            if len.as_bytes() != decimal(&mut digits, buf.len() as u64, false)
+                || lengths.next().is_some()
+            {
+                return None;
+            }
         }
         Some(StoredResponse {
             status,
@@ -182,6 +202,59 @@ mod tests {
     fn header_int_is_decimal() {
         for n in [0, 7, 10, 1080, u64::MAX] {
             assert_eq!(header_int(n), HeaderValue::from(n));
+        }
+    }
+
+    /// A record as `encode` lays it out, from raw parts.
+    fn record(status: u16, count: u16, headers: &[(&str, &str)], body: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_u16_le(status);
+        out.put_u32_le(0);
+        out.put_u16_le(count);
+        for (n, v) in headers {
+            out.put_u16_le(n.len() as u16);
+            out.put_slice(n.as_bytes());
+            out.put_u32_le(v.len() as u32);
+            out.put_slice(v.as_bytes());
+        }
+        out.put_slice(body);
+        out.freeze()
+    }
+
+    #[test]
+    fn a_record_claiming_more_headers_than_it_holds_is_none_not_a_panic() {
+        for count in [32_766, 40_000, u16::MAX] {
+            let b = record(200, count, &[("content-length", "3")], b"abc");
+            assert!(StoredResponse::decode(&b).is_none(), "{count}");
+        }
+        assert!(
+            StoredResponse::decode(&record(200, 1, &[("content-length", "3")], b"abc")).is_some()
+        );
+    }
+
+    #[test]
+    fn a_record_whose_framing_disagrees_with_its_body_is_none() {
+        let ok = [("content-length", "3")];
+        assert!(StoredResponse::decode(&record(200, 1, &ok, b"abc")).is_some());
+        assert!(StoredResponse::decode(&record(204, 0, &[], b"")).is_some());
+        for (status, h, body) in [
+            (200, &[("content-length", "9")][..], &b"abc"[..]),
+            (200, &[("content-length", "03")][..], b"abc"),
+            (
+                200,
+                &[("content-length", "3"), ("content-length", "3")][..],
+                b"abc",
+            ),
+            (
+                200,
+                &[("content-length", "3"), ("transfer-encoding", "chunked")][..],
+                b"abc",
+            ),
+            (103, &[][..], b""),
+            (100, &[("content-length", "3")][..], b"abc"),
+        ] {
+            let b = record(status, h.len() as u16, h, body);
+            assert!(StoredResponse::decode(&b).is_none(), "{status} {h:?}");
         }
     }
 
