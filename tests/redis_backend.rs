@@ -519,8 +519,62 @@ async fn garbage_and_foreign_types_are_a_miss_not_an_error() {
         b.try_acquire(&s, Duration::from_secs(5), 0).await.unwrap(),
         Acquire::Acquired { .. }
     ));
-    // A GET of it is the server's WRONGTYPE error: a backend error, not a panic.
-    assert!(b.fetch(&s, None).await.is_err());
+    // A GET of it is the server's WRONGTYPE error; the backend reads it as absent, as the
+    // scripts do, with or without a variant.
+    assert!(b.fetch(&s, None).await.unwrap().entry.is_none());
+    let v = Digest::of_key("v");
+    let f = b.fetch(&s, Some(&v)).await.unwrap();
+    assert!(f.entry.is_none() && f.variant.is_none());
+}
+
+/// A key of another type under the prefix (a foreign writer, a damaged store) is a miss that
+/// fills and replaces it, with or without the near cache; never a backend error. Counted as one,
+/// it kept the URL failing open until someone deleted the key and, with traffic, opened the
+/// breaker for every key.
+#[tokio::test]
+async fn a_foreign_type_under_a_key_is_replaced_by_a_fill_and_never_opens_the_breaker() {
+    let server = Server::redis();
+    for near in [0, 1 << 20] {
+        let b = RedisBackend::builder(server.url())
+            .near_cache(near)
+            .connect()
+            .await
+            .unwrap();
+        let key = format!("foreign-{near}");
+        let mut lpush = redis::cmd("LPUSH");
+        lpush.arg(b.prefix().entry(&Digest::of_key(&key))).arg("x");
+        let _: i64 = raw_cmd(&b, &lpush).await;
+        // One failure would open this breaker.
+        let cfg = Config::default().breaker(1, Duration::from_secs(600));
+        let engine = Stampede::with_config(b, cfg).unwrap();
+        let calls = Counter::default();
+        for round in 0..3 {
+            let c = calls.clone();
+            let s = engine
+                .get_or_fill(&key, move || async move {
+                    c.inc();
+                    Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60))))
+                })
+                .await
+                .unwrap();
+            let want = if round == 0 {
+                Status::Stored
+            } else {
+                Status::Hit
+            };
+            assert_eq!(s.status, want, "near {near}, round {round}");
+            assert_eq!(&s.value[..], b"v");
+        }
+        assert_eq!(calls.get(), 1, "near {near}");
+        assert!(!engine.breaker_open(), "near {near}");
+        let other = engine
+            .get_or_fill(format!("other-{near}"), || async {
+                Ok::<_, std::io::Error>(Fill::store("o", Ttl::fresh(Duration::from_secs(60))))
+            })
+            .await
+            .unwrap();
+        assert_eq!(other.status, Status::Stored, "near {near}");
+    }
 }
 
 #[tokio::test]

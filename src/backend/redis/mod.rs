@@ -790,6 +790,19 @@ async fn check_eviction_policy(conn: &mut MultiplexedConnection) {
     }
 }
 
+/// A key of another type than string under our prefix (foreign data, or a damaged store):
+/// `GET` of it is the server's `WRONGTYPE` error, which says nothing of the server's health, so
+/// it reads as absent, as the scripts' `get` reads it. A miss then fills, and the fill's `SET`
+/// replaces the key. (`MGET` answers nil for such a key by itself.) Counted as an error, it
+/// would fail the URL open for good and, repeated, open the breaker for every key.
+/// In a pipeline (the near cache's `GET` and `PTTL`), every failed command must be that.
+fn foreign_type<T>(res: &Result<T, RedisError>) -> bool {
+    let Err(e) = res else { return false };
+    e.clone()
+        .into_server_errors()
+        .is_some_and(|errs| !errs.is_empty() && errs.iter().all(|(_, s)| s.code() == "WRONGTYPE"))
+}
+
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
         "redis"
@@ -846,6 +859,9 @@ impl Backend for RedisBackend {
                 let sent_at = Instant::now();
                 let id = live.id;
                 let res = pipe.query_async::<Vec<Value>>(&mut live.conn).await;
+                if foreign_type(&res) {
+                    return Ok(Fetched::default());
+                }
                 let replies = inner.checked(i, id, "GET", res)?;
                 let mut it = replies.into_iter();
                 let mut take = |key: &str, ticket: Option<near::Ticket>| {
@@ -880,6 +896,9 @@ impl Backend for RedisBackend {
                     let mut cmd = redis::cmd("GET");
                     cmd.arg(&entry_key);
                     let res = cmd.query_async::<Value>(&mut live.conn).await;
+                    if foreign_type(&res) {
+                        return Ok(Fetched::default());
+                    }
                     let v = inner.checked(i, live.id, "GET", res)?;
                     Fetched {
                         entry: bytes_of("GET", v)?,
