@@ -353,7 +353,18 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
 async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
     let store = args.store.as_str();
     if store == "memory" {
-        return Ok(Arc::new(MemoryBackend::new(args.memory)));
+        let mem = MemoryBackend::new(args.memory);
+        if args.max_body > mem.max_record_bytes() {
+            tracing::warn!(
+                memory = args.memory,
+                max_body = args.max_body,
+                "responses over about {} bytes will not be stored: the memory store splits \
+                 --memory over 16 shards and a response must fit one; raise --memory to at \
+                 least 16 x --max-body",
+                mem.max_record_bytes()
+            );
+        }
+        return Ok(Arc::new(mem));
     }
     if store.starts_with("redis://") || store.starts_with("rediss://") {
         #[cfg(feature = "redis")]
@@ -464,7 +475,9 @@ async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
 /// Serves `/metrics` and `/healthz` on `addr`. The metrics recorder exists only with an admin
 /// address: without one the engine's counters are no-ops.
 async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--admin {addr}: {e}"))?;
     let prom = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     // Histogram samples pile up in the recorder until something drains them: a scrape does,
     // and so does this, so a proxy nobody scrapes does not grow without bound.
@@ -783,7 +796,18 @@ async fn shutdown_signal() {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message, not its `Debug` form.
+            eprintln!("Error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), BoxError> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -815,6 +839,14 @@ async fn main() -> Result<(), BoxError> {
     if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
         return Err(format!("--upstream must be http://host:port, got {upstream}").into());
     }
+    // Requests keep their own path and query; a base path would be silently dropped.
+    if upstream.path() != "/" || upstream.query().is_some() {
+        return Err(format!(
+            "--upstream must be http://host:port with no path or query (requests keep their \
+             own), got {upstream}"
+        )
+        .into());
+    }
 
     let config = Config::default()
         .lease(args.lease)
@@ -842,7 +874,9 @@ async fn main() -> Result<(), BoxError> {
     if let Some(a) = args.admin {
         admin(a, args.idle_timeout).await?;
     }
-    let listener = TcpListener::bind(args.listen).await?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
     println!(
         "tower-stampede caching proxy on http://{} -> {} (store: {})",
         listener.local_addr()?,

@@ -67,3 +67,36 @@ async fn budget_evicts_least_recently_used() {
         "{early} of the 100 oldest unread slots survived"
     );
 }
+
+/// A record of exactly `max_record_bytes` is kept and one byte more is refused, so what the
+/// proxy warns about at start is what the store does.
+#[tokio::test]
+async fn max_record_bytes_is_the_largest_record_kept() {
+    use tower_stampede::backend::{Acquire, Backend, WriteOutcome};
+    use tower_stampede::Digest;
+    let mem = MemoryBackend::new(16 * 4096);
+    let max = mem.max_record_bytes();
+    assert_eq!(max, 4096 - 96);
+    for (i, extra) in [(0u8, 0usize), (1, 1)] {
+        let slot = Digest::of_key([i]);
+        let Acquire::Acquired { token, fence } = mem
+            .try_acquire(&slot, Duration::from_secs(5), 0)
+            .await
+            .unwrap()
+        else {
+            panic!("free slot");
+        };
+        let header = conformance::write(slot, token, fence, b"", Duration::from_secs(60))
+            .entry
+            .len();
+        let value = vec![b'x'; max - header + extra];
+        let w = conformance::write(slot, token, fence, &value, Duration::from_secs(60));
+        assert_eq!(w.entry.len(), max + extra);
+        let want = if extra == 0 {
+            WriteOutcome::Stored
+        } else {
+            WriteOutcome::TooLarge
+        };
+        assert_eq!(mem.write(w).await.unwrap(), want, "record of max + {extra}");
+    }
+}

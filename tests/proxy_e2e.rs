@@ -636,7 +636,10 @@ async fn stale_flags_reach_the_layer() {
 /// runs on them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_flag_values_are_refused_at_start() {
-    let cases: [(&[&str], &str); 7] = [
+    // Held for the test, so `--listen` on it fails.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &str); 10] = [
         (&["--ttl", "soon"], "--ttl"),
         (&["--max-body", "1.5m"], "expected a size"),
         (&["--max-body", "99999999999999999999g"], "expected a size"),
@@ -650,11 +653,20 @@ async fn unusable_flag_values_are_refused_at_start() {
             &["--lease", "10s", "--wait-timeout", "5s"],
             "must exceed lease",
         ),
+        // A base path would be dropped from every request.
+        (&["--upstream", "http://127.0.0.1:9/prefix"], "no path"),
+        (&["--upstream", "http://127.0.0.1:9/?a=1"], "no path"),
+        (&["--listen", &taken], "--listen 127.0.0.1:"),
     ];
     for (args, says) in cases {
-        let mut child = Command::new(proxy_bin())
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--upstream", "http://127.0.0.1:9"])
+        let mut cmd = Command::new(proxy_bin());
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", &format!("127.0.0.1:{}", free_port())]);
+        }
+        if !args.contains(&"--upstream") {
+            cmd.args(["--upstream", "http://127.0.0.1:9"]);
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -677,6 +689,11 @@ async fn unusable_flag_values_are_refused_at_start() {
         assert!(!status.success(), "{args:?}: {status}");
         assert!(err.contains(says), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // The error's message, not its Debug form (`ConfigError("...")`, `Os { code: 98 ..`).
+        assert!(
+            !err.contains("Error(") && !err.contains("Os {"),
+            "{args:?}: {err}"
+        );
     }
 }
 

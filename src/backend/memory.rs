@@ -112,7 +112,10 @@ impl std::fmt::Debug for MemoryBackend {
 
 impl MemoryBackend {
     /// A store that keeps at most about `budget_bytes` of records (keys, values and a small
-    /// per-key overhead), evicting the least recently used beyond that.
+    /// per-key overhead), evicting the least recently used beyond that. The budget is split
+    /// over 16 shards and a record must fit one: a larger one is refused
+    /// ([`WriteOutcome::TooLarge`], so its key is passed through); see
+    /// [`max_record_bytes`](Self::max_record_bytes).
     pub fn new(budget_bytes: usize) -> Self {
         MemoryBackend {
             shared: Arc::new(Shared {
@@ -141,6 +144,12 @@ impl MemoryBackend {
     pub fn evict(&self, slot: &Digest) {
         let mut shard = lock(self.shard(slot));
         shard.remove(slot);
+    }
+
+    /// The largest record (the encoded value, with the engine's header and metadata) this
+    /// store keeps: one shard's share of the budget, less a slot's overhead.
+    pub fn max_record_bytes(&self) -> usize {
+        self.shared.shard_budget.saturating_sub(SLOT_OVERHEAD)
     }
 
     /// Writes raw bytes at a slot's entry key, bypassing every check. For tests that put garbage
