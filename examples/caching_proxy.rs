@@ -203,7 +203,35 @@ impl Service<Request<Body>> for Proxy {
                 Ok(u) => u,
                 Err(_) => return Ok(status(StatusCode::BAD_REQUEST, "bad request target\n")),
             };
-            match tokio::time::timeout(this.shared.timeout, this.shared.client.request(req)).await {
+            // A request body is the client's to send: while it arrives, the upstream is not
+            // late. So the bound is `timeout` from the body's last progress (from the start
+            // without one), and a body that stalls for that long is the client's fault (408).
+            let progress = (!hyper::body::Body::is_end_stream(req.body())).then(|| {
+                let p = Arc::new(Progress::default());
+                let body = std::mem::take(req.body_mut());
+                *req.body_mut() = BodyExt::boxed(Tracked {
+                    inner: body,
+                    progress: p.clone(),
+                });
+                p
+            });
+            let timeout = this.shared.timeout;
+            let call = this.shared.client.request(req);
+            tokio::pin!(call);
+            let mut deadline = tokio::time::Instant::now() + timeout;
+            let answered = loop {
+                match tokio::time::timeout_at(deadline, call.as_mut()).await {
+                    Ok(r) => break Ok(r),
+                    Err(_) => match &progress {
+                        Some(p) if p.last() + timeout > tokio::time::Instant::now() => {
+                            deadline = p.last() + timeout;
+                        }
+                        Some(p) if !p.done.load(Ordering::Relaxed) => break Err(true),
+                        _ => break Err(false),
+                    },
+                }
+            };
+            match answered {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     // RFC 9110 section 6.2 again: not the upstream's version (an HTTP/1.0 one,
@@ -229,9 +257,82 @@ impl Service<Request<Body>> for Proxy {
                         "upstream sent no valid response\n",
                     ))
                 }
-                Err(_) => Ok(status(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")),
+                Err(false) => Ok(status(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")),
+                Err(true) => {
+                    // RFC 9110 section 15.5.9: and the connection closes, as the rest of the
+                    // body may still come.
+                    let mut res = status(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body stopped arriving\n",
+                    );
+                    res.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    Ok(res)
+                }
             }
         })
+    }
+}
+
+/// When a request body last made progress, and whether it has ended.
+struct Progress {
+    /// `tokio::time::Instant` of the last frame (or of the start).
+    last: std::sync::Mutex<tokio::time::Instant>,
+    done: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            last: std::sync::Mutex::new(tokio::time::Instant::now()),
+            done: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Progress {
+    fn last(&self) -> tokio::time::Instant {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn advance(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+}
+
+/// A request body that records its progress (see [`Progress`]).
+struct Tracked {
+    inner: Body,
+    progress: Arc<Progress>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                self.progress.advance();
+                if self.inner.is_end_stream() {
+                    self.progress.done.store(true, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => self.progress.done.store(true, Ordering::Relaxed),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

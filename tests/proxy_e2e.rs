@@ -1447,3 +1447,52 @@ mod with_memcached {
         assert_eq!(up.calls(), 3);
     }
 }
+
+/// `--fill-timeout` bounds the upstream, not the client's upload: a body that keeps arriving
+/// (a chunk every 300 ms, 2.4 s in all, against a 1 s timeout) reaches the upstream whole and its
+/// answer comes back; one that stops arriving gets 408 and a closed connection, not a 504 that
+/// blames the upstream, and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let proxy = Proxy::start(addr, &["--fill-timeout", "1s"]);
+    let port = proxy.url("").rsplit(':').next().unwrap().to_string();
+    let head = "POST /slow?ms=1 HTTP/1.1\r\nHost: app.test\r\nContent-Length: 80\r\n\r\n";
+    // Slow but steady: eight 10-byte chunks, 300 ms apart.
+    let mut s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    for i in 0..8u8 {
+        s.write_all(&[b'a' + i; 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.calls(), 1);
+    assert_eq!(up.bodies.lock().unwrap()[0].len(), 80);
+    // Stalled: 10 of 80 bytes, then nothing.
+    let mut s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'z'; 10]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("an answer, then the connection closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("the request body stopped arriving"), "{answer}");
+    // The upstream may have seen the request start, never a second whole body.
+    let bodies = up.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.iter().filter(|b| b.len() == 80).count(), 1, "{bodies:?}");
+}
