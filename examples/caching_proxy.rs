@@ -246,7 +246,8 @@ impl Service<Request<Body>> for Proxy {
                     Ok(Response::from_parts(parts, body.map_err(box_err).boxed()))
                 }
                 Ok(Err(e)) if e.is_connect() => {
-                    tracing::warn!(error = %e, "upstream unreachable");
+                    // `?`: the cause (refused, no such host) is in the error's chain.
+                    tracing::warn!(upstream = %this.shared.upstream, error = ?e, "upstream unreachable");
                     Ok(status(StatusCode::BAD_GATEWAY, "upstream unreachable\n"))
                 }
                 // Connected, but no valid response: not HTTP, a malformed head, or closed early.

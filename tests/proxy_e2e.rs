@@ -1491,8 +1491,15 @@ async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer).to_string();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("the request body stopped arriving"), "{answer}");
+    assert!(
+        answer.contains("the request body stopped arriving"),
+        "{answer}"
+    );
     // The upstream may have seen the request start, never a second whole body.
     let bodies = up.bodies.lock().unwrap().clone();
-    assert_eq!(bodies.iter().filter(|b| b.len() == 80).count(), 1, "{bodies:?}");
+    assert_eq!(
+        bodies.iter().filter(|b| b.len() == 80).count(),
+        1,
+        "{bodies:?}"
+    );
 }

@@ -104,7 +104,8 @@ where
             Ok(match served {
                 Ok(s) => match respond(opts, s, &state) {
                     Some(res) => res,
-                    None => unreadable(&state).await,
+                    // Boxed: held inline, its store call would grow every request's future.
+                    None => Box::pin(unreadable(&state)).await,
                 },
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
