@@ -1215,3 +1215,18 @@ mod near_cache {
             .unwrap_or(0)
     }
 }
+
+/// A URL that does not parse is reported as such, with or without the near cache (with it, the
+/// near cache's own complaint about a missing tracking URL used to hide the cause).
+#[test]
+fn an_unusable_url_is_reported_as_the_url() {
+    for near in [0, 1 << 20] {
+        let err = RedisBackend::builder("redis://")
+            .near_cache(near)
+            .build()
+            .expect_err("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("redis URL"), "near {near}: {msg}");
+        assert!(!msg.contains("pubsub"), "near {near}: {msg}");
+    }
+}

@@ -414,7 +414,12 @@ impl RedisBackendBuilder {
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
         let near_info = match (&self.source, &self.pubsub) {
-            (Source::Info(info), _) => info.as_ref().clone().ok(),
+            // A URL that does not parse is the error to report, not the near cache's.
+            (Source::Info(info), _) => Some(
+                info.as_ref()
+                    .clone()
+                    .map_err(|e| ConfigError::new(format!("redis URL: {e}")))?,
+            ),
             (Source::Pool(_), Some(p)) => p.clone().ok(),
             (Source::Pool(_), None) => None,
         };
