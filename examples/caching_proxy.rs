@@ -503,6 +503,18 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
                 .near_cache(args.near_cache, args.near_max_age)
                 .build()
                 .await?;
+            // Connections are made on first use; one probe says now, as for Redis, whether the
+            // cache will work (the proxy starts either way and fails open).
+            let probe = format!("{}probe", args.prefix);
+            match tokio::time::timeout(Duration::from_secs(3), b.meta_get(&probe)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "memcached unreachable at start; failing open until it is back")
+                }
+                Err(_) => tracing::warn!(
+                    "memcached did not answer within 3 s at start; failing open until it does"
+                ),
+            }
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "memcached"))]

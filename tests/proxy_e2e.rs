@@ -1503,3 +1503,40 @@ async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
         "{bodies:?}"
     );
 }
+
+/// A store that cannot be reached at start is said so at once (the proxy starts anyway and fails
+/// open), for Memcached as for Redis; a reachable one is not complained about.
+#[cfg(feature = "memcached")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_memcached_at_start_is_warned_about() {
+    let server = common::servers::Server::memcached();
+    let closed = format!("memcache://127.0.0.1:{}", free_port());
+    let live = format!("memcache://127.0.0.1:{}", server.port());
+    for (store, warned) in [(closed.as_str(), true), (live.as_str(), false)] {
+        let port = free_port();
+        let mut child = Command::new(proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", "http://127.0.0.1:9", "--store", store])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn caching_proxy");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "{store}: exited");
+            assert!(Instant::now() < deadline, "{store}: did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        let _ = child.wait();
+        assert_eq!(
+            out.contains("memcached unreachable at start"),
+            warned,
+            "{store}: {out}"
+        );
+    }
+}
