@@ -219,17 +219,17 @@ impl Service<Request<Body>> for Proxy {
             let call = this.shared.client.request(req);
             tokio::pin!(call);
             let mut deadline = tokio::time::Instant::now() + timeout;
+            // `Err(true)`: the client's body stalled; `Err(false)`: the upstream is late.
             let answered = loop {
-                match tokio::time::timeout_at(deadline, call.as_mut()).await {
-                    Ok(r) => break Ok(r),
-                    Err(_) => match &progress {
-                        Some(p) if p.last() + timeout > tokio::time::Instant::now() => {
-                            deadline = p.last() + timeout;
-                        }
-                        Some(p) if !p.done.load(Ordering::Relaxed) => break Err(true),
-                        _ => break Err(false),
-                    },
+                if let Ok(r) = tokio::time::timeout_at(deadline, call.as_mut()).await {
+                    break Ok(r);
                 }
+                let Some(p) = &progress else { break Err(false) };
+                let until = p.last() + timeout;
+                if until <= tokio::time::Instant::now() {
+                    break Err(!p.done.load(Ordering::Relaxed));
+                }
+                deadline = until;
             };
             match answered {
                 Ok(Ok(res)) => {
@@ -478,15 +478,7 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
                 .build()?;
             // Make the connections before taking traffic, so the first requests do not pay
             // for them (or fail open while they are made); if Redis is down, start anyway.
-            match tokio::time::timeout(Duration::from_secs(3), b.warm_up()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "redis unreachable at start; failing open until it is back")
-                }
-                Err(_) => tracing::warn!(
-                    "redis did not answer within 3 s at start; failing open until it does"
-                ),
-            }
+            probe_at_start("redis", b.warm_up()).await;
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "redis"))]
@@ -503,24 +495,32 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
                 .near_cache(args.near_cache, args.near_max_age)
                 .build()
                 .await?;
-            // Connections are made on first use; one probe says now, as for Redis, whether the
-            // cache will work (the proxy starts either way and fails open).
-            let probe = format!("{}probe", args.prefix);
-            match tokio::time::timeout(Duration::from_secs(3), b.meta_get(&probe)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "memcached unreachable at start; failing open until it is back")
-                }
-                Err(_) => tracing::warn!(
-                    "memcached did not answer within 3 s at start; failing open until it does"
-                ),
-            }
+            // Connections are made on first use: one read says now whether the cache will work.
+            probe_at_start("memcached", b.meta_get(&format!("{}probe", args.prefix))).await;
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "memcached"))]
         return Err("this proxy was built without the `memcached` feature (cargo run --features memcached ...)".into());
     }
     Err(format!("unknown --store {store:?}: expected memory, redis://... or memcache://...").into())
+}
+
+/// Waits up to 3 s for `probe`, a first call to the store, and warns when it fails: the proxy
+/// starts either way and fails open until the store is back.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+async fn probe_at_start<T, E: std::fmt::Display>(
+    store: &str,
+    probe: impl std::future::Future<Output = Result<T, E>>,
+) {
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "{store} unreachable at start; failing open until it is back")
+        }
+        Err(_) => {
+            tracing::warn!("{store} did not answer within 3 s at start; failing open until it does")
+        }
+    }
 }
 
 /// The demo upstream: `/slow` (200 ms, counted, cacheable for 5 s), `/nocache` (200 ms,

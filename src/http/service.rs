@@ -83,7 +83,6 @@ where
         let (parts, _body) = req.into_parts();
         let state = Arc::new(ReqState {
             parts,
-            slot,
             conditional,
             side: Mutex::new(SideState {
                 own: None,
@@ -275,8 +274,6 @@ type Side<B> = Mutex<SideState<B>>;
 /// its response.
 struct ReqState<B> {
     parts: Parts,
-    /// The URL-level slot (for dropping an entry this layer cannot read).
-    slot: Digest,
     /// The request has validators (see [`HeadScan`]), so a stored 200 may be answered with 304.
     conditional: bool,
     side: Side<B>,
@@ -796,12 +793,16 @@ fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
 /// fills afresh instead of meeting it again until it expires) and this request gets a 502
 /// that says so. Whether the drop worked is only logged: the answer is the same.
 async fn unreadable<B>(state: &ReqState<B>) -> Response<ResponseBody<B>> {
-    let dropped = state.shared.engine.invalidate_slot(&state.slot).await;
-    tracing::warn!(
-        slot = %state.slot,
-        dropped = dropped.is_ok(),
-        "the store held a value under this URL that is not a stored response; dropped it"
-    );
+    // The slot `classify` keyed the request with (it served a value, so the key function, if
+    // any, named one).
+    if let Some(slot) = slot_of(&state.shared.opts, &state.parts) {
+        let dropped = state.shared.engine.invalidate_slot(&slot).await;
+        tracing::warn!(
+            %slot,
+            dropped = dropped.is_ok(),
+            "the store held a value under this URL that is not a stored response; dropped it"
+        );
+    }
     plain_error(
         &state.shared.opts,
         StatusCode::BAD_GATEWAY,
