@@ -89,23 +89,30 @@ where
                 detail: None,
                 revalidated: None,
             }),
+            inner: Mutex::new(Some(self.inner.clone())),
             shared,
         });
         let key = CacheKey::from_digest(slot).with_selector(state.clone());
-        let inner = self.inner.clone();
         let fill_state = state.clone();
-        let fill = move |prev: Option<Prev>| fill_from_origin(inner, fill_state, prev);
+        let fill = move |prev: Option<Prev>| {
+            let inner = lock(&fill_state.inner).take();
+            fill_from_origin(inner, fill_state, prev)
+        };
         // Everything above is done before the future exists, so the future (one allocation per
         // request) holds only what lives across the engine's await.
         Box::pin(async move {
             let served = state.shared.engine.get_or_fill_with(key, fill).await;
             let opts = &state.shared.opts;
             Ok(match served {
-                Ok(s) => match respond(opts, s, &state) {
-                    Some(res) => res,
-                    // Boxed: held inline, its store call would grow every request's future.
-                    None => Box::pin(unreadable(&state)).await,
-                },
+                Ok(s) => {
+                    // A stale value's refresh has been started, with this request's service.
+                    let retry = !matches!(s.status, Status::Stale(_));
+                    match respond(opts, s, &state) {
+                        Some(res) => res,
+                        // Boxed: held inline, its store calls would grow every request's future.
+                        None => Box::pin(unreadable(&state, retry)).await,
+                    }
+                }
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
         })
@@ -272,18 +279,20 @@ type Side<B> = Mutex<SideState<B>>;
 
 /// One request's head and side state, in one allocation shared by its selector, its fill and
 /// its response.
-struct ReqState<B> {
+struct ReqState<S, B> {
     parts: Parts,
     /// The request has validators (see [`HeadScan`]), so a stored 200 may be answered with 304.
     conditional: bool,
     side: Side<B>,
+    /// The inner service, until a fill takes it: a hit leaves it here, for [`unreadable`].
+    inner: Mutex<Option<S>>,
     /// The layer's shared state: held here so a request clones its `Arc` once (every clone is
     /// an atomic on a cache line all threads share).
     shared: Arc<Shared>,
 }
 
 /// A request's variant is picked by its own headers.
-impl<B: Send> Select for ReqState<B> {
+impl<S: Send, B: Send> Select for ReqState<S, B> {
     fn variant(&self, selector: &[u8]) -> Option<Digest> {
         variant_of(selector, &self.parts.headers)
     }
@@ -443,8 +452,8 @@ impl std::fmt::Display for UpstreamFailure {
 impl std::error::Error for UpstreamFailure {}
 
 async fn fill_from_origin<S, ReqB, ResB>(
-    mut inner: S,
-    state: Arc<ReqState<ResB>>,
+    inner: Option<S>,
+    state: Arc<ReqState<S, ResB>>,
     prev: Option<Prev>,
 ) -> Result<Fill, BoxError>
 where
@@ -456,6 +465,8 @@ where
     ResB::Data: Send,
     ResB::Error: Into<BoxError>,
 {
+    // `None` when `unreadable` took the service for its own fill first.
+    let mut inner = inner.ok_or("the request's service was taken by a second try of its URL")?;
     let opts = &state.shared.opts;
     let (parts, side) = (&state.parts, &state.side);
     let headers = fill_headers(&parts.headers);
@@ -585,10 +596,10 @@ fn own<B>(side: &Side<B>, detail: &'static str, res: Response<ResponseBody<B>>) 
 
 /// The response for what the engine served; `None` when the stored value is not a response
 /// this layer can read (see [`unreadable`]).
-fn respond<B>(
+fn respond<S, B>(
     opts: &Options,
     served: Served,
-    state: &ReqState<B>,
+    state: &ReqState<S, B>,
 ) -> Option<Response<ResponseBody<B>>> {
     let (req, side, conditional) = (&state.parts, &state.side, state.conditional);
     let (detail, revalidated) = {
@@ -789,22 +800,56 @@ fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
 }
 
 /// The store served a value under this URL that is not a response this layer wrote (a foreign
-/// writer under the prefix, a damaged store): it is dropped (invalidated, so the next request
-/// fills afresh instead of meeting it again until it expires) and this request gets a 502
-/// that says so. Whether the drop worked is only logged: the answer is the same.
-async fn unreadable<B>(state: &ReqState<B>) -> Response<ResponseBody<B>> {
+/// writer under the prefix, a damaged store): it is dropped (invalidated, so no request meets it
+/// again until it expires) and, with `retry`, this request goes through the cache once more and
+/// fills. The answer is a 502 that says so when the drop fails, or without `retry`: a stale
+/// value's refresh was started with this request's service (and the drop refuses its write).
+async fn unreadable<S, ReqB, ResB>(
+    state: &Arc<ReqState<S, ResB>>,
+    retry: bool,
+) -> Response<ResponseBody<ResB>>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + 'static,
+    ReqB: Default + Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Into<BoxError>,
+{
+    let opts = &state.shared.opts;
     // The slot `classify` keyed the request with (it served a value, so the key function, if
     // any, named one).
-    if let Some(slot) = slot_of(&state.shared.opts, &state.parts) {
+    if let Some(slot) = slot_of(opts, &state.parts) {
+        // Claimed before the drop: a refresh XFetch started for the value (rare: it needs the
+        // value's fill time) then finds no service and gives up, and this request fills.
+        let inner = if retry {
+            lock(&state.inner).take()
+        } else {
+            None
+        };
         let dropped = state.shared.engine.invalidate_slot(&slot).await;
         tracing::warn!(
             %slot,
             dropped = dropped.is_ok(),
             "the store held a value under this URL that is not a stored response; dropped it"
         );
+        if let (Ok(()), Some(inner)) = (dropped, inner) {
+            let key = CacheKey::from_digest(slot).with_selector(state.clone());
+            let fill_state = state.clone();
+            let fill = move |prev: Option<Prev>| fill_from_origin(Some(inner), fill_state, prev);
+            match state.shared.engine.get_or_fill_with(key, fill).await {
+                Ok(s) => {
+                    if let Some(res) = respond(opts, s, state) {
+                        return res;
+                    }
+                }
+                Err(e) => return error_response(opts, e, &state.parts, &state.side),
+            }
+        }
     }
     plain_error(
-        &state.shared.opts,
+        opts,
         StatusCode::BAD_GATEWAY,
         None,
         "unreadable-entry",
