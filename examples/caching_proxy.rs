@@ -477,8 +477,9 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
                 .near_cache(args.near_cache)
                 .build()?;
             // Make the connections before taking traffic, so the first requests do not pay
-            // for them (or fail open while they are made); if Redis is down, start anyway.
-            probe_at_start("redis", b.warm_up()).await;
+            // for them (or fail open while they are made); if Redis is down, start anyway. A
+            // Redis that refuses the URL's password or database would refuse it for good.
+            probe_at_start("redis", b.warm_up(), |e| e.is_config_rejected()).await?;
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "redis"))]
@@ -496,24 +497,53 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
                 .build()
                 .await?;
             // Connections are made on first use: one read says now whether the cache will work.
-            probe_at_start("memcached", b.meta_get(&format!("{}probe", args.prefix))).await;
+            let probe_key = format!("{}probe", args.prefix);
+            probe_at_start("memcached", b.meta_get(&probe_key), |_| false).await?;
             return Ok(Arc::new(b));
         }
         #[cfg(not(feature = "memcached"))]
         return Err("this proxy was built without the `memcached` feature (cargo run --features memcached ...)".into());
     }
-    Err(format!("unknown --store {store:?}: expected memory, redis://... or memcache://...").into())
+    Err(format!(
+        "unknown --store {:?}: expected memory, redis://... or memcache://...",
+        redacted(store)
+    )
+    .into())
+}
+
+/// `url` with the userinfo's password (`scheme://user:password@host`) shown as `***`, and a
+/// userinfo without `:` (which may be a password alone) shown as `***` whole: what the proxy
+/// prints never holds a credential.
+fn redacted(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{user}@{}", &url[..start], &rest[at + 1..])
 }
 
 /// Waits up to 3 s for `probe`, a first call to the store, and warns when it fails: the proxy
-/// starts either way and fails open until the store is back.
+/// starts either way and fails open until the store is back. Only an error that `fatal` says no
+/// retry can cure (the store refusing the configuration) stops the start.
 #[cfg(any(feature = "redis", feature = "memcached"))]
 async fn probe_at_start<T, E: std::fmt::Display>(
     store: &str,
     probe: impl std::future::Future<Output = Result<T, E>>,
-) {
+    fatal: impl FnOnce(&E) -> bool,
+) -> Result<(), BoxError> {
     match tokio::time::timeout(Duration::from_secs(3), probe).await {
         Ok(Ok(_)) => {}
+        Ok(Err(e)) if fatal(&e) => {
+            return Err(format!("--store: {store} refused this configuration: {e}").into())
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "{store} unreachable at start; failing open until it is back")
         }
@@ -521,6 +551,7 @@ async fn probe_at_start<T, E: std::fmt::Display>(
             tracing::warn!("{store} did not answer within 3 s at start; failing open until it does")
         }
     }
+    Ok(())
 }
 
 /// The demo upstream: `/slow` (200 ms, counted, cacheable for 5 s), `/nocache` (200 ms,
@@ -995,7 +1026,7 @@ async fn run() -> Result<(), BoxError> {
         "tower-stampede caching proxy on http://{} -> {} (store: {})",
         listener.local_addr()?,
         args.upstream.as_deref().unwrap_or("demo upstream"),
-        args.store
+        redacted(&args.store)
     );
 
     // Graceful shutdown: stop accepting, ask every connection to finish its in-flight request,

@@ -1507,32 +1507,91 @@ async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
 /// A store that cannot be reached at start is said so at once (the proxy starts anyway and fails
 /// open), for Memcached as for Redis; a reachable one is not complained about.
 #[cfg(feature = "memcached")]
+/// What the proxy prints (its start line and warnings) until it listens, with `--store store`.
+fn start_output(store: &str) -> String {
+    let port = free_port();
+    let mut child = Command::new(proxy_bin())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", "http://127.0.0.1:9", "--store", store])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn caching_proxy");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "{store}: exited");
+        assert!(Instant::now() < deadline, "{store}: did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let _ = child.wait();
+    out
+}
+
+/// A Redis that answers but refuses the URL's password or database would refuse it for good:
+/// the proxy says so and does not start (it starts, failing open, when Redis is only down). The
+/// password is never printed, neither in the error nor in the start line.
+#[test]
+fn a_redis_refusing_the_urls_password_or_database_stops_the_start_and_no_password_is_printed() {
+    let server = common::servers::Server::redis();
+    assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
+    let port = server.port();
+    let cases = [
+        (format!("redis://:wr0ngpw@127.0.0.1:{port}/0"), "wr0ngpw"),
+        (format!("redis://127.0.0.1:{port}/0"), "sekret"),
+        (format!("redis://:sekret@127.0.0.1:{port}/99"), "sekret"),
+    ];
+    for (store, secret) in &cases {
+        let mut child = Command::new(proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--upstream", "http://127.0.0.1:9", "--store", store])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn caching_proxy");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{store}: the proxy started instead of refusing");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{store}: {status}");
+        assert!(
+            err.contains("--store: redis refused this configuration"),
+            "{store}: {err}"
+        );
+        assert!(
+            !(out.clone() + &err).contains(secret),
+            "{store}: {out}{err}"
+        );
+    }
+    // The right password starts it, and the start line shows it as `***`.
+    let out = start_output(&format!("redis://:sekret@127.0.0.1:{}/0", server.port()));
+    assert!(out.contains("(store: redis://:***@127.0.0.1:"), "{out}");
+    assert!(!out.contains("sekret"), "{out}");
+    assert!(!out.contains("unreachable"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_memcached_at_start_is_warned_about() {
     let server = common::servers::Server::memcached();
     let closed = format!("memcache://127.0.0.1:{}", free_port());
     let live = format!("memcache://127.0.0.1:{}", server.port());
     for (store, warned) in [(closed.as_str(), true), (live.as_str(), false)] {
-        let port = free_port();
-        let mut child = Command::new(proxy_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", "http://127.0.0.1:9", "--store", store])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn caching_proxy");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "{store}: exited");
-            assert!(Instant::now() < deadline, "{store}: did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let mut out = String::new();
-        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-        let _ = child.wait();
+        let out = start_output(store);
         assert_eq!(
             out.contains("memcached unreachable at start"),
             warned,

@@ -1230,3 +1230,38 @@ fn an_unusable_url_is_reported_as_the_url() {
         assert!(!msg.contains("pubsub"), "near {near}: {msg}");
     }
 }
+
+/// A Redis that answers and refuses the connection's setup (password, database) is told apart
+/// from one that is down or paused: only the first is `is_config_rejected`, for good reason to
+/// stop a start. A right setup connects.
+#[tokio::test]
+async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
+    let server = Server::redis();
+    assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
+    let port = server.port();
+    let mut dead = Server::redis();
+    let dead_port = dead.port();
+    dead.kill();
+    let paused = Server::redis();
+    paused.pause();
+    let cases = [
+        (format!("redis://:wr0ng@127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://:sekret@127.0.0.1:{port}/99"), Some(true)),
+        (format!("redis://127.0.0.1:{dead_port}/0"), Some(false)),
+        (format!("{}/0", paused.url()), Some(false)),
+        (format!("redis://:sekret@127.0.0.1:{port}/3"), None),
+    ];
+    for (url, rejected) in cases {
+        let b = RedisBackend::builder(url.as_str())
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        match (b.warm_up().await, rejected) {
+            (Ok(()), None) => {}
+            (Err(e), Some(want)) => assert_eq!(e.is_config_rejected(), want, "{url}: {e}"),
+            (got, want) => panic!("{url}: {got:?}, wanted rejected = {want:?}"),
+        }
+    }
+    paused.resume();
+}

@@ -35,6 +35,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct BackendError {
     msg: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    config_rejected: bool,
 }
 
 impl BackendError {
@@ -43,6 +44,7 @@ impl BackendError {
         BackendError {
             msg: msg.into(),
             source: None,
+            config_rejected: false,
         }
     }
 
@@ -54,7 +56,24 @@ impl BackendError {
         BackendError {
             msg: msg.into(),
             source: Some(Box::new(source)),
+            config_rejected: false,
         }
+    }
+
+    /// This error, marked as the store refusing this client's configuration (see
+    /// [`is_config_rejected`](Self::is_config_rejected)).
+    #[must_use]
+    pub fn config_rejected(mut self) -> Self {
+        self.config_rejected = true;
+        self
+    }
+
+    /// The store answered, and refused this client's configuration: a wrong password, a
+    /// database that does not exist, a command it may not run. Retrying will not help until the
+    /// configuration changes, so a program may refuse to start on it (the caching proxy
+    /// example does). The engine fails open on it like on any backend error.
+    pub fn is_config_rejected(&self) -> bool {
+        self.config_rejected
     }
 }
 

@@ -522,6 +522,24 @@ fn fence20(f: u64) -> String {
     format!("{f:020}")
 }
 
+/// Whether a connection's setup (`AUTH`, `SELECT`, `SCRIPT LOAD`) failed because the server
+/// refuses this client's configuration: a wrong or missing password, a database that does not
+/// exist, a command the user may not run. That is an answer, not a network fault or a passing
+/// state (loading a dump, a failover), so trying again cannot help.
+fn refuses_setup(e: &RedisError) -> bool {
+    let passing = ["LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "BUSY"];
+    match e.kind() {
+        ErrorKind::AuthenticationFailed => true,
+        // `SELECT` of a database that does not exist comes as this kind alone.
+        ErrorKind::Server(_) => !e.code().is_some_and(|c| passing.contains(&c)),
+        // A pipeline's (`SCRIPT LOAD`'s) errors.
+        _ => e
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errs| errs.iter().any(|(_, s)| !passing.contains(&s.code()))),
+    }
+}
+
 fn redis_err(what: &str, e: RedisError) -> BackendError {
     BackendError::with_source(format!("redis {what}"), e)
 }
@@ -610,7 +628,12 @@ impl Inner {
     async fn make_conn(&self) -> BackendResult<MultiplexedConnection> {
         let obj = match tokio::time::timeout(self.timeout, self.pool.get()).await {
             Ok(Ok(obj)) => obj,
-            Ok(Err(e)) => return Err(BackendError::with_source("redis connect", e)),
+            Ok(Err(e)) => {
+                let rejected =
+                    matches!(&e, deadpool_redis::PoolError::Backend(re) if refuses_setup(re));
+                let err = BackendError::with_source("redis connect", e);
+                return Err(if rejected { err.config_rejected() } else { err });
+            }
             Err(_) => {
                 return Err(BackendError::new(format!(
                     "redis connect: timed out after {:?}",
@@ -625,9 +648,15 @@ impl Inner {
         for s in self.scripts.all() {
             pipe.cmd("SCRIPT").arg("LOAD").arg(&s.code).ignore();
         }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| redis_err("SCRIPT LOAD", e))?;
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| {
+            let rejected = refuses_setup(&e);
+            let err = redis_err("SCRIPT LOAD", e);
+            if rejected {
+                err.config_rejected()
+            } else {
+                err
+            }
+        })?;
         if !self.policy_checked.swap(true, Ordering::Relaxed) {
             check_eviction_policy(&mut conn).await;
         }
