@@ -86,6 +86,12 @@ impl Proxy {
 
     /// The proxy with exactly these arguments (and `--listen`) and environment variables.
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        Proxy::spawn_to(args, env, Stdio::null())
+    }
+
+    /// [`Proxy::spawn`], its output (the start line, warnings) going to `stdout`; with
+    /// `Stdio::piped()`, [`Proxy::output`] reads it.
+    fn spawn_to(args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Proxy {
         let port = free_port();
         let child = Command::new(proxy_bin())
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -93,7 +99,7 @@ impl Proxy {
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn caching_proxy");
@@ -119,6 +125,16 @@ impl Proxy {
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Stops the proxy and returns what it printed (spawned with a piped stdout).
+    fn output(mut self) -> String {
+        self.kill9();
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        }
+        out
     }
 }
 
@@ -450,6 +466,44 @@ async fn an_unreachable_or_broken_upstream_is_a_502_and_a_hanging_one_a_504() {
     let (s, h, _) = send(&c, http::Method::GET, slow.url("/slow?ms=5000")).await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{}", cache_status(&h));
     assert_eq!(up.calls(), 1);
+}
+
+/// An upstream that closes in the middle of a body it announced: the client gets a 502 (not
+/// the part that came), nothing is stored, and the proxy says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_upstream_body_is_a_502_never_stored_and_logged() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let addr = common::raw_server(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            if read_head(&mut s).await.is_some() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let res = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 10\r\n\r\nabc";
+                let _ = s.write_all(res).await;
+            }
+        }
+    })
+    .await;
+    let up = format!("http://{addr}");
+    let p = Proxy::spawn_to(&["--upstream", &up], &[], Stdio::piped());
+    let c = client();
+    // The second comes while the failed fill's lease runs: it shares that failure (one
+    // upstream call per lease for a failing URL), and finds no `abc` stored.
+    for _ in 0..2 {
+        let (s, h, body) = send(&c, http::Method::GET, p.url("/t")).await;
+        assert_eq!(s, StatusCode::BAD_GATEWAY, "{body:?}");
+        assert!(cache_status(&h).contains("detail=origin-error"), "{h:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+    let out = p.output();
+    assert!(
+        out.contains("the origin's response body failed")
+            && out.contains("path=/t")
+            && out.contains("end of file"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1509,27 +1563,8 @@ async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
 #[cfg(feature = "memcached")]
 /// What the proxy prints (its start line and warnings) until it listens, with `--store store`.
 fn start_output(store: &str) -> String {
-    let port = free_port();
-    let mut child = Command::new(proxy_bin())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--upstream", "http://127.0.0.1:9", "--store", store])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn caching_proxy");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "{store}: exited");
-        assert!(Instant::now() < deadline, "{store}: did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    let _ = child.wait();
-    out
+    let args = ["--upstream", "http://127.0.0.1:9", "--store", store];
+    Proxy::spawn_to(&args, &[], Stdio::piped()).output()
 }
 
 /// A Redis that answers but refuses the URL's password or database would refuse it for good:

@@ -553,7 +553,28 @@ where
         }
         return Ok(own(side, detail, res));
     }
-    match buffer(Box::pin(body), opts.max_body).await? {
+    let buffered = match buffer(Box::pin(body), opts.max_body).await {
+        Ok(b) => b,
+        Err(e) => {
+            // Once per fill: every request waiting on it gets the error response.
+            // With its causes: hyper's own message ("error reading a body") does not say why.
+            let mut why = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                why.push_str(": ");
+                why.push_str(&c.to_string());
+                cause = c.source();
+            }
+            tracing::warn!(
+                path = %parts.uri.path(),
+                status = rparts.status.as_u16(),
+                error = %why,
+                "the origin's response body failed before its end; nothing stored"
+            );
+            return Err(e);
+        }
+    };
+    match buffered {
         Buffered::Overflow { prefix, rest } => {
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
             if failed {
@@ -925,7 +946,7 @@ fn error_response<B>(
         Error::Timeout(_) => (
             StatusCode::GATEWAY_TIMEOUT,
             "wait-timeout",
-            "timed out waiting for another request's fill\n",
+            "timed out waiting for this URL's fill\n",
         ),
         Error::FailedElsewhere => (
             StatusCode::BAD_GATEWAY,
