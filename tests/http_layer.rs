@@ -1619,3 +1619,37 @@ async fn an_unreadable_stored_response_is_dropped_and_refilled() {
     let g = send(&svc, get("http://a.test/p")).await;
     assert!(g.cs().contains("; hit"), "{}", g.cs());
 }
+
+/// A request's `Cache-Control: no-cache` or `max-age=0` (a reload) is a preference (RFC 9111
+/// section 5.2.1.4), served from the cache: honoured, any client could send the herd to the
+/// origin. `no-store` bypasses the cache.
+#[tokio::test(start_paused = true)]
+async fn a_request_asking_for_no_cache_is_served_from_the_cache_and_no_store_bypasses_it() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let g = send(&svc, get("http://a.test/r")).await;
+    assert_eq!(&g.body[..], b"run 1");
+    for cc in [
+        "no-cache",
+        "max-age=0",
+        "no-cache, max-age=0",
+        "must-revalidate",
+    ] {
+        let req = Request::get("http://a.test/r")
+            .header("cache-control", cc)
+            .body(Full::default())
+            .unwrap();
+        let g = send(&svc, req).await;
+        assert_eq!(&g.body[..], b"run 1", "{cc}");
+        assert!(g.cs().contains("; hit"), "{cc}: {}", g.cs());
+    }
+    assert_eq!(origin.calls(), 1);
+    let req = Request::get("http://a.test/r")
+        .header("cache-control", "no-store")
+        .body(Full::default())
+        .unwrap();
+    let g = send(&svc, req).await;
+    assert_eq!(&g.body[..], b"run 2");
+    assert!(g.cs().contains("fwd=bypass; detail=no-store"), "{}", g.cs());
+    assert_eq!(origin.calls(), 2);
+}
