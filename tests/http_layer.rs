@@ -1653,3 +1653,38 @@ async fn a_request_asking_for_no_cache_is_served_from_the_cache_and_no_store_byp
     assert!(g.cs().contains("fwd=bypass; detail=no-store"), "{}", g.cs());
     assert_eq!(origin.calls(), 2);
 }
+
+/// `Host: a.test:80`, `Host: A.test` and an absolute `http://a.test:80/` target name one origin
+/// (RFC 3986 section 6.2.3): one entry, and a POST through any of them invalidates it. Another
+/// port is another origin.
+#[tokio::test(start_paused = true)]
+async fn a_default_port_or_an_upper_case_host_is_the_same_url() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let with_host = |method: Method, uri: &str, host: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", host)
+            .body(Full::default())
+            .unwrap()
+    };
+    let g = send(&svc, with_host(Method::GET, "/p", "a.test:80")).await;
+    assert_eq!(&g.body[..], b"run 1");
+    for (uri, host) in [
+        ("/p", "a.test"),
+        ("/p", "A.Test"),
+        ("http://a.test:80/p", "a.test"),
+        ("http://a.test/p", "a.test:80"),
+    ] {
+        let g = send(&svc, with_host(Method::GET, uri, host)).await;
+        assert!(g.cs().contains("; hit"), "{uri} {host}: {}", g.cs());
+    }
+    assert_eq!(origin.calls(), 1);
+    let g = send(&svc, with_host(Method::GET, "/p", "a.test:8080")).await;
+    assert_eq!(&g.body[..], b"run 2", "another port, another origin");
+    let g = send(&svc, with_host(Method::POST, "/p", "A.test:80")).await;
+    assert_eq!(g.status, StatusCode::OK);
+    let g = send(&svc, with_host(Method::GET, "/p", "a.test")).await;
+    assert_eq!(&g.body[..], b"run 4", "invalidated by the POST: {}", g.cs());
+}

@@ -1,5 +1,7 @@
 //! HTTP cache keys: the URL-level slot and the `Vary` selector.
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderValue, Uri};
 
 use crate::key::Digest;
@@ -15,12 +17,7 @@ pub(crate) fn url_slot(uri: &Uri, host: Option<&HeaderValue>) -> Digest {
         .map(|a| a.as_str().as_bytes())
         .or_else(|| host.map(|h| h.as_bytes()))
         .unwrap_or_default();
-    // Hosts are case-insensitive; most arrive lower-case already, and then cost no copy.
-    let authority: std::borrow::Cow<'_, [u8]> = if authority.iter().any(u8::is_ascii_uppercase) {
-        authority.to_ascii_lowercase().into()
-    } else {
-        authority.into()
-    };
+    let authority = authority_key(scheme, authority);
     // Path and query as one field, so `/a?` and `/a` stay apart (RFC 3986 section 6.2.3: an
     // empty query is not no query).
     let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -31,6 +28,29 @@ pub(crate) fn url_slot(uri: &Uri, host: Option<&HeaderValue>) -> Digest {
         &authority,
         target.as_bytes(),
     ])
+}
+
+/// An authority as keys compare it: lower-cased (hosts are case-insensitive) and without the
+/// scheme's default port, so `A.test:80` and `a.test` are one origin for http (RFC 3986 section
+/// 6.2.3). An origin-form target's scheme is taken as http, as in its key. Most authorities
+/// arrive lower-case and without a port, and then cost no copy.
+pub(crate) fn authority_key<'a>(scheme: &str, authority: &'a [u8]) -> Cow<'a, [u8]> {
+    let default_port: &[u8] = if scheme.eq_ignore_ascii_case("https") {
+        b":443"
+    } else if scheme.eq_ignore_ascii_case("http") {
+        b":80"
+    } else {
+        b""
+    };
+    let authority = match authority.strip_suffix(default_port) {
+        Some(host) if !default_port.is_empty() => host,
+        _ => authority,
+    };
+    if authority.iter().any(u8::is_ascii_uppercase) {
+        authority.to_ascii_lowercase().into()
+    } else {
+        authority.into()
+    }
 }
 
 /// A slot from a user key.
@@ -89,6 +109,31 @@ pub(crate) fn variant_of(selector: &[u8], req: &HeaderMap) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities_compare_without_case_or_the_default_port() {
+        let key = |scheme, a: &'static str| authority_key(scheme, a.as_bytes()).into_owned();
+        assert_eq!(key("http", "A.Test:80"), b"a.test");
+        assert_eq!(key("HTTPS", "a.test:443"), b"a.test");
+        assert_eq!(key("http", "[::1]:80"), b"[::1]");
+        // Another port, or another scheme's default, stays.
+        for (scheme, a) in [
+            ("http", "a.test:8080"),
+            ("http", "a.test:443"),
+            ("https", "a.test:80"),
+            ("ftp", "a.test:80"),
+            ("http", "a.test:"),
+        ] {
+            assert_eq!(key(scheme, a), a.as_bytes(), "{scheme} {a}");
+        }
+        let slot = |uri: &str, host: &'static str| {
+            url_slot(&uri.parse().unwrap(), Some(&HeaderValue::from_static(host)))
+        };
+        assert_eq!(slot("/p", "a.test:80"), slot("/p", "a.test"));
+        assert_eq!(slot("http://a.test:80/p", "x"), slot("/p", "A.test"));
+        assert_ne!(slot("/p", "a.test:8080"), slot("/p", "a.test"));
+        assert_ne!(slot("https://a.test/p", "x"), slot("/p", "a.test"));
+    }
 
     #[test]
     fn vary_normalises_names() {

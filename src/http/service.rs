@@ -14,7 +14,7 @@ use tower_service::Service;
 use super::body::{buffer, Buffered, ResponseBody};
 use super::cache_status::{self, CACHE_STATUS};
 use super::freshness::{decide, Decision, DELTA_SECONDS_MAX};
-use super::key::{url_slot, user_slot, variant_of};
+use super::key::{authority_key, url_slot, user_slot, variant_of};
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse};
 use crate::engine::{CacheKey, Fill, Prev, Select, Served, Status};
@@ -224,8 +224,10 @@ impl<'a> HeadScan<'a> {
 
 /// Whether `host` names the target's authority, where the target has one (absolute form).
 fn host_matches_target(uri: &http::Uri, host: &HeaderValue) -> bool {
-    uri.authority()
-        .is_none_or(|a| a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
+    uri.authority().is_none_or(|a| {
+        let scheme = uri.scheme_str().unwrap_or("http");
+        authority_key(scheme, a.as_str().as_bytes()) == authority_key(scheme, host.as_bytes())
+    })
 }
 
 fn head_only<B>(req: &Request<B>) -> Request<()> {
@@ -379,15 +381,18 @@ fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
     } else {
         let uri: http::Uri = v.parse().ok()?;
         let (scheme, authority) = (uri.scheme_str()?, uri.authority()?.as_str());
+        // Each authority without its own scheme's default port (`a.test:80` is `a.test`).
+        let theirs = authority_key(scheme, authority.as_bytes());
         let same = match head.uri.authority() {
             Some(a) => {
-                scheme.eq_ignore_ascii_case(head.uri.scheme_str().unwrap_or("http"))
-                    && authority.eq_ignore_ascii_case(a.as_str())
+                let ours = head.uri.scheme_str().unwrap_or("http");
+                scheme.eq_ignore_ascii_case(ours)
+                    && theirs == authority_key(ours, a.as_str().as_bytes())
             }
             None => head
                 .headers
                 .get(header::HOST)
-                .is_some_and(|h| h.as_bytes().eq_ignore_ascii_case(authority.as_bytes())),
+                .is_some_and(|h| theirs == authority_key("http", h.as_bytes())),
         };
         if !same {
             return None;
