@@ -52,7 +52,12 @@ struct Args {
     #[arg(long, env = "STAMPEDE_UPSTREAM")]
     upstream: Option<String>,
     /// memory | redis://host:port[/db] | memcache://host:port[,host:port]
-    #[arg(long, env = "STAMPEDE_STORE", default_value = "memory")]
+    #[arg(
+        long,
+        env = "STAMPEDE_STORE",
+        hide_env_values = true,
+        default_value = "memory"
+    )]
     store: String,
     /// Freshness for responses whose origin sets none (default: such responses are not cached).
     #[arg(long, env = "STAMPEDE_TTL", value_parser = humantime::parse_duration)]
@@ -511,23 +516,44 @@ async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
     .into())
 }
 
-/// `url` with the userinfo's password (`scheme://user:password@host`) shown as `***`, and a
-/// userinfo without `:` (which may be a password alone) shown as `***` whole: what the proxy
-/// prints never holds a credential.
+/// `url` as the proxy prints it, never with a credential: a userinfo's password
+/// (`scheme://user:password@host`) as `***`, a userinfo without `:` (perhaps a password alone)
+/// as `***` whole, and `pass=` / `password=` query values (redis-rs reads a Unix socket's
+/// password there) as `***`. Without `://` (a typo, no scheme) everything before an `@` is the
+/// userinfo.
 fn redacted(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+    let (head, query) = match url.find(['?', '#']) {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
     };
-    let rest = &url[start..];
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..end].rfind('@') else {
-        return url.to_owned();
+    let start = head.find("://").map_or(0, |i| i + 3);
+    let head = match head[start..].rfind('@') {
+        Some(at) => {
+            let user = match head[start..start + at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            format!("{}{user}{}", &head[..start], &head[start + at..])
+        }
+        None => head.to_owned(),
     };
-    let user = match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_owned(),
-    };
-    format!("{}{user}@{}", &url[..start], &rest[at + 1..])
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if ["pass", "password"].contains(
+                    &name
+                        .trim_start_matches(['?', '#'])
+                        .to_ascii_lowercase()
+                        .as_str(),
+                ) =>
+            {
+                format!("{name}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    head + &query.join("&")
 }
 
 /// Waits up to 3 s for `probe`, a first call to the store, and warns when it fails: the proxy

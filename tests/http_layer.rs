@@ -1518,8 +1518,7 @@ async fn a_dead_store_is_asked_to_invalidate_once_per_response() {
 
 /// A value under the layer's key that the engine reads (a well-formed record) but that is not a
 /// response the layer wrote, as a foreign writer under the prefix or a damaged store could leave:
-/// never a panic; the entry is dropped and the request that met it fills (only a stale one, whose
-/// refresh already has the request's service, costs that request a 502 that says so).
+/// never a panic; the entry is dropped and the request that met it fills, fresh or stale.
 #[tokio::test(start_paused = true)]
 async fn an_unreadable_stored_response_is_dropped_and_refilled() {
     use tower_stampede::backend::{memory::MemoryBackend, Token};
@@ -1600,22 +1599,23 @@ async fn an_unreadable_stored_response_is_dropped_and_refilled() {
         let g = send(&svc, get("http://a.test/p")).await;
         assert!(g.cs().contains("; hit"), "value {i}: {}", g.cs());
     }
-    // Stale, inside its stale-while-revalidate window: the refresh started for it has this
-    // request's service, so the request gets the 502; the drop refuses the refresh's write, and
-    // the next request fills.
+    // Stale, inside its stale-while-revalidate window: a refresh starts for it, and this
+    // request retries with a clone of its service, so either can fill; the request is served.
     let stale = Meta {
         fresh_until_ms: 1,
         swr_ms: u64::MAX / 4,
         ..meta
     };
     put(&stale, &unreadable[0]);
-    let g = send(&svc, get("http://a.test/p")).await;
-    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
-    assert!(g.cs().contains("detail=unreadable-entry"), "{}", g.cs());
     let n = unreadable.len();
     let g = send(&svc, get("http://a.test/p")).await;
     assert_eq!(g.status, StatusCode::OK, "{}", g.cs());
-    assert!(origin.calls() <= n + 2, "{} calls", origin.calls());
+    assert_eq!(&g.body[..], format!("run {}", n + 1).as_bytes());
+    assert_eq!(
+        origin.calls(),
+        n + 1,
+        "the refresh gave up: the drop changed the fence"
+    );
     let g = send(&svc, get("http://a.test/p")).await;
     assert!(g.cs().contains("; hit"), "{}", g.cs());
 }
@@ -1687,4 +1687,124 @@ async fn a_default_port_or_an_upper_case_host_is_the_same_url() {
     assert_eq!(g.status, StatusCode::OK);
     let g = send(&svc, with_host(Method::GET, "/p", "a.test")).await;
     assert_eq!(&g.body[..], b"run 4", "invalidated by the POST: {}", g.cs());
+}
+
+/// The memory store with a round trip on `invalidate` alone, so a refresh that starts with a
+/// request can reach the store before that request's invalidation does.
+#[derive(Clone)]
+struct SlowInvalidate(tower_stampede::backend::memory::MemoryBackend);
+
+mod slow_invalidate {
+    use super::SlowInvalidate;
+    use std::time::Duration;
+    use tower_stampede::backend::{
+        Acquire, Backend, BackendResult, BoxFuture, FencedWrite, Fetched, Signal, Subscription,
+        Token, WriteOutcome,
+    };
+    use tower_stampede::key::Digest;
+
+    impl Backend for SlowInvalidate {
+        fn name(&self) -> &'static str {
+            "slow-invalidate"
+        }
+        fn fetch<'a>(
+            &'a self,
+            s: &'a Digest,
+            v: Option<&'a Digest>,
+        ) -> BoxFuture<'a, BackendResult<Fetched>> {
+            self.0.fetch(s, v)
+        }
+        fn try_acquire<'a>(
+            &'a self,
+            s: &'a Digest,
+            ttl: Duration,
+            seen: u64,
+        ) -> BoxFuture<'a, BackendResult<Acquire>> {
+            self.0.try_acquire(s, ttl, seen)
+        }
+        fn extend<'a>(
+            &'a self,
+            s: &'a Digest,
+            t: Token,
+            ttl: Duration,
+        ) -> BoxFuture<'a, BackendResult<bool>> {
+            self.0.extend(s, t, ttl)
+        }
+        fn release<'a>(
+            &'a self,
+            s: &'a Digest,
+            t: Token,
+            sig: Signal,
+        ) -> BoxFuture<'a, BackendResult<bool>> {
+            self.0.release(s, t, sig)
+        }
+        fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
+            self.0.write(w)
+        }
+        fn invalidate<'a>(
+            &'a self,
+            s: &'a Digest,
+            ttl: Duration,
+        ) -> BoxFuture<'a, BackendResult<u64>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                self.0.invalidate(s, ttl).await
+            })
+        }
+        fn signal<'a>(&'a self, s: &'a Digest, sig: Signal) -> BoxFuture<'a, BackendResult<()>> {
+            self.0.signal(s, sig)
+        }
+        fn subscribe<'a>(
+            &'a self,
+            s: &'a Digest,
+        ) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
+            self.0.subscribe(s)
+        }
+    }
+}
+
+/// An unreadable fresh value whose XFetch refresh takes the lease (and the request's service)
+/// while the request's invalidation is on its way: the request still fills with its own clone
+/// of the service and is served, never a 502 for the lease's length. Found by a review helper.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_value_whose_xfetch_refresh_wins_the_lease_is_still_served() {
+    use tower_stampede::backend::{memory::MemoryBackend, Token};
+    use tower_stampede::entry::{Header, Kind, Meta, Record};
+    use tower_stampede::key::Digest;
+
+    let mem = MemoryBackend::default();
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    // XFetch always due: the deterministic form of a rare draw.
+    let config = tower_stampede::Config::default().xfetch_beta(1e18);
+    let engine =
+        tower_stampede::Stampede::with_config(SlowInvalidate(mem.clone()), config).unwrap();
+    let svc = StampedeLayer::new(engine)
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    let meta = Meta {
+        stored_at_ms: 0,
+        fresh_until_ms: u64::MAX / 2,
+        swr_ms: 0,
+        sie_ms: 0,
+        fill_ms: 1000,
+    };
+    let header = Header {
+        kind: Kind::Entry,
+        fence: 1,
+        token: Token::random(),
+        epoch: 0,
+    };
+    // Status 0: not a response the layer reads.
+    let record = Record::encode_entry(header, &meta, &[0u8; 8]);
+    let slot = Digest::of_fields([&b"http-user"[..], b"/p"]);
+    mem.put_raw(&slot, record, Duration::from_secs(600));
+    let g = send(&svc, get("http://a.test/p")).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.cs());
+    assert!(g.cs().contains("fwd=uri-miss; stored"), "{}", g.cs());
+    let served = g.body;
+    assert!(origin.calls() <= 2, "{} calls", origin.calls());
+    tokio::time::sleep(ms(100)).await;
+    let g = send(&svc, get("http://a.test/p")).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    assert_eq!(g.body, served);
 }

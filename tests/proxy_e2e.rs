@@ -1620,6 +1620,40 @@ fn a_redis_refusing_the_urls_password_or_database_stops_the_start_and_no_passwor
     assert!(!out.contains("unreachable"), "{out}");
 }
 
+/// However a store URL carries a password, a refusal to start never prints it, nor does
+/// `--help` with the store in the environment. Forms found by a review helper.
+#[test]
+fn a_password_in_any_store_form_is_never_printed() {
+    let stores = [
+        "redis+unix:///tmp/r.sock?db=0&pass=s3cr3t",
+        "unix:///tmp/r.sock?password=s3cr3t",
+        ":s3cr3t@127.0.0.1:6379",
+        "redis:/user:s3cr3t@h:1",
+        "memcache://user:s3cr3t@127.0.0.1:11211",
+        "memcache://s3cr3t@127.0.0.1:11211",
+    ];
+    for store in stores {
+        let out = Command::new(proxy_bin())
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--upstream", "http://127.0.0.1:9", "--store", store])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run caching_proxy");
+        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{store}: {text}");
+        assert!(text.contains("Error:"), "{store}: {text}");
+        assert!(!text.contains("s3cr3t"), "{store}: {text}");
+    }
+    let out = Command::new(proxy_bin())
+        .arg("--help")
+        .env("STAMPEDE_STORE", "redis://:s3cr3t@127.0.0.1:6379")
+        .output()
+        .expect("run caching_proxy");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("STAMPEDE_STORE"), "{text}");
+    assert!(!text.contains("s3cr3t"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_memcached_at_start_is_warned_about() {
     let server = common::servers::Server::memcached();

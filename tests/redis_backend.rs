@@ -1264,4 +1264,26 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
         }
     }
     paused.resume();
+    // Busy running a script: its `SELECT` fails as `ERR` in redis-rs, yet it passes.
+    let busy = Server::redis();
+    assert!(busy
+        .raw("CONFIG SET busy-reply-threshold 50")
+        .contains("OK"));
+    let addr = busy.addr();
+    let looping = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"EVAL \"while true do end\" 0\r\n").unwrap();
+        let mut buf = [0u8; 256];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let url = format!("{}/1", busy.url());
+    let b = RedisBackend::builder(url.as_str())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let e = b.warm_up().await.expect_err("busy");
+    assert!(!e.is_config_rejected(), "{url}: {e}");
+    assert!(busy.raw("SCRIPT KILL").contains("OK"));
+    looping.join().unwrap();
 }

@@ -302,6 +302,13 @@ fn parse_url(url: &str) -> Result<Vec<String>, ConfigError> {
         .map(|s| &url[s.len()..])
         .ok_or_else(|| bad("expected memcache://host:port[,host:port...]"))?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') {
+        // Not echoed: it may hold a password.
+        return Err(ConfigError::new(
+            "memcached URL: user and password are not supported (the meta protocol has no \
+             authentication)",
+        ));
+    }
     let mut out = Vec::new();
     for part in rest.split(',') {
         let part = part.trim();
@@ -1120,6 +1127,9 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+        // A password is refused without being repeated.
+        let err = parse_url("memcache://user:s3cr3t@127.0.0.1:11211").unwrap_err();
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]

@@ -84,11 +84,7 @@ where
         let state = Arc::new(ReqState {
             parts,
             conditional,
-            side: Mutex::new(SideState {
-                own: None,
-                detail: None,
-                revalidated: None,
-            }),
+            side: Mutex::new(SideState::default()),
             inner: Mutex::new(Some(self.inner.clone())),
             shared,
         });
@@ -104,15 +100,11 @@ where
             let served = state.shared.engine.get_or_fill_with(key, fill).await;
             let opts = &state.shared.opts;
             Ok(match served {
-                Ok(s) => {
-                    // A stale value's refresh has been started, with this request's service.
-                    let retry = !matches!(s.status, Status::Stale(_));
-                    match respond(opts, s, &state) {
-                        Some(res) => res,
-                        // Boxed: held inline, its store calls would grow every request's future.
-                        None => Box::pin(unreadable(&state, retry)).await,
-                    }
-                }
+                Ok(s) => match respond(opts, s, &state) {
+                    Some(res) => res,
+                    // Boxed: held inline, its store calls would grow every request's future.
+                    None => Box::pin(unreadable(&state)).await,
+                },
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
         })
@@ -275,6 +267,16 @@ struct SideState<B> {
     detail: Option<&'static str>,
     /// This request's fill revalidated a stale entry, and the origin answered with this status.
     revalidated: Option<StatusCode>,
+}
+
+impl<B> Default for SideState<B> {
+    fn default() -> Self {
+        SideState {
+            own: None,
+            detail: None,
+            revalidated: None,
+        }
+    }
 }
 
 type Side<B> = Mutex<SideState<B>>;
@@ -470,8 +472,9 @@ where
     ResB::Data: Send,
     ResB::Error: Into<BoxError>,
 {
-    // `None` when `unreadable` took the service for its own fill first.
-    let mut inner = inner.ok_or("the request's service was taken by a second try of its URL")?;
+    // `None` cannot happen: a request's first fill takes its service, and a second try (see
+    // `unreadable`) brings a clone.
+    let mut inner = inner.ok_or("the request's service was already used by its fill")?;
     let opts = &state.shared.opts;
     let (parts, side) = (&state.parts, &state.side);
     let headers = fill_headers(&parts.headers);
@@ -827,15 +830,13 @@ fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
 
 /// The store served a value under this URL that is not a response this layer wrote (a foreign
 /// writer under the prefix, a damaged store): it is dropped (invalidated, so no request meets it
-/// again until it expires) and, with `retry`, this request goes through the cache once more and
-/// fills. The answer is a 502 that says so when the drop fails, or without `retry`: a stale
-/// value's refresh was started with this request's service (and the drop refuses its write).
-async fn unreadable<S, ReqB, ResB>(
-    state: &Arc<ReqState<S, ResB>>,
-    retry: bool,
-) -> Response<ResponseBody<ResB>>
+/// again until it expires) and this request goes through the cache once more, and fills. The
+/// retry uses a clone of the request's service: a refresh the value started (stale, or XFetch)
+/// may take the service itself at any time, and either must be able to fill. Only when the drop
+/// fails, or the refresh already took the service, is the answer a 502 that says so.
+async fn unreadable<S, ReqB, ResB>(state: &Arc<ReqState<S, ResB>>) -> Response<ResponseBody<ResB>>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError> + Send + 'static,
     ReqB: Default + Send + 'static,
@@ -847,13 +848,8 @@ where
     // The slot `classify` keyed the request with (it served a value, so the key function, if
     // any, named one).
     if let Some(slot) = slot_of(opts, &state.parts) {
-        // Claimed before the drop: a refresh XFetch started for the value (rare: it needs the
-        // value's fill time) then finds no service and gives up, and this request fills.
-        let inner = if retry {
-            lock(&state.inner).take()
-        } else {
-            None
-        };
+        // Cloned before the drop's round trip, while a refresh is least likely to have taken it.
+        let inner = lock(&state.inner).clone();
         let dropped = state.shared.engine.invalidate_slot(&slot).await;
         tracing::warn!(
             %slot,
@@ -861,16 +857,24 @@ where
             "the store held a value under this URL that is not a stored response; dropped it"
         );
         if let (Ok(()), Some(inner)) = (dropped, inner) {
-            let key = CacheKey::from_digest(slot).with_selector(state.clone());
-            let fill_state = state.clone();
+            // A side state of its own: a refresh still running writes into the first one.
+            let again = Arc::new(ReqState {
+                parts: state.parts.clone(),
+                conditional: state.conditional,
+                side: Mutex::new(SideState::default()),
+                inner: Mutex::new(None),
+                shared: state.shared.clone(),
+            });
+            let key = CacheKey::from_digest(slot).with_selector(again.clone());
+            let fill_state = again.clone();
             let fill = move |prev: Option<Prev>| fill_from_origin(Some(inner), fill_state, prev);
-            match state.shared.engine.get_or_fill_with(key, fill).await {
+            match again.shared.engine.get_or_fill_with(key, fill).await {
                 Ok(s) => {
-                    if let Some(res) = respond(opts, s, state) {
+                    if let Some(res) = respond(opts, s, &again) {
                         return res;
                     }
                 }
-                Err(e) => return error_response(opts, e, &state.parts, &state.side),
+                Err(e) => return error_response(opts, e, &again.parts, &again.side),
             }
         }
     }

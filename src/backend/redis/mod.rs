@@ -525,18 +525,24 @@ fn fence20(f: u64) -> String {
 /// Whether a connection's setup (`AUTH`, `SELECT`, `SCRIPT LOAD`) failed because the server
 /// refuses this client's configuration: a wrong or missing password, a database that does not
 /// exist, a command the user may not run. That is an answer, not a network fault or a passing
-/// state (loading a dump, a failover), so trying again cannot help.
+/// state, so trying again cannot help. Only errors known to be such count: redis-rs reports a
+/// failed `SELECT` as `ERR` whatever the server said (`BUSY` running a script, say), so there
+/// the message decides, and a state that passes must never stop a start.
 fn refuses_setup(e: &RedisError) -> bool {
-    let passing = ["LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "BUSY"];
+    const REFUSALS: [&str; 3] = ["NOAUTH", "WRONGPASS", "NOPERM"];
     match e.kind() {
+        // redis-rs's reading of a refused `AUTH` (`AUTH` is answered even while Redis is
+        // loading or busy).
         ErrorKind::AuthenticationFailed => true,
-        // `SELECT` of a database that does not exist comes as this kind alone.
-        ErrorKind::Server(_) => !e.code().is_some_and(|c| passing.contains(&c)),
-        // A pipeline's (`SCRIPT LOAD`'s) errors.
+        // `SELECT` of a database that does not exist, or `SELECT` on a cluster node.
+        ErrorKind::Server(_) => e.detail().is_some_and(|d| {
+            d.contains("DB index is out of range") || d.contains("not allowed in cluster mode")
+        }),
+        // A pipeline's (`SCRIPT LOAD`'s) errors keep their codes.
         _ => e
             .clone()
             .into_server_errors()
-            .is_some_and(|errs| errs.iter().any(|(_, s)| !passing.contains(&s.code()))),
+            .is_some_and(|errs| errs.iter().any(|(_, s)| REFUSALS.contains(&s.code()))),
     }
 }
 
