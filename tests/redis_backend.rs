@@ -1237,6 +1237,9 @@ fn an_unusable_url_is_reported_as_the_url() {
 #[tokio::test]
 async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
     let server = Server::redis();
+    // A user kept from our keys by the ACL (it may run everything, on `other:*` only).
+    let acl = "ACL SETUSER narrow on >pw ~other:* &* +@all";
+    assert!(server.raw(acl).contains("OK"));
     assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
     let port = server.port();
     let mut dead = Server::redis();
@@ -1248,6 +1251,7 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
         (format!("redis://:wr0ng@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://:sekret@127.0.0.1:{port}/99"), Some(true)),
+        (format!("redis://narrow:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://127.0.0.1:{dead_port}/0"), Some(false)),
         (format!("{}/0", paused.url()), Some(false)),
         (format!("redis://:sekret@127.0.0.1:{port}/3"), None),

@@ -301,11 +301,23 @@ impl RedisBackend {
             near.connect().await;
             self.inner.watch_held();
         }
+        let mut first = None;
         for i in 0..self.inner.held.len() {
             let mut live = self.inner.reconnect(i, true).await?;
             if let Some(near) = &self.inner.near {
                 near.track(&live.tracked, &mut live.conn).await;
             }
+            first.get_or_insert(live);
+        }
+        // One read under the prefix: a user the ACL keeps from these keys is refused now
+        // (`NOPERM`), not silently on every request.
+        if let Some(mut live) = first {
+            let key = self.inner.prefix.entry(&Digest::of_key("warm-up"));
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<i64>(&mut live.conn)
+                .await
+                .map_err(|e| setup_err("EXISTS", e))?;
         }
         Ok(())
     }
@@ -522,7 +534,7 @@ fn fence20(f: u64) -> String {
     format!("{f:020}")
 }
 
-/// Whether a connection's setup (`AUTH`, `SELECT`, `SCRIPT LOAD`) failed because the server
+/// Whether a connection's setup (`AUTH`, `SELECT`, `SCRIPT LOAD`, the warm-up read) failed because the server
 /// refuses this client's configuration: a wrong or missing password, a database that does not
 /// exist, a command the user may not run. That is an answer, not a network fault or a passing
 /// state, so trying again cannot help. Only errors known to be such count: redis-rs reports a
@@ -534,15 +546,31 @@ fn refuses_setup(e: &RedisError) -> bool {
         // redis-rs's reading of a refused `AUTH` (`AUTH` is answered even while Redis is
         // loading or busy).
         ErrorKind::AuthenticationFailed => true,
-        // `SELECT` of a database that does not exist, or `SELECT` on a cluster node.
-        ErrorKind::Server(_) => e.detail().is_some_and(|d| {
-            d.contains("DB index is out of range") || d.contains("not allowed in cluster mode")
-        }),
+        // A refusal of its own (`NOPERM` on our keys), or `SELECT` of a database that does not
+        // exist, or `SELECT` on a cluster node.
+        ErrorKind::Server(_) => {
+            e.code().is_some_and(|c| REFUSALS.contains(&c))
+                || e.detail().is_some_and(|d| {
+                    d.contains("DB index is out of range")
+                        || d.contains("not allowed in cluster mode")
+                })
+        }
         // A pipeline's (`SCRIPT LOAD`'s) errors keep their codes.
         _ => e
             .clone()
             .into_server_errors()
             .is_some_and(|errs| errs.iter().any(|(_, s)| REFUSALS.contains(&s.code()))),
+    }
+}
+
+/// An error of a connection's setup, marked when the server refuses the configuration.
+fn setup_err(what: &str, e: RedisError) -> BackendError {
+    let rejected = refuses_setup(&e);
+    let err = redis_err(what, e);
+    if rejected {
+        err.config_rejected()
+    } else {
+        err
     }
 }
 
@@ -654,15 +682,9 @@ impl Inner {
         for s in self.scripts.all() {
             pipe.cmd("SCRIPT").arg("LOAD").arg(&s.code).ignore();
         }
-        pipe.query_async::<()>(&mut conn).await.map_err(|e| {
-            let rejected = refuses_setup(&e);
-            let err = redis_err("SCRIPT LOAD", e);
-            if rejected {
-                err.config_rejected()
-            } else {
-                err
-            }
-        })?;
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| setup_err("SCRIPT LOAD", e))?;
         if !self.policy_checked.swap(true, Ordering::Relaxed) {
             check_eviction_policy(&mut conn).await;
         }
