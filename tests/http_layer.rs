@@ -1591,13 +1591,15 @@ async fn an_unreadable_stored_response_is_dropped_and_refilled() {
             "value {i}"
         );
         assert!(
-            g.cs().contains("fwd=uri-miss; stored"),
+            g.cs().contains("fwd=uri-miss; stored")
+                && g.cs().ends_with("; detail=replaced-unreadable-entry"),
             "value {i}: {}",
             g.cs()
         );
         assert_eq!(origin.calls(), i + 1, "value {i}");
         let g = send(&svc, get("http://a.test/p")).await;
         assert!(g.cs().contains("; hit"), "value {i}: {}", g.cs());
+        assert!(!g.cs().contains("unreadable"), "value {i}: {}", g.cs());
     }
     // Stale, inside its stale-while-revalidate window: a refresh starts for it, and this
     // request retries with a clone of its service, so either can fill; the request is served.
@@ -1690,16 +1692,17 @@ async fn a_default_port_or_an_upper_case_host_is_the_same_url() {
 }
 
 /// The memory store with a round trip on `invalidate` alone, so a refresh that starts with a
-/// request can reach the store before that request's invalidation does.
+/// request can reach the store before that request's invalidation does; with `fail`, the
+/// invalidation errs after it.
 #[derive(Clone)]
-struct SlowInvalidate(tower_stampede::backend::memory::MemoryBackend);
+struct SlowInvalidate(tower_stampede::backend::memory::MemoryBackend, bool);
 
 mod slow_invalidate {
     use super::SlowInvalidate;
     use std::time::Duration;
     use tower_stampede::backend::{
-        Acquire, Backend, BackendResult, BoxFuture, FencedWrite, Fetched, Signal, Subscription,
-        Token, WriteOutcome,
+        Acquire, Backend, BackendError, BackendResult, BoxFuture, FencedWrite, Fetched, Signal,
+        Subscription, Token, WriteOutcome,
     };
     use tower_stampede::key::Digest;
 
@@ -1748,6 +1751,9 @@ mod slow_invalidate {
         ) -> BoxFuture<'a, BackendResult<u64>> {
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                if self.1 {
+                    return Err(BackendError::new("invalidation refused by the test"));
+                }
                 self.0.invalidate(s, ttl).await
             })
         }
@@ -1763,30 +1769,19 @@ mod slow_invalidate {
     }
 }
 
-/// An unreadable fresh value whose XFetch refresh takes the lease (and the request's service)
-/// while the request's invalidation is on its way: the request still fills with its own clone
-/// of the service and is served, never a 502 for the lease's length. Found by a review helper.
-#[tokio::test(start_paused = true)]
-async fn an_unreadable_value_whose_xfetch_refresh_wins_the_lease_is_still_served() {
-    use tower_stampede::backend::{memory::MemoryBackend, Token};
+/// An unreadable fresh value under the path `/p` (a layer keyed on the path alone): a
+/// well-formed record whose response has status 0, its fill having taken `fill_ms`.
+fn put_status_zero(mem: &tower_stampede::backend::memory::MemoryBackend, fill_ms: u32) {
+    use tower_stampede::backend::Token;
     use tower_stampede::entry::{Header, Kind, Meta, Record};
     use tower_stampede::key::Digest;
 
-    let mem = MemoryBackend::default();
-    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
-    // XFetch always due: the deterministic form of a rare draw.
-    let config = tower_stampede::Config::default().xfetch_beta(1e18);
-    let engine =
-        tower_stampede::Stampede::with_config(SlowInvalidate(mem.clone()), config).unwrap();
-    let svc = StampedeLayer::new(engine)
-        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
-        .layer(origin.service());
     let meta = Meta {
         stored_at_ms: 0,
         fresh_until_ms: u64::MAX / 2,
         swr_ms: 0,
         sie_ms: 0,
-        fill_ms: 1000,
+        fill_ms,
     };
     let header = Header {
         kind: Kind::Entry,
@@ -1794,10 +1789,26 @@ async fn an_unreadable_value_whose_xfetch_refresh_wins_the_lease_is_still_served
         token: Token::random(),
         epoch: 0,
     };
-    // Status 0: not a response the layer reads.
     let record = Record::encode_entry(header, &meta, &[0u8; 8]);
     let slot = Digest::of_fields([&b"http-user"[..], b"/p"]);
     mem.put_raw(&slot, record, Duration::from_secs(600));
+}
+
+/// An unreadable fresh value whose XFetch refresh takes the lease (and the request's service)
+/// while the request's invalidation is on its way: the request still fills with its own clone
+/// of the service and is served, never a 502 for the lease's length. Found by a review helper.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_value_whose_xfetch_refresh_wins_the_lease_is_still_served() {
+    let mem = tower_stampede::backend::memory::MemoryBackend::default();
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    // XFetch always due: the deterministic form of a rare draw.
+    let config = tower_stampede::Config::default().xfetch_beta(1e18);
+    let engine =
+        tower_stampede::Stampede::with_config(SlowInvalidate(mem.clone(), false), config).unwrap();
+    let svc = StampedeLayer::new(engine)
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    put_status_zero(&mem, 1000);
     let g = send(&svc, get("http://a.test/p")).await;
     assert_eq!(g.status, StatusCode::OK, "{}", g.cs());
     assert!(g.cs().contains("fwd=uri-miss; stored"), "{}", g.cs());
@@ -1807,4 +1818,27 @@ async fn an_unreadable_value_whose_xfetch_refresh_wins_the_lease_is_still_served
     let g = send(&svc, get("http://a.test/p")).await;
     assert!(g.cs().contains("; hit"), "{}", g.cs());
     assert_eq!(g.body, served);
+}
+
+/// An unreadable value the store fails to drop: a 502 that says the drop failed (not "dropped,
+/// retry"), the origin is not called, and the next request meets the same answer until the
+/// store can drop it.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_value_the_store_cannot_drop_is_a_502_that_says_so() {
+    let mem = tower_stampede::backend::memory::MemoryBackend::default();
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let engine = tower_stampede::Stampede::new(SlowInvalidate(mem.clone(), true));
+    let svc = StampedeLayer::new(engine)
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    put_status_zero(&mem, 1);
+    for _ in 0..2 {
+        let g = send(&svc, get("http://a.test/p")).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+        assert!(g.cs().contains("detail=unreadable-entry"), "{}", g.cs());
+        let body = String::from_utf8_lossy(&g.body);
+        assert!(body.contains("failed to drop it"), "{body}");
+        assert!(!body.contains("has been dropped"), "{body}");
+    }
+    assert_eq!(origin.calls(), 0);
 }

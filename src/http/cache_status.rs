@@ -28,6 +28,27 @@ pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
     }
 }
 
+/// Adds `; detail=<detail>` to our member (the last, which holds no comma) of a response's
+/// `Cache-Status`, unless it has a detail already (RFC 9211 gives a member one).
+pub(crate) fn add_detail(headers: &mut HeaderMap, detail: &str) {
+    let Some(v) = headers.get(CACHE_STATUS) else {
+        return;
+    };
+    let bytes = v.as_bytes();
+    let ours = bytes.rsplit(|&b| b == b',').next().unwrap_or(bytes);
+    const DETAIL: &[u8] = b"; detail=";
+    if ours.windows(DETAIL.len()).any(|w| w == DETAIL) {
+        return;
+    }
+    let mut out = Vec::with_capacity(bytes.len() + DETAIL.len() + detail.len());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(DETAIL);
+    out.extend_from_slice(detail.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(out)) {
+        headers.insert(CACHE_STATUS, v);
+    }
+}
+
 /// [`add`] with earlier lines: ours after those that are well formed, in one value that replaces
 /// every line of the field.
 #[cold]
@@ -250,6 +271,27 @@ mod tests {
                 for_status(name, st, ttl, None)
             );
         }
+    }
+
+    #[test]
+    fn a_detail_is_added_to_our_member_only_when_it_has_none() {
+        let mut h = HeaderMap::new();
+        add_detail(&mut h, "x");
+        assert!(h.get(CACHE_STATUS).is_none());
+        h.insert(
+            CACHE_STATUS,
+            HeaderValue::from_static("up; detail=a, me; fwd=uri-miss; stored"),
+        );
+        add_detail(&mut h, "dropped");
+        assert_eq!(
+            h[CACHE_STATUS],
+            "up; detail=a, me; fwd=uri-miss; stored; detail=dropped"
+        );
+        add_detail(&mut h, "again");
+        assert_eq!(
+            h[CACHE_STATUS],
+            "up; detail=a, me; fwd=uri-miss; stored; detail=dropped"
+        );
     }
 
     #[test]

@@ -845,6 +845,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let opts = &state.shared.opts;
+    let mut body = "the cache held an unreadable entry for this URL; it has been dropped, retry\n";
     // The slot `classify` keyed the request with (it served a value, so the key function, if
     // any, named one).
     if let Some(slot) = slot_of(opts, &state.parts) {
@@ -856,6 +857,10 @@ where
             dropped = dropped.is_ok(),
             "the store held a value under this URL that is not a stored response; dropped it"
         );
+        if dropped.is_err() {
+            body = "the cache holds an unreadable entry for this URL and the store failed to \
+                    drop it; retry later\n";
+        }
         if let (Ok(()), Some(inner)) = (dropped, inner) {
             // A side state of its own: a refresh still running writes into the first one.
             let again = Arc::new(ReqState {
@@ -870,7 +875,8 @@ where
             let fill = move |prev: Option<Prev>| fill_from_origin(Some(inner), fill_state, prev);
             match again.shared.engine.get_or_fill_with(key, fill).await {
                 Ok(s) => {
-                    if let Some(res) = respond(opts, s, &again) {
+                    if let Some(mut res) = respond(opts, s, &again) {
+                        cache_status::add_detail(res.headers_mut(), "replaced-unreadable-entry");
                         return res;
                     }
                 }
@@ -883,7 +889,7 @@ where
         StatusCode::BAD_GATEWAY,
         None,
         "unreadable-entry",
-        "the cache held an unreadable entry for this URL; it has been dropped, retry\n",
+        body,
     )
 }
 
