@@ -1408,7 +1408,8 @@ async fn a_passed_head_does_not_make_an_inner_layers_fill_a_head() {
 
 /// RFC 9111 section 4.4: a successful unsafe request invalidates its target and the URIs in
 /// `Location` and `Content-Location` when they are of the target's origin (so a redirect after a
-/// POST reads the new state); never another origin's, never after an error status.
+/// POST reads the new state), relative ones too; never another origin's, never after an error
+/// status.
 #[tokio::test(start_paused = true)]
 async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_same_origin() {
     // GETs are cacheable; a POST answers `/do?status=..&loc=..&cl=..` as told.
@@ -1474,7 +1475,23 @@ async fn an_unsafe_method_invalidates_its_location_and_content_location_of_the_s
         ),
         ("http://a.test/do?status=303&loc=https://a.test/item/4", &[]),
         ("http://a.test/do?status=500&loc=/item/4", &[]),
-        ("http://a.test/do?status=303&loc=item/4", &[]),
+        // A relative reference resolves against the target's path (RFC 3986 section 5.2), dot
+        // segments removed.
+        (
+            "http://a.test/do?status=303&loc=item/4",
+            &["http://a.test/item/4"],
+        ),
+        (
+            "http://a.test/item/2/edit?status=303&loc=../1",
+            &["http://a.test/item/1"],
+        ),
+        (
+            "http://a.test/do?status=303&loc=/item/x/./../3",
+            &["http://a.test/item/3"],
+        ),
+        ("http://a.test/?status=303&loc=?x", &["http://a.test/?x"]),
+        // A network-path reference is not read.
+        ("http://a.test/do?status=303&loc=//a.test/item/1", &[]),
         // Origin-form, keyed with its Host: the host decides.
         (
             "/do?status=303&loc=http://a.test/item/4",

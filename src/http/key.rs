@@ -53,6 +53,42 @@ pub(crate) fn authority_key<'a>(scheme: &str, authority: &'a [u8]) -> Cow<'a, [u
     }
 }
 
+/// A path without its `.` and `..` segments (RFC 3986 section 5.2.4), so `/a/../b` names the
+/// entry `/b` does. `..` above the root stays at the root.
+pub(crate) fn remove_dot_segments(path: &str) -> Cow<'_, str> {
+    let dotted = path.split('/').any(|seg| seg == "." || seg == "..");
+    if !dotted {
+        return path.into();
+    }
+    let absolute = path.starts_with('/');
+    let mut out: Vec<&str> = Vec::new();
+    let segs: Vec<&str> = path.split('/').collect();
+    let last = segs.len() - 1;
+    for (i, seg) in segs.iter().enumerate() {
+        if i == 0 && absolute {
+            continue;
+        }
+        match *seg {
+            "." | ".." => {
+                if *seg == ".." {
+                    out.pop();
+                }
+                // A dot segment that ends the path leaves a directory: `/a/b/..` is `/a/`.
+                if i == last {
+                    out.push("");
+                }
+            }
+            seg => out.push(seg),
+        }
+    }
+    let joined = out.join("/");
+    if absolute {
+        format!("/{joined}").into()
+    } else {
+        joined.into()
+    }
+}
+
 /// A slot from a user key.
 pub(crate) fn user_slot(key: &[u8]) -> Digest {
     Digest::of_fields(["http-user".as_bytes(), key])
@@ -133,6 +169,42 @@ mod tests {
         assert_eq!(slot("http://a.test:80/p", "x"), slot("/p", "A.test"));
         assert_ne!(slot("/p", "a.test:8080"), slot("/p", "a.test"));
         assert_ne!(slot("https://a.test/p", "x"), slot("/p", "a.test"));
+    }
+
+    #[test]
+    fn dot_segments_are_removed_as_rfc_3986_does() {
+        // RFC 3986 section 5.2.4's two examples, and section 5.4's normal and abnormal ones
+        // (merged with the base path /b/c/d;p).
+        for (path, want) in [
+            ("/a/b/c/./../../g", "/a/g"),
+            ("mid/content=5/../6", "mid/6"),
+            ("/b/c/g", "/b/c/g"),
+            ("/b/c/./g", "/b/c/g"),
+            ("/b/c/g/", "/b/c/g/"),
+            ("/b/c/.", "/b/c/"),
+            ("/b/c/./", "/b/c/"),
+            ("/b/c/..", "/b/"),
+            ("/b/c/../", "/b/"),
+            ("/b/c/../g", "/b/g"),
+            ("/b/c/../..", "/"),
+            ("/b/c/../../g", "/g"),
+            ("/b/c/../../../g", "/g"),
+            ("/b/c/../../../../g", "/g"),
+            ("/./g", "/g"),
+            ("/../g", "/g"),
+            ("/b/c/g.", "/b/c/g."),
+            ("/b/c/.g", "/b/c/.g"),
+            ("/b/c/g..", "/b/c/g.."),
+            ("/b/c/..g", "/b/c/..g"),
+            ("/b/c/./../g", "/b/g"),
+            ("/b/c/./g/.", "/b/c/g/"),
+            ("/b/c/g/./h", "/b/c/g/h"),
+            ("/b/c/g/../h", "/b/c/h"),
+            ("/", "/"),
+            ("", ""),
+        ] {
+            assert_eq!(remove_dot_segments(path), want, "{path}");
+        }
     }
 
     #[test]

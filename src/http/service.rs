@@ -14,7 +14,7 @@ use tower_service::Service;
 use super::body::{buffer, Buffered, ResponseBody};
 use super::cache_status::{self, CACHE_STATUS};
 use super::freshness::{decide, Decision, DELTA_SECONDS_MAX};
-use super::key::{authority_key, url_slot, user_slot, variant_of};
+use super::key::{authority_key, remove_dot_segments, url_slot, user_slot, variant_of};
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse};
 use crate::engine::{CacheKey, Fill, Prev, Select, Served, Status};
@@ -372,15 +372,22 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 
 /// A `Location` or `Content-Location` value as a URI of the request's origin, in the form of the
 /// request's own target (origin-form targets are keyed with their `Host`); `None` for another
-/// origin or for what it does not read: only absolute paths and absolute URIs, not relative
-/// references. Against an origin-form target, whose scheme this layer cannot know (TLS may end in
-/// front of it), the host and port decide.
+/// origin or for what it does not read (a network-path `//host/p`, a URI without an authority).
+/// A relative reference is resolved against the request's path (RFC 3986 section 5.2), and the
+/// path is taken without its dot segments, so `/a/../b` invalidates `/b`. Against an origin-form
+/// target, whose scheme this layer cannot know (TLS may end in front of it), the host and port
+/// decide.
 fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
     let v = v.to_str().ok()?;
     let v = v.split('#').next().unwrap_or_default().trim();
-    let path_and_query = if v.starts_with('/') && !v.starts_with("//") {
+    // A colon before the first `/` or `?` starts a scheme (RFC 3986 section 4.2: a relative
+    // path's first segment has none).
+    let first_segment = &v[..v.find(['/', '?']).unwrap_or(v.len())];
+    let path_and_query = if v.is_empty() || v.starts_with("//") {
+        return None;
+    } else if v.starts_with('/') {
         v.to_owned()
-    } else {
+    } else if first_segment.contains(':') {
         let uri: http::Uri = v.parse().ok()?;
         let (scheme, authority) = (uri.scheme_str()?, uri.authority()?.as_str());
         // Each authority without its own scheme's default port (`a.test:80` is `a.test`).
@@ -404,9 +411,28 @@ fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
             pq if pq.starts_with('/') => pq.to_owned(),
             pq => format!("/{pq}"),
         }
+    } else {
+        // RFC 3986 section 5.2.2: `?q` keeps the request's path; a path replaces its last
+        // segment.
+        let base = head.uri.path();
+        if v.starts_with('?') {
+            format!("{base}{v}")
+        } else {
+            let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
+            format!("{dir}{v}")
+        }
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query.as_str(), None),
+    };
+    let path = remove_dot_segments(path);
+    let normal = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
     };
     let mut parts = head.uri.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    parts.path_and_query = Some(normal.parse().ok()?);
     http::Uri::from_parts(parts).ok()
 }
 
