@@ -1859,3 +1859,34 @@ async fn an_unreadable_value_the_store_cannot_drop_is_a_502_that_says_so() {
     }
     assert_eq!(origin.calls(), 0);
 }
+
+/// Keys are the raw target, so a GET of `/item/x/../3` is stored under it: a `Location` naming
+/// it byte for byte invalidates it, and its dot-free form `/item/3` too (a client following the
+/// redirect asks for that). Found by a review helper.
+#[tokio::test(start_paused = true)]
+async fn a_location_with_dot_segments_invalidates_it_as_written_and_without_them() {
+    let origin = Origin::new(ms(1), |req, n| {
+        if req.method() == Method::GET {
+            return ok("max-age=60", format!("run {n}"));
+        }
+        let mut r = ok("", "done");
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        r.headers_mut()
+            .insert(header::LOCATION, "/item/x/../3".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let urls = ["http://a.test/item/x/../3", "http://a.test/item/3"];
+    for u in urls {
+        send(&svc, get(u)).await;
+        assert!(send(&svc, get(u)).await.cs().contains("; hit"), "{u}");
+    }
+    let post = Request::post("http://a.test/do")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, post).await.status, StatusCode::SEE_OTHER);
+    for u in urls {
+        let g = send(&svc, get(u)).await;
+        assert!(g.cs().contains("fwd=uri-miss; stored"), "{u}: {}", g.cs());
+    }
+}

@@ -53,8 +53,10 @@ pub(crate) fn authority_key<'a>(scheme: &str, authority: &'a [u8]) -> Cow<'a, [u
     }
 }
 
-/// A path without its `.` and `..` segments (RFC 3986 section 5.2.4), so `/a/../b` names the
-/// entry `/b` does. `..` above the root stays at the root.
+/// A path without its `.` and `..` segments (RFC 3986 section 5.2.4), so `/a/../b` is `/b`;
+/// `..` above the root stays at the root. Borrowed when there are none. Meant for absolute paths
+/// (the merge of section 5.2.3 gives one): a relative path loses the leading segments its `..`
+/// remove (`a/../b` is `b`, where 5.2.4 writes `/b`).
 pub(crate) fn remove_dot_segments(path: &str) -> Cow<'_, str> {
     let dotted = path.split('/').any(|seg| seg == "." || seg == "..");
     if !dotted {

@@ -1,5 +1,6 @@
 //! [`StampedeService`]: the request path.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -335,8 +336,8 @@ where
             // then reads the new state, not the stored one).
             let mut slots: Vec<Digest> = slot_of(opts, &head).into_iter().collect();
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                let same_origin = res.headers().get(name).and_then(|v| same_origin(&head, v));
-                if let Some(uri) = same_origin {
+                let named = res.headers().get(name).map(|v| same_origin(&head, v));
+                for uri in named.into_iter().flatten() {
                     let mut other = head.clone();
                     other.uri = uri;
                     match slot_of(opts, &other) {
@@ -370,14 +371,19 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
     }
 }
 
-/// A `Location` or `Content-Location` value as a URI of the request's origin, in the form of the
-/// request's own target (origin-form targets are keyed with their `Host`); `None` for another
+/// A `Location` or `Content-Location` value as URIs of the request's origin, in the form of the
+/// request's own target (origin-form targets are keyed with their `Host`); none for another
 /// origin or for what it does not read (a network-path `//host/p`, a URI without an authority).
-/// A relative reference is resolved against the request's path (RFC 3986 section 5.2), and the
-/// path is taken without its dot segments, so `/a/../b` invalidates `/b`. Against an origin-form
-/// target, whose scheme this layer cannot know (TLS may end in front of it), the host and port
-/// decide.
-fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
+/// A relative reference is resolved against the request's path (RFC 3986 section 5.2). A path
+/// with dot segments gives two URIs: as written (keys are the raw target, so a stored
+/// `/a/../b` is this one) and without them (`/b`, what a client following it asks for).
+/// Against an origin-form target, whose scheme this layer cannot know (TLS may end in front of
+/// it), the host and port decide.
+fn same_origin(head: &Parts, v: &HeaderValue) -> Vec<http::Uri> {
+    resolve_same_origin(head, v).unwrap_or_default()
+}
+
+fn resolve_same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> {
     let v = v.to_str().ok()?;
     let v = v.split('#').next().unwrap_or_default().trim();
     // A colon before the first `/` or `?` starts a scheme (RFC 3986 section 4.2: a relative
@@ -426,14 +432,20 @@ fn same_origin(head: &Parts, v: &HeaderValue) -> Option<http::Uri> {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query.as_str(), None),
     };
-    let path = remove_dot_segments(path);
-    let normal = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.into_owned(),
+    let with_target = |pq: &str| {
+        let mut parts = head.uri.clone().into_parts();
+        parts.path_and_query = Some(pq.parse().ok()?);
+        http::Uri::from_parts(parts).ok()
     };
-    let mut parts = head.uri.clone().into_parts();
-    parts.path_and_query = Some(normal.parse().ok()?);
-    http::Uri::from_parts(parts).ok()
+    let mut uris = vec![with_target(&path_and_query)?];
+    if let Cow::Owned(path) = remove_dot_segments(path) {
+        let normal = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        uris.extend(with_target(&normal));
+    }
+    Some(uris)
 }
 
 /// Request headers of a shared fill: no conditionals and no `Range`, so the leader's request
