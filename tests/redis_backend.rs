@@ -1240,6 +1240,9 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
     // A user kept from our keys by the ACL (it may run everything, on `other:*` only).
     let acl = "ACL SETUSER narrow on >pw ~other:* &* +@all";
     assert!(server.raw(acl).contains("OK"));
+    // One that may read every key and write none.
+    let acl = "ACL SETUSER reader on >pw %R~* &* +@all";
+    assert!(server.raw(acl).contains("OK"));
     assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
     let port = server.port();
     let mut dead = Server::redis();
@@ -1252,6 +1255,7 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
         (format!("redis://127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://:sekret@127.0.0.1:{port}/99"), Some(true)),
         (format!("redis://narrow:pw@127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://reader:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://127.0.0.1:{dead_port}/0"), Some(false)),
         (format!("{}/0", paused.url()), Some(false)),
         (format!("redis://:sekret@127.0.0.1:{port}/3"), None),
@@ -1262,11 +1266,16 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
             .build()
             .unwrap();
         match (b.warm_up().await, rejected) {
-            (Ok(()), None) => {}
+            (Ok(()), None) => {
+                // Its write probe wrote nothing.
+                let keys: i64 = raw_cmd(&b, &redis::cmd("DBSIZE")).await;
+                assert_eq!(keys, 0, "{url}");
+            }
             (Err(e), Some(want)) => assert_eq!(e.is_config_rejected(), want, "{url}: {e}"),
             (got, want) => panic!("{url}: {got:?}, wanted rejected = {want:?}"),
         }
     }
+
     paused.resume();
     // Busy running a script: its `SELECT` fails as `ERR` in redis-rs, yet it passes.
     let busy = Server::redis();

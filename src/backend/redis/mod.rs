@@ -293,8 +293,10 @@ impl RedisBackend {
         self.inner.conn().await.map(|(_, live)| live.conn)
     }
 
-    /// Makes every held connection now (and loads the scripts, and checks the eviction policy).
-    /// With a near cache, also makes its tracking connection (best effort: without it the
+    /// Makes every held connection now (and loads the scripts, and checks the eviction policy),
+    /// then checks that the user may read and write keys under the prefix (a read and a `SET ..
+    /// XX` that writes nothing); a refusal is [`BackendError::is_config_rejected`]. A read-only
+    /// replica fails it too (`READONLY`), not marked. With a near cache, also makes its tracking connection (best effort: without it the
     /// near cache stays empty and every read goes to Redis).
     pub async fn warm_up(&self) -> BackendResult<()> {
         if let Some(near) = &self.inner.near {
@@ -309,15 +311,26 @@ impl RedisBackend {
             }
             first.get_or_insert(live);
         }
-        // One read under the prefix: a user the ACL keeps from these keys is refused now
-        // (`NOPERM`), not silently on every request.
+        // One read and one write under the prefix: a user the ACL keeps from these keys, or
+        // lets only read them, is refused now (`NOPERM`), not silently on every request. The
+        // write is a `SET .. XX` of a key no part of this backend uses (`probe`), so it never
+        // exists and nothing is written; the ACL checks it all the same.
         if let Some(mut live) = first {
-            let key = self.inner.prefix.entry(&Digest::of_key("warm-up"));
+            let slot = Digest::of_key("warm-up");
             redis::cmd("EXISTS")
-                .arg(&key)
+                .arg(self.inner.prefix.entry(&slot))
                 .query_async::<i64>(&mut live.conn)
                 .await
                 .map_err(|e| setup_err("EXISTS", e))?;
+            redis::cmd("SET")
+                .arg(self.inner.prefix.key(&slot, "probe"))
+                .arg("")
+                .arg("XX")
+                .arg("PX")
+                .arg(1)
+                .query_async::<Value>(&mut live.conn)
+                .await
+                .map_err(|e| setup_err("SET", e))?;
         }
         Ok(())
     }
