@@ -571,7 +571,7 @@ async fn probe_at_start<T, E: std::fmt::Display>(
             return Err(format!("--store: {store} refused this configuration: {e}").into())
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "{store} unreachable or failing at start; failing open until it answers")
+            tracing::warn!(error = %e, "{store} unreachable or failing at start; failing open until it is back")
         }
         Err(_) => {
             tracing::warn!("{store} did not answer within 3 s at start; failing open until it does")

@@ -1240,8 +1240,10 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
     // A user kept from our keys by the ACL (it may run everything, on `other:*` only).
     let acl = "ACL SETUSER narrow on >pw ~other:* &* +@all";
     assert!(server.raw(acl).contains("OK"));
-    // One that may read every key and write none.
+    // One that may read every key and write none, and one kept from every channel.
     let acl = "ACL SETUSER reader on >pw %R~* &* +@all";
+    assert!(server.raw(acl).contains("OK"));
+    let acl = "ACL SETUSER deaf on >pw ~* resetchannels +@all";
     assert!(server.raw(acl).contains("OK"));
     assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
     let port = server.port();
@@ -1256,6 +1258,7 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
         (format!("redis://:sekret@127.0.0.1:{port}/99"), Some(true)),
         (format!("redis://narrow:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://reader:pw@127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://deaf:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://127.0.0.1:{dead_port}/0"), Some(false)),
         (format!("{}/0", paused.url()), Some(false)),
         (format!("redis://:sekret@127.0.0.1:{port}/3"), None),
@@ -1277,6 +1280,15 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
     }
 
     paused.resume();
+    // Full, refusing every write (`OOM`, noeviction): it still warms up, as hits are served.
+    let full = Server::redis();
+    assert!(full.raw("CONFIG SET maxmemory 1").contains("OK"));
+    assert!(full.raw("SET k v").contains("OOM"), "the server is full");
+    let b = RedisBackend::builder(full.url())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    b.warm_up().await.expect("a full Redis warms up");
     // Busy running a script: its `SELECT` fails as `ERR` in redis-rs, yet it passes.
     let busy = Server::redis();
     assert!(busy

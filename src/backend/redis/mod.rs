@@ -294,9 +294,10 @@ impl RedisBackend {
     }
 
     /// Makes every held connection now (and loads the scripts, and checks the eviction policy),
-    /// then checks that the user may read and write keys under the prefix (a read and a `SET ..
-    /// XX` that writes nothing); a refusal is [`BackendError::is_config_rejected`]. A read-only
-    /// replica fails it too (`READONLY`), not marked. With a near cache, also makes its tracking connection (best effort: without it the
+    /// then checks that the ACL lets the user read and write keys under the prefix and publish
+    /// on its channels (a read, a `SET .. XX` that writes nothing, a publish nobody hears); a
+    /// refusal is [`BackendError::is_config_rejected`]. A Redis refusing writes for another
+    /// reason (full, a read-only replica) passes. With a near cache, also makes its tracking connection (best effort: without it the
     /// near cache stays empty and every read goes to Redis).
     pub async fn warm_up(&self) -> BackendResult<()> {
         if let Some(near) = &self.inner.near {
@@ -311,10 +312,13 @@ impl RedisBackend {
             }
             first.get_or_insert(live);
         }
-        // One read and one write under the prefix: a user the ACL keeps from these keys, or
-        // lets only read them, is refused now (`NOPERM`), not silently on every request. The
-        // write is a `SET .. XX` of a key no part of this backend uses (`probe`), so it never
-        // exists and nothing is written; the ACL checks it all the same.
+        // One read under the prefix, one write and one publish: a user the ACL keeps from these
+        // keys, lets only read them or keeps from our channels is refused now (`NOPERM`), not
+        // on every fill. The write is a `SET .. XX` of a key no part of this backend uses
+        // (`probe`), so it never exists and nothing is written, and the publish goes to a
+        // channel nobody subscribes to; the ACL checks both all the same. Their other errors
+        // (a full Redis refusing writes, a read-only replica) do not fail the warm-up: hits are
+        // still served there, as they were before these probes.
         if let Some(mut live) = first {
             let slot = Digest::of_key("warm-up");
             redis::cmd("EXISTS")
@@ -322,15 +326,18 @@ impl RedisBackend {
                 .query_async::<i64>(&mut live.conn)
                 .await
                 .map_err(|e| setup_err("EXISTS", e))?;
-            redis::cmd("SET")
-                .arg(self.inner.prefix.key(&slot, "probe"))
-                .arg("")
-                .arg("XX")
-                .arg("PX")
-                .arg(1)
-                .query_async::<Value>(&mut live.conn)
-                .await
-                .map_err(|e| setup_err("SET", e))?;
+            let probe = self.inner.prefix.key(&slot, "probe");
+            let mut set = redis::cmd("SET");
+            set.arg(&probe).arg("").arg("XX").arg("PX").arg(1);
+            let mut publish = redis::cmd(self.inner.publish);
+            publish.arg(&probe).arg("");
+            for (what, cmd) in [("SET", set), (self.inner.publish, publish)] {
+                match cmd.query_async::<Value>(&mut live.conn).await {
+                    Err(e) if refuses_setup(&e) => return Err(setup_err(what, e)),
+                    Err(e) => tracing::debug!(error = %e, "redis {what} probe at warm-up"),
+                    Ok(_) => {}
+                }
+            }
         }
         Ok(())
     }
@@ -511,7 +518,8 @@ impl RedisBackendBuilder {
     }
 
     /// Builds the backend and makes its connections now ([`RedisBackend::warm_up`]): fails if
-    /// Redis cannot be reached.
+    /// Redis cannot be reached, or refuses the URL's password, database or the ACL our keys
+    /// and channels need ([`BackendError::is_config_rejected`]).
     pub async fn connect(self) -> BackendResult<RedisBackend> {
         let b = self
             .build()
