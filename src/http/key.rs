@@ -91,6 +91,40 @@ pub(crate) fn remove_dot_segments(path: &str) -> Cow<'_, str> {
     }
 }
 
+/// A path with its percent-encoded unreserved characters decoded (RFC 3986 section 6.2.2.2:
+/// `%7E` is `~`, `%2E` is `.`), so `/a/%2e%2e/b` reads as `/a/../b`. Other escapes stay as
+/// written. Borrowed when there are none.
+pub(crate) fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let bytes = path.as_bytes();
+    let decoded_at = |i: usize| -> Option<u8> {
+        if bytes.get(i) != Some(&b'%') {
+            return None;
+        }
+        let (hi, lo) = (hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?);
+        let b = u8::try_from(hi * 16 + lo).ok()?;
+        unreserved(b).then_some(b)
+    };
+    if !(0..bytes.len()).any(|i| decoded_at(i).is_some()) {
+        return path.into();
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(b) = decoded_at(i) {
+            out.push(char::from(b));
+            i += 3;
+        } else {
+            // Not a decoded escape: copy one character (the path may hold any UTF-8 here).
+            let c = path[i..].chars().next().unwrap_or_default();
+            out.push(c);
+            i += c.len_utf8().max(1);
+        }
+    }
+    out.into()
+}
+
 /// A slot from a user key.
 pub(crate) fn user_slot(key: &[u8]) -> Digest {
     Digest::of_fields(["http-user".as_bytes(), key])
@@ -207,6 +241,23 @@ mod tests {
         ] {
             assert_eq!(remove_dot_segments(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_others_kept() {
+        for (path, want) in [
+            ("/a/%2e%2E/b", "/a/../b"),
+            ("/%7Euser/%41", "/~user/A"),
+            ("/a%2Fb%20c%25", "/a%2Fb%20c%25"),
+            ("/%", "/%"),
+            ("/%2", "/%2"),
+            ("/%zz%2e", "/%zz."),
+            ("/é%2e", "/é."),
+            ("/plain", "/plain"),
+        ] {
+            assert_eq!(decode_unreserved(path), want, "{path}");
+        }
+        assert!(matches!(decode_unreserved("/plain"), Cow::Borrowed(_)));
     }
 
     #[test]

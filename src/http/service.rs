@@ -15,7 +15,9 @@ use tower_service::Service;
 use super::body::{buffer, Buffered, ResponseBody};
 use super::cache_status::{self, CACHE_STATUS};
 use super::freshness::{decide, Decision, DELTA_SECONDS_MAX};
-use super::key::{authority_key, remove_dot_segments, url_slot, user_slot, variant_of};
+use super::key::{
+    authority_key, decode_unreserved, remove_dot_segments, url_slot, user_slot, variant_of,
+};
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse};
 use crate::engine::{CacheKey, Fill, Prev, Select, Served, Status};
@@ -375,8 +377,9 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 /// request's own target (origin-form targets are keyed with their `Host`); none for another
 /// origin or for what it does not read (a network-path `//host/p`, a URI without an authority).
 /// A relative reference is resolved against the request's path (RFC 3986 section 5.2). A path
-/// with dot segments gives two URIs: as written (keys are the raw target, so a stored
-/// `/a/../b` is this one) and without them (`/b`, what a client following it asks for).
+/// with dot segments or escaped unreserved characters gives two URIs: as written (keys are the
+/// raw target, so a stored `/a/../b` is this one) and normalized (section 6.2.2: `/b`, what a
+/// client following it asks for; `/a/%2e%2e/b` too).
 /// Against an origin-form target, whose scheme this layer cannot know (TLS may end in front of
 /// it), the host and port decide.
 fn same_origin(head: &Parts, v: &HeaderValue) -> Vec<http::Uri> {
@@ -438,7 +441,11 @@ fn resolve_same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> 
         http::Uri::from_parts(parts).ok()
     };
     let mut uris = vec![with_target(&path_and_query)?];
-    if let Cow::Owned(path) = remove_dot_segments(path) {
+    let normal = match decode_unreserved(path) {
+        Cow::Borrowed(p) => remove_dot_segments(p),
+        Cow::Owned(p) => Cow::Owned(remove_dot_segments(&p).into_owned()),
+    };
+    if let Cow::Owned(path) = normal {
         let normal = match query {
             Some(q) => format!("{path}?{q}"),
             None => path,
