@@ -117,9 +117,11 @@ pub(crate) fn decode_unreserved(path: &str) -> Cow<'_, str> {
             i += 3;
         } else {
             // Not a decoded escape: copy one character (the path may hold any UTF-8 here).
-            let c = path[i..].chars().next().unwrap_or_default();
+            let Some(c) = path[i..].chars().next() else {
+                break;
+            };
             out.push(c);
-            i += c.len_utf8().max(1);
+            i += c.len_utf8();
         }
     }
     out.into()

@@ -1,6 +1,5 @@
 //! [`StampedeService`]: the request path.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -338,7 +337,7 @@ where
             // then reads the new state, not the stored one).
             let mut slots: Vec<Digest> = slot_of(opts, &head).into_iter().collect();
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                let named = res.headers().get(name).map(|v| same_origin(&head, v));
+                let named = res.headers().get(name).and_then(|v| same_origin(&head, v));
                 for uri in named.into_iter().flatten() {
                     let mut other = head.clone();
                     other.uri = uri;
@@ -374,7 +373,7 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 }
 
 /// A `Location` or `Content-Location` value as URIs of the request's origin, in the form of the
-/// request's own target (origin-form targets are keyed with their `Host`); none for another
+/// request's own target (origin-form targets are keyed with their `Host`); `None` for another
 /// origin or for what it does not read (a network-path `//host/p`, a URI without an authority).
 /// A relative reference is resolved against the request's path (RFC 3986 section 5.2). A path
 /// with dot segments or escaped unreserved characters gives two URIs: as written (keys are the
@@ -382,11 +381,7 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 /// client following it asks for; `/a/%2e%2e/b` too).
 /// Against an origin-form target, whose scheme this layer cannot know (TLS may end in front of
 /// it), the host and port decide.
-fn same_origin(head: &Parts, v: &HeaderValue) -> Vec<http::Uri> {
-    resolve_same_origin(head, v).unwrap_or_default()
-}
-
-fn resolve_same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> {
+fn same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> {
     let v = v.to_str().ok()?;
     let v = v.split('#').next().unwrap_or_default().trim();
     // A colon before the first `/` or `?` starts a scheme (RFC 3986 section 4.2: a relative
@@ -441,14 +436,11 @@ fn resolve_same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> 
         http::Uri::from_parts(parts).ok()
     };
     let mut uris = vec![with_target(&path_and_query)?];
-    let normal = match decode_unreserved(path) {
-        Cow::Borrowed(p) => remove_dot_segments(p),
-        Cow::Owned(p) => Cow::Owned(remove_dot_segments(&p).into_owned()),
-    };
-    if let Cow::Owned(path) = normal {
+    let normal = remove_dot_segments(&decode_unreserved(path)).into_owned();
+    if normal != path {
         let normal = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+            Some(q) => format!("{normal}?{q}"),
+            None => normal,
         };
         uris.extend(with_target(&normal));
     }

@@ -297,8 +297,9 @@ impl RedisBackend {
     /// then checks that the ACL lets the user read and write keys under the prefix and publish
     /// on its channels (a read, a `SET .. XX` that writes nothing, a publish nobody hears); a
     /// refusal is [`BackendError::is_config_rejected`]. A Redis refusing writes for another
-    /// reason (full, a read-only replica) passes. With a near cache, also makes its tracking connection (best effort: without it the
-    /// near cache stays empty and every read goes to Redis).
+    /// reason (full, a read-only replica) passes. With a near cache, also makes its tracking
+    /// connection (best effort: without it the near cache stays empty and every read goes to
+    /// Redis).
     pub async fn warm_up(&self) -> BackendResult<()> {
         if let Some(near) = &self.inner.near {
             near.connect().await;
