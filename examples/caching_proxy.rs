@@ -176,6 +176,16 @@ impl Service<Request<Body>> for Proxy {
             let res = status(StatusCode::BAD_REQUEST, "bad or missing Host\n");
             return Box::pin(std::future::ready(Ok(res)));
         }
+        // RFC 9112 section 6.1 (nginx answers so too): hyper has taken the chunked framing
+        // off, and Transfer-Encoding is not passed on, so another coding's bytes would reach
+        // the upstream as if they were the content.
+        if !only_chunked(req.headers()) {
+            let res = status(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported\n",
+            );
+            return Box::pin(std::future::ready(Ok(res)));
+        }
         let this = self.clone();
         // RFC 9110 section 6.2: our own HTTP version, whatever the client's.
         *req.version_mut() = http::Version::HTTP_11;
@@ -237,6 +247,19 @@ impl Service<Request<Body>> for Proxy {
                 deadline = until;
             };
             match answered {
+                // As for requests: the coding's bytes would be served, and stored, as the
+                // content. An upstream may only use one the request's TE offered (RFC 9112
+                // section 7.4), and we send no TE.
+                Ok(Ok(res)) if !only_chunked(res.headers()) => {
+                    tracing::warn!(
+                        transfer_encoding = ?res.headers().get_all(header::TRANSFER_ENCODING),
+                        "upstream used a transfer coding other than chunked"
+                    );
+                    Ok(status(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream used a transfer coding other than chunked\n",
+                    ))
+                }
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     // RFC 9110 section 6.2 again: not the upstream's version (an HTTP/1.0 one,
@@ -419,6 +442,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         "upgrade",
     ] {
         h.remove(n);
+    }
+}
+
+/// Whether `h` has no Transfer-Encoding, or only the chunked framing (in any case, once).
+fn only_chunked(h: &HeaderMap) -> bool {
+    let mut codings = h
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(c) => c.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     }
 }
 

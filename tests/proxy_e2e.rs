@@ -1086,6 +1086,68 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     }
 }
 
+/// A transfer coding other than `chunked` (RFC 9112 section 7) is not passed on as if the bytes
+/// were the content: hyper takes the chunked framing off and the coding's name went with the
+/// other hop-by-hop headers, so an upstream got gzip bytes as the body, and a client got (and
+/// the cache kept) them as the content. A request with one is a 501 (section 6.1; nginx does the
+/// same), a response with one a 502, never stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_other_than_chunked_is_refused_both_ways() {
+    let up = Upstream::default();
+    let proxy = Proxy::start(up.start().await, &[]);
+    let post = |te: &str| {
+        format!(
+            "POST /slow?ms=0 HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: {te}\r\n\
+             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+    };
+    for te in ["gzip, chunked", "chunked, chunked", "x-custom,chunked"] {
+        let got = exchange(&proxy, post(te)).await;
+        assert!(got.starts_with("HTTP/1.1 501 "), "{te}: {got}");
+        assert!(got.contains("transfer coding"), "{te}: {got}");
+    }
+    assert_eq!(up.calls(), 0, "none went upstream");
+    // The plain chunked framing, in any case, is a body like any other.
+    for te in ["chunked", "Chunked"] {
+        let got = exchange(&proxy, post(te)).await;
+        assert!(got.starts_with("HTTP/1.1 200 "), "{te}: {got}");
+    }
+    assert_eq!(up.calls(), 2);
+    assert_eq!(*up.bodies.lock().unwrap(), [&b"hello"[..], &b"hello"[..]]);
+
+    // An upstream answering with one: `gzip, chunked` (hyper takes the chunks off), or `gzip`
+    // alone (the body runs to the connection's close).
+    for (te, body) in [("gzip, chunked", "2\r\nok\r\n0\r\n\r\n"), ("gzip", "ok")] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let addr = common::raw_server(move |mut s| {
+            let calls = counted.clone();
+            async move {
+                use tokio::io::AsyncWriteExt;
+                if read_head(&mut s).await.is_some() {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let res = format!(
+                        "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\
+                         Transfer-Encoding: {te}\r\n\r\n{body}"
+                    );
+                    let _ = s.write_all(res.as_bytes()).await;
+                }
+            }
+        })
+        .await;
+        let proxy = Proxy::start(addr, &[]);
+        let get = "GET /c HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+        let got = exchange(&proxy, get).await;
+        assert!(got.starts_with("HTTP/1.1 502 "), "{te}: {got}");
+        assert!(got.contains("transfer coding"), "{te}: {got}");
+        // Not stored: a failure again (the failed fill's, inside its lease), not a hit.
+        let got = exchange(&proxy, get).await;
+        assert!(got.starts_with("HTTP/1.1 502 "), "{te}: {got}");
+        assert!(got.contains("detail=origin-error"), "{te}: {got}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "{te}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     let (addr, heads) = recording_upstream().await;
