@@ -49,6 +49,15 @@ impl<K: Eq + Hash + Clone, V: Clone + Aborted> Flights<K, V> {
         })
     }
 
+    /// Ends the sharing of `key`'s flight, if one is running: callers that join from now on
+    /// start a new one (the flight itself runs on, for those that joined it).
+    pub(crate) fn detach(&self, key: &K) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
     /// How many flights are running.
     pub(crate) fn running(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -148,5 +157,29 @@ mod tests {
         };
         drop(g);
         assert_eq!(outcome(&mut rx).await, Out::Gone);
+    }
+
+    #[tokio::test]
+    async fn a_detached_flight_is_not_joined_and_its_end_leaves_the_next_one() {
+        let f: Arc<Flights<u32, Out>> = Arc::new(Flights::new());
+        let Join::Leader(old) = f.join(&1) else {
+            panic!("first join leads")
+        };
+        let Join::Follower(mut joined) = f.join(&1) else {
+            panic!("second join follows")
+        };
+        f.detach(&1);
+        let Join::Leader(new) = f.join(&1) else {
+            panic!("after a detach, a join starts a new flight")
+        };
+        // The old flight still ends for those that joined it, and leaves the new one running.
+        old.finish(Out::Val(1));
+        assert_eq!(outcome(&mut joined).await, Out::Val(1));
+        let Join::Follower(mut rx) = f.join(&1) else {
+            panic!("the new flight is still joined")
+        };
+        new.finish(Out::Val(2));
+        assert_eq!(outcome(&mut rx).await, Out::Val(2));
+        assert!(!f.is_running(&1));
     }
 }

@@ -913,3 +913,69 @@ async fn dropping_the_backend_closes_its_connections() {
         "connections open after the drop: {after}, before it: {before}"
     );
 }
+
+/// Fetches of one entry while a read of it is in flight share that read: with the server
+/// stopped, fifty fetches wait on one `mg` and all get the entry when it answers. A read whose
+/// caller goes away leaves those that joined it to read for themselves, and a failed read
+/// leaves nothing behind: the next fetch reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_of_one_entry_in_flight_share_one_read() {
+    let server = Server::memcached();
+    let backend = Arc::new(
+        MemcachedBackend::builder(server.url())
+            .io_timeout(Duration::from_secs(1))
+            .build()
+            .await
+            .unwrap(),
+    );
+    let slot = Digest::of_key("hot");
+    let (token, fence) = acquire(&*backend, &slot, Duration::from_secs(10), 0).await;
+    let w = backend.write(write_of(slot, token, fence, b"v1", true));
+    assert_eq!(w.await.unwrap(), WriteOutcome::Stored);
+    let fetch = |b: &Arc<MemcachedBackend>| {
+        let b = b.clone();
+        tokio::spawn(async move { b.fetch(&slot, None).await.map(|f| f.entry) })
+    };
+    let value = |entry: Option<Bytes>| match entry.as_ref().and_then(Record::decode) {
+        Some(Record::Entry { value, .. }) => value,
+        other => panic!("expected the entry, got {other:?}"),
+    };
+
+    let reads = server.stat("cmd_get");
+    server.pause();
+    let fetches: Vec<_> = (0..50).map(|_| fetch(&backend)).collect();
+    // Long enough for every task to have sent or joined its read (the server answers none).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.resume();
+    for f in fetches {
+        assert_eq!(value(f.await.unwrap().unwrap()), &b"v1"[..]);
+    }
+    assert_eq!(server.stat("cmd_get") - reads, 1, "one mg for the fifty");
+
+    // The leading fetch's caller goes away while its read is in flight.
+    server.pause();
+    let leader = fetch(&backend);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let follower = fetch(&backend);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    let _ = leader.await;
+    server.resume();
+    let got = tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .expect("the follower of an abandoned read reads for itself");
+    assert_eq!(value(got.unwrap().unwrap()), &b"v1"[..]);
+
+    // A read that fails (no reply within the I/O timeout) fails every fetch that joined it.
+    server.pause();
+    let fetches: Vec<_> = (0..10).map(|_| fetch(&backend)).collect();
+    for f in fetches {
+        let e = f
+            .await
+            .unwrap()
+            .expect_err("a stopped server answers nothing");
+        assert!(e.to_string().contains("no reply within"), "{e}");
+    }
+    server.resume();
+    assert_eq!(value(fetch(&backend).await.unwrap().unwrap()), &b"v1"[..]);
+}

@@ -13,7 +13,7 @@
 //!
 //! | operation | meta commands |
 //! |---|---|
-//! | `fetch` | `mg <e> v f` (with a variant: `mg <e> v f ; mg <v> v f`) |
+//! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
 //! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<seen+1> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): the entry's fence comes from its flags; if it differs from `seen_fence`, confirm it from the header (then `mg <e> v f`) and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
 //! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
 //! | `release` | `md <l> C<cas>` |
@@ -88,6 +88,7 @@ use super::{
     Signal, Subscription, Token, WriteOutcome,
 };
 use crate::backend::near::{self, NearStore};
+use crate::coalesce::{outcome, Aborted, Flights, Join};
 use crate::entry::{Header, Kind, Record};
 use crate::error::ConfigError;
 use crate::key::{Digest, Prefix};
@@ -156,6 +157,24 @@ struct Inner {
     item_size_limit: usize,
     held: Mutex<HeldLeases>,
     near: Option<Near>,
+    /// Entry reads in flight, by slot: a fetch of a slot whose entry is being read joins that
+    /// read instead of sending its own (see [`MemcachedBackend::do_fetch`]).
+    reads: Arc<Flights<Digest, SharedRead>>,
+}
+
+/// A shared entry read's result, as every fetch that joined it gets it.
+#[derive(Clone)]
+enum SharedRead {
+    Got(Option<Bytes>),
+    Failed(Arc<str>),
+    /// The read's own caller went away before it ended: the others read for themselves.
+    Abandoned,
+}
+
+impl Aborted for SharedRead {
+    fn aborted() -> Self {
+        SharedRead::Abandoned
+    }
 }
 
 /// The near cache: records read here, served from process memory for at most `max_age`.
@@ -286,6 +305,7 @@ impl MemcachedBuilder {
                     store: NearStore::new(bytes),
                     max_age,
                 }),
+                reads: Arc::new(Flights::new()),
             }),
         })
     }
@@ -561,9 +581,8 @@ impl MemcachedBackend {
         }
         let p = &self.inner.prefix;
         let Some(v) = variant else {
-            let entry = value_of(self.cmd(get(&p.entry(slot), true, false, false)).await?)?;
             return Ok(Fetched {
-                entry,
+                entry: self.read_entry(slot).await?,
                 variant: None,
             });
         };
@@ -579,6 +598,38 @@ impl MemcachedBackend {
         let entry = value_of(next(&mut replies)?)?;
         let variant = value_of(next(&mut replies)?)?;
         Ok(Fetched { entry, variant })
+    }
+
+    /// The entry of `slot`, read by one `mg` however many fetches ask for it while it is in
+    /// flight: a hot key's hits then cost the server (and this process's connection) one read
+    /// per round trip, not one per request. A fetch that joins gets the answer to a read sent
+    /// before it started, so it can miss what another process wrote after the server answered
+    /// that read and before the answer arrived here: a window of one reply in transit. This
+    /// process's own writes, invalidations and refreshed leases end the sharing of a read in
+    /// flight when they complete ([`changed`](Self::changed)), so a fetch that follows one of
+    /// them reads anew.
+    async fn read_entry(&self, slot: &Digest) -> BackendResult<Option<Bytes>> {
+        let read = || async {
+            value_of(
+                self.cmd(get(&self.inner.prefix.entry(slot), true, false, false))
+                    .await?,
+            )
+        };
+        match self.inner.reads.join(slot) {
+            Join::Leader(flight) => {
+                let got = read().await;
+                flight.finish(match &got {
+                    Ok(v) => SharedRead::Got(v.clone()),
+                    Err(e) => SharedRead::Failed(e.to_string().into()),
+                });
+                got
+            }
+            Join::Follower(mut rx) => match outcome(&mut rx).await {
+                SharedRead::Got(v) => Ok(v),
+                SharedRead::Failed(msg) => Err(BackendError::new(msg.to_string())),
+                SharedRead::Abandoned => read().await,
+            },
+        }
     }
 
     /// `fetch` through the near cache: kept copies when there are, else the same reads with the
@@ -632,6 +683,13 @@ impl MemcachedBackend {
         if let Some(near) = &self.inner.near {
             near.store.forget(key);
         }
+    }
+
+    /// After this process changed `slot`'s entry (`entry`: its key): its near copy is dropped,
+    /// and a read of it in flight is no longer joined by later fetches.
+    fn changed(&self, slot: &Digest, entry: &str) {
+        self.forget_near(entry);
+        self.inner.reads.detach(slot);
     }
 
     async fn do_acquire(&self, slot: &Digest, ttl: Duration, seen: u64) -> BackendResult<Acquire> {
@@ -701,10 +759,11 @@ impl MemcachedBackend {
                 Ok(Acquire::Acquired { token, fence })
             }
             Ok(None) => {
+                // A newer entry is stored: a near copy of the old one must not be read again
+                // (before the await below, which a caller may give up).
+                self.changed(slot, &entry);
                 // Best effort: a lease we fail to give back ends at its expiry.
                 let _ = self.cmd(del(&lease, Some(cas))).await;
-                // A newer entry is stored: a near copy of the old one must not be read again.
-                self.forget_near(&entry);
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
@@ -797,13 +856,15 @@ impl MemcachedBackend {
             .variant
             .as_ref()
             .map(|(d, bytes)| (p.variant(&w.slot, d), bytes));
-        let res = self.write_keys(&w, &entry_key, variant.as_ref()).await;
-        // Stored or fenced, our near copies of these keys are out of date.
-        self.forget_near(&entry_key);
-        if let Some((k, _)) = &variant {
-            self.forget_near(k);
-        }
-        res
+        // Stored or fenced, our near copies of these keys are out of date; also when the caller
+        // gives the write up halfway (the engine's backend timeout), as it may have landed.
+        let _changed = OnDrop(|| {
+            self.changed(&w.slot, &entry_key);
+            if let Some((k, _)) = &variant {
+                self.forget_near(k);
+            }
+        });
+        self.write_keys(&w, &entry_key, variant.as_ref()).await
     }
 
     /// The fenced write of `w` at its entry key and, if any, its variant key.
@@ -876,9 +937,9 @@ impl MemcachedBackend {
 
     async fn do_invalidate(&self, slot: &Digest, ttl: Duration) -> BackendResult<u64> {
         let entry = self.inner.prefix.entry(slot);
-        let res = self.tombstone(slot, &entry, ttl).await;
-        self.forget_near(&entry);
-        res
+        // As for a write: also when the caller gives it up halfway.
+        let _changed = OnDrop(|| self.changed(slot, &entry));
+        self.tombstone(slot, &entry, ttl).await
     }
 
     /// Bumps `slot`'s fence and writes a tombstone with it at `entry`.
@@ -919,6 +980,15 @@ impl MemcachedBackend {
         Err(BackendError::new(format!(
             "memcached: the tombstone for {entry} lost {CAS_ATTEMPTS} CAS races in a row"
         )))
+    }
+}
+
+/// Runs its closure when dropped: when the future holding it ends, or is dropped unfinished.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
     }
 }
 
