@@ -565,7 +565,13 @@ impl Stampede {
     /// Invalidates a slot by digest (see [`invalidate`](Self::invalidate)).
     pub async fn invalidate_slot(&self, slot: &Digest) -> Result<(), BackendError> {
         self.memo_forget(slot);
-        let ttl = self.inner.cfg.tombstone_ttl;
+        // Long enough to outlive every fill that started before it, write included: the fence
+        // only orders a write against what is stored, and once the tombstone is gone that
+        // fill's older content would land.
+        let cfg = &self.inner.cfg;
+        let ttl = cfg
+            .tombstone_ttl
+            .max(cfg.fill_timeout.saturating_add(cfg.backend_timeout * 2));
         self.bcall(self.inner.backend.invalidate(slot, ttl))
             .await
             .map(|_| ())
@@ -694,11 +700,14 @@ impl Stampede {
                 let Some(f) = fill.take() else {
                     return Err(Error::FillPanicked);
                 };
-                return self.run_passed(&key, f, last_stale).await;
+                return self
+                    .run_passed(&key, f, last_stale, looked.seen_fence)
+                    .await;
             }
             metrics::counter!("stampede_misses_total").increment(1);
 
             let fkey = (key.slot, looked.variant);
+            let seen_fence = looked.seen_fence;
             let (shared, own, leader) = match self.inner.flights.join(&fkey) {
                 Join::Leader(guard) => {
                     if !fill.is_some() {
@@ -743,6 +752,10 @@ impl Stampede {
                     bypass,
                 } => {
                     if !self.matches(&key, selector.as_deref(), variant) {
+                        // Our own fill's, unkeyable (see `fill_uncached`): ours all the same.
+                        if let (true, Some(Own::Value(value))) = (leader, own) {
+                            return Ok(Served::now(value, None, Status::Bypass));
+                        }
                         // Another variant's value: re-read, now with the selector memoised.
                         continue;
                     }
@@ -800,7 +813,9 @@ impl Stampede {
                     let Some(f) = fill.take() else {
                         return Err(Error::FillPanicked);
                     };
-                    return self.run_passed(&key, f, last_stale).await;
+                    // The fence we saw before the flight: the marker it wrote (if any) is newer,
+                    // so a hit-for-miss store is refreshed away, never written over a change.
+                    return self.run_passed(&key, f, last_stale, seen_fence).await;
                 }
                 Shared::Recompete => {
                     match own {
@@ -874,12 +889,16 @@ impl Stampede {
     }
 
     /// A pass marker is stored (or a flight ended in one): call the source ourselves, without
-    /// the lease. A cacheable result may be stored if the lease is free (hit-for-miss).
+    /// the lease. A cacheable result may be stored if the lease is free (hit-for-miss), and only
+    /// if the slot's fence is still `seen_fence`, read before the source was called: an
+    /// invalidation (or any write) while it ran refreshes the lease away, so content from
+    /// before it is never stored after it.
     async fn run_passed<F, Fut, E>(
         &self,
         key: &CacheKey,
         fill: F,
         last_stale: Option<(Bytes, Meta)>,
+        seen_fence: u64,
     ) -> Result<Served, Error>
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
@@ -904,7 +923,9 @@ impl Stampede {
                 let v = value.clone();
                 let fill_time = started.elapsed();
                 let store = tokio::spawn(async move {
-                    // Read the head again: the fence we saw may be stale by now.
+                    // Read the head again (for its epoch and selector, and to leave an entry
+                    // that landed meanwhile alone); the lease is asked with the fence seen
+                    // before the source was called, not this one.
                     let looked = this.lookup(&k).await.ok()?;
                     if matches!(looked.found, Found::Entry { .. }) {
                         return None;
@@ -913,7 +934,7 @@ impl Stampede {
                         .bcall(this.inner.backend.try_acquire(
                             &k.slot,
                             this.inner.cfg.lease,
-                            looked.seen_fence,
+                            seen_fence,
                         ))
                         .await;
                     let Ok(Acquire::Acquired { token, fence }) = acq else {
@@ -1054,6 +1075,10 @@ impl Stampede {
                     Some(sel) => key.variant_for(sel),
                     None => variant,
                 };
+                // A value its own caller's key cannot place (its selector names no variant) is
+                // still that caller's: handed over on the side, as no one can match it.
+                let own =
+                    (selector.is_some() && variant.is_none()).then(|| Own::Value(value.clone()));
                 (
                     Shared::Value {
                         value,
@@ -1063,7 +1088,7 @@ impl Stampede {
                         filled: Some(false),
                         bypass: true,
                     },
-                    None,
+                    own,
                 )
             }
             FillRun::Done(Ok(Fill::Pass { value })) => (Shared::Pass, Some(Own::Value(value))),
@@ -1214,6 +1239,12 @@ impl Stampede {
                             if sig == Signal::Failed {
                                 self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
                                 return (Shared::Failed(Failure::Elsewhere), None);
+                            }
+                            // Uncacheable: to the source without the lease. (The holder may
+                            // have kept an in-policy stale copy instead of writing a marker,
+                            // so a re-read need not show it.)
+                            if sig == Signal::Pass {
+                                return (Shared::Pass, None);
                             }
                         }
                         // The subscription broke (reconnect, lag): re-read, and subscribe again.
@@ -1636,7 +1667,9 @@ impl Stampede {
             let now = Instant::now();
             m.retain(|_, (until, _)| *until > now);
         }
-        m.insert(*slot, (Instant::now() + for_, f.clone()));
+        // A backend may report any remaining time: never longer than one lease of ours.
+        let until = Instant::now() + for_.min(self.inner.cfg.lease);
+        m.insert(*slot, (until, f.clone()));
     }
 
     fn recent_failure(&self, slot: &Digest) -> Option<Failure> {
@@ -1690,9 +1723,9 @@ impl Stampede {
     /// One backend call: the breaker, the per-call timeout, the error count.
     async fn bcall<T>(&self, mut fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
         let breaker = &self.inner.breaker;
-        if !breaker.allow() {
+        let Some(_permit) = breaker.allow() else {
             return Err(BackendError::new("circuit breaker open"));
-        }
+        };
         // An in-process backend answers on the first poll: skip arming a timer for it.
         let first = std::future::poll_fn(|cx| {
             std::task::Poll::Ready(match fut.as_mut().poll(cx) {
@@ -1794,14 +1827,24 @@ where
     Fut: Future<Output = Result<Fill, E>> + Send + 'static,
     E: Into<BoxError> + 'static,
 {
-    let mut handle = tokio::spawn(async move { fill(prev).await.map_err(|e| e.into()) });
-    match tokio::time::timeout(limit, &mut handle).await {
+    // Aborted when this future ends or is dropped: a caller that goes away (a passed request,
+    // the opt-in call after a deadline) takes its source call with it. Shared fills are called
+    // from an engine-owned task, which nothing drops.
+    let mut handle = AbortOnDrop(tokio::spawn(async move {
+        fill(prev).await.map_err(|e| e.into())
+    }));
+    match tokio::time::timeout(limit, &mut handle.0).await {
         Ok(Ok(r)) => FillRun::Done(r),
         Ok(Err(_)) => FillRun::Panicked,
-        Err(_) => {
-            handle.abort();
-            FillRun::TimedOut
-        }
+        Err(_) => FillRun::TimedOut,
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -1844,6 +1887,21 @@ struct Breaker {
     probing: std::sync::atomic::AtomicBool,
 }
 
+/// A backend call the breaker let through. A probe's permit, dropped before the probe's
+/// outcome was recorded (its caller went away), lets the next call probe: otherwise the breaker
+/// would stay open for good.
+struct Permit<'a>(Option<&'a Breaker>);
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.0 {
+            // After `success` or `failure` this is already false (and no other probe can have
+            // started: the breaker is closed, or open for a new cooldown).
+            b.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
 impl Breaker {
     fn new(threshold: u32, cooldown: Duration) -> Self {
         Breaker {
@@ -1855,18 +1913,20 @@ impl Breaker {
         }
     }
 
-    fn allow(&self) -> bool {
+    /// `None` while open; a call's permit otherwise, the half-open probe's included (one at a
+    /// time).
+    fn allow(&self) -> Option<Permit<'_>> {
         let until = self.open_until_ms.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Some(Permit(None));
         }
         if now_ms() < until {
-            return false;
+            return None;
         }
-        // Half-open: one probe at a time.
         self.probing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+            .then_some(Permit(Some(self)))
     }
 
     fn is_open(&self) -> bool {

@@ -16,7 +16,7 @@ use crate::error::ConfigError;
 /// | `fill_timeout` | 30 s | a fill still running after this is abandoned (a failure) |
 /// | `backoff` | 10 ms .. 500 ms | polling schedule of waiters (they also wake on signals) |
 /// | `pass_ttl` | 5 s | how long a pass marker sends callers straight to the source |
-/// | `tombstone_ttl` | 60 s | how long an invalidation blocks fills that started before it |
+/// | `tombstone_ttl` | 60 s | how long an invalidation blocks fills that started before it (at least `fill_timeout` + 2 × `backend_timeout`) |
 /// | `backend_timeout` | 250 ms | per backend call; slower counts as a backend error |
 /// | `breaker_threshold` | 5 | consecutive backend errors that open the circuit breaker |
 /// | `breaker_cooldown` | 5 s | how long an open breaker skips the backend |
@@ -99,7 +99,9 @@ impl Config {
         self
     }
 
-    /// How long an invalidation's tombstone lives.
+    /// How long an invalidation's tombstone lives. Raised, when shorter, to `fill_timeout`
+    /// plus twice `backend_timeout`: a fill that started before the invalidation may write
+    /// until then, and the tombstone is what refuses its older content.
     pub fn tombstone_ttl(mut self, d: Duration) -> Self {
         self.tombstone_ttl = d;
         self

@@ -5,7 +5,7 @@ mod common;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,9 @@ use tower_stampede::backend::{
     Subscription, Token, WriteOutcome,
 };
 use tower_stampede::entry::{Header, Kind, Record};
-use tower_stampede::{Config, Digest, Error, Fill, StaleReason, Stampede, Status, Ttl};
+use tower_stampede::{
+    CacheKey, Config, Digest, Error, Fill, Selector, StaleReason, Stampede, Status, Ttl,
+};
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -134,6 +136,11 @@ struct Gate {
     /// Counts every `fetch`, and those that asked for a variant too.
     fetches: Counter,
     variant_fetches: Counter,
+    /// While set, every `fetch` fails; or never answers.
+    fail_fetch: AtomicBool,
+    hang_fetch: AtomicBool,
+    /// While set, every `try_acquire` fails.
+    fail_acquire: AtomicBool,
 }
 
 impl Backend for Gate {
@@ -149,6 +156,12 @@ impl Backend for Gate {
         if v.is_some() {
             self.variant_fetches.inc();
         }
+        if self.fail_fetch.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(BackendError::new("fetch refused by the test")) });
+        }
+        if self.hang_fetch.load(Ordering::SeqCst) {
+            return Box::pin(std::future::pending());
+        }
         self.inner.fetch(s, v)
     }
     fn try_acquire<'a>(
@@ -157,6 +170,9 @@ impl Backend for Gate {
         ttl: Duration,
         seen: u64,
     ) -> BoxFuture<'a, BackendResult<Acquire>> {
+        if self.fail_acquire.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(BackendError::new("acquire refused by the test")) });
+        }
         if let Some(n) = &self.held_forever {
             n.inc();
             return Box::pin(async {
@@ -1035,4 +1051,215 @@ async fn a_lease_held_for_ever_is_waited_on_until_the_deadline() {
     // once, and the caller tried again without sleeping (over a thousand tries).
     let tries = acquires.get();
     assert!((20..=60).contains(&tries), "tried {tries} times");
+}
+
+/// A passed caller's fill that turns cacheable (hit-for-miss) is stored only under the fence seen
+/// before the source was called: an invalidation while it ran keeps its older content out.
+#[tokio::test(start_paused = true)]
+async fn a_passed_fill_cannot_store_what_an_invalidation_made_old() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let s = e
+        .get_or_fill("k", || async { Ok::<_, std::io::Error>(Fill::pass("p")) })
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Passed);
+    let calls = Counter::default();
+    let t = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, secs(1), "pre-invalidation", minute());
+        async move { e.get_or_fill("k", f).await }
+    });
+    tokio::time::sleep(ms(10)).await;
+    e.invalidate("k").await.unwrap();
+    let s = t.await.unwrap().unwrap();
+    assert_eq!(
+        (&s.value[..], s.status),
+        (&b"pre-invalidation"[..], Status::Passed),
+        "its caller gets it, unstored"
+    );
+    let s = e
+        .get_or_fill("k", filler(&calls, ms(1), "post", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"post"[..], Status::Stored));
+    assert_eq!(calls.get(), 2);
+}
+
+/// The half-open breaker's probe whose caller goes away before the backend answers leaves the
+/// next call free to probe: the breaker closes once the backend is back.
+#[tokio::test(start_paused = true)]
+async fn a_probe_given_up_by_its_caller_lets_the_next_call_probe() {
+    let gate = Arc::new(Gate::default());
+    let e = Stampede::from_arc(gate.clone(), Config::default().breaker(1, secs(1))).unwrap();
+    let calls = Counter::default();
+    gate.fail_fetch.store(true, Ordering::SeqCst);
+    let s = e
+        .get_or_fill("a", filler(&calls, ms(1), "v", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Bypass);
+    assert!(e.breaker_open());
+    gate.fail_fetch.store(false, Ordering::SeqCst);
+    tokio::time::advance(secs(2)).await;
+    gate.hang_fetch.store(true, Ordering::SeqCst);
+    let gone = tokio::time::timeout(
+        ms(50),
+        e.get_or_fill("b", filler(&calls, ms(1), "v", minute())),
+    );
+    assert!(gone.await.is_err(), "the probe's caller gave up");
+    gate.hang_fetch.store(false, Ordering::SeqCst);
+    let s = e
+        .get_or_fill("c", filler(&calls, ms(1), "v", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Stored);
+    assert!(!e.breaker_open());
+}
+
+/// A `Failed` signal while the lease reports any remaining time (a backend of someone else's may
+/// say `Duration::MAX`) is the fallback at once, not a panic in the flight.
+#[tokio::test(start_paused = true)]
+async fn a_failure_signal_under_an_endless_lease_is_the_fallback() {
+    let mem = MemoryBackend::default();
+    let gate = Arc::new(Gate {
+        inner: mem.clone(),
+        held_forever: Some(Counter::default()),
+        ..Gate::default()
+    });
+    let e = Stampede::from_arc(gate, Config::default()).unwrap();
+    let calls = Counter::default();
+    let t = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, ms(1), "v", minute());
+        async move { e.get_or_fill("k", f).await }
+    });
+    tokio::time::sleep(ms(5)).await;
+    mem.signal(&Digest::of_key("k"), Signal::Failed)
+        .await
+        .unwrap();
+    let r = t.await.unwrap();
+    assert!(matches!(r, Err(Error::FailedElsewhere)), "{r:?}");
+    assert_eq!(calls.get(), 0);
+}
+
+/// A fill run for its caller alone (a passed key) goes when its caller does: it is not left
+/// running past `fill_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_passed_callers_fill_ends_with_its_caller() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default().fill_timeout(secs(1)));
+    e.get_or_fill("k", || async { Ok::<_, std::io::Error>(Fill::pass("p")) })
+        .await
+        .unwrap();
+    let alive = Counter::default();
+    struct Alive(Counter);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    let a = alive.clone();
+    let gone = tokio::time::timeout(
+        ms(100),
+        e.get_or_fill("k", move || async move {
+            a.inc();
+            let _alive = Alive(a.clone());
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(Fill::pass("never"))
+        }),
+    );
+    assert!(gone.await.is_err());
+    tokio::time::sleep(secs(3600)).await;
+    assert_eq!(
+        alive.get(),
+        0,
+        "the source call outlived its caller by an hour"
+    );
+}
+
+/// A `pass` signalled by another instance's lease holder that kept an in-policy stale copy (no
+/// marker to find) sends waiters to the source at once, together, not one lease after another.
+#[tokio::test(start_paused = true)]
+async fn a_pass_signal_without_a_marker_sends_other_instances_to_the_source() {
+    let mem = MemoryBackend::default();
+    let engines: Vec<Stampede> = (0..4).map(|_| engine(&mem, Config::default())).collect();
+    engines[0]
+        .get_or_fill("k", || async {
+            Ok::<_, std::io::Error>(Fill::store("old", Ttl::fresh(secs(1)).with_sie(secs(600))))
+        })
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, e) in engines.iter().enumerate() {
+        let (e, running, peak) = (e.clone(), running.clone(), peak.clone());
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(ms(i as u64 * 5)).await;
+            e.get_or_fill("k", move || async move {
+                let n = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(secs(2)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(Fill::pass("private"))
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        assert_eq!((&s.value[..], s.status), (&b"private"[..], Status::Passed));
+    }
+    // The first holds the lease; the other three go to the source when its pass is signalled.
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+}
+
+/// When the store is down and the caller's own selector names no variant for its fill's value,
+/// the caller still gets that value (it was lost: `FillPanicked`).
+#[tokio::test(start_paused = true)]
+async fn an_unkeyable_value_of_ones_own_uncached_fill_is_served() {
+    for fail_fetch in [true, false] {
+        let gate = Arc::new(Gate::default());
+        // Fetches fail (fail open at once), or only the lease does (inside the flight).
+        gate.fail_fetch.store(fail_fetch, Ordering::SeqCst);
+        gate.fail_acquire.store(!fail_fetch, Ordering::SeqCst);
+        let e = Stampede::from_arc(gate, Config::default()).unwrap();
+        let none: Selector = Arc::new(|_: &[u8]| None);
+        let r = e
+            .get_or_fill_with(CacheKey::new("v").with_selector(none), |_| async {
+                Ok::<_, std::io::Error>(Fill::Store {
+                    value: Bytes::from_static(b"body"),
+                    ttl: minute(),
+                    selector: Some(Bytes::from_static(b"x-other")),
+                })
+            })
+            .await;
+        let s = r.unwrap_or_else(|e| panic!("fail_fetch {fail_fetch}: {e:?}"));
+        assert_eq!((&s.value[..], s.status), (&b"body"[..], Status::Bypass));
+    }
+}
+
+/// A tombstone outlives every fill that started before it, however short `tombstone_ttl` is
+/// set: a fill slower than it cannot write its older content once it expired.
+#[tokio::test(start_paused = true)]
+async fn a_short_tombstone_ttl_still_outlives_a_slow_fill() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default().tombstone_ttl(secs(1)));
+    let calls = Counter::default();
+    let t = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, secs(5), "pre-invalidation", minute());
+        async move { e.get_or_fill("k", f).await }
+    });
+    tokio::time::sleep(secs(1)).await;
+    e.invalidate("k").await.unwrap();
+    let s = t.await.unwrap().unwrap();
+    assert_eq!(s.status, Status::NotStored);
+    let s = e
+        .get_or_fill("k", filler(&calls, ms(1), "post", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"post"[..], Status::Stored));
 }

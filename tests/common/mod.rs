@@ -18,6 +18,9 @@ impl Counter {
     pub fn get(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Outage tests: a short per-call backend timeout and a breaker that opens after 3 failures.
