@@ -76,7 +76,13 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
             "no-cache" => d.no_cache = true,
             "no-store" => d.no_store = true,
             "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-            "max-age" | "s-maxage" => d.explicit_age = true,
+            "max-age" => d.explicit_age = true,
+            // RFC 9111 section 5.2.2.10: for a shared cache it also carries proxy-revalidate's
+            // meaning, so no stale serving past it (section 4.2.4).
+            "s-maxage" => {
+                d.explicit_age = true;
+                d.must_revalidate = true;
+            }
             "stale-while-revalidate" => d.swr = secs(),
             "stale-if-error" => d.sie = secs(),
             _ => {}
@@ -322,7 +328,7 @@ mod tests {
                 "{raw:?}"
             );
         }
-        for (cc, fresh) in [("Max-Age=60", 60), ("max-age=60, S-MAXAGE=0", 0)] {
+        for (cc, fresh) in [("Max-Age=60", 60), ("max-age=0, S-MAXAGE=60", 60)] {
             match decide(&req(), &res(200, &[("cache-control", cc)]), &defaults(None)) {
                 Decision::Store { ttl, .. } => {
                     assert_eq!(ttl.fresh, Duration::from_secs(fresh), "{cc}")
@@ -346,6 +352,24 @@ mod tests {
             &[(
                 "cache-control",
                 "max-age=60, proxy-revalidate, stale-if-error=600",
+            )],
+        );
+        match decide(&req(), &r, &defaults(None)) {
+            Decision::Store { ttl, .. } => {
+                assert_eq!(ttl.fresh, Duration::from_secs(60));
+                assert!(ttl.stale_if_error.is_zero() && ttl.stale_while_revalidate.is_zero());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn s_maxage_disables_stale_as_proxy_revalidate_does() {
+        let r = res(
+            200,
+            &[(
+                "cache-control",
+                "s-maxage=60, stale-while-revalidate=600, stale-if-error=600",
             )],
         );
         match decide(&req(), &r, &defaults(None)) {
