@@ -158,7 +158,7 @@ struct Inner {
     held: Mutex<HeldLeases>,
     near: Option<Near>,
     /// Entry reads in flight, by slot: a fetch of a slot whose entry is being read joins that
-    /// read instead of sending its own (see [`MemcachedBackend::do_fetch`]).
+    /// read instead of sending its own (see [`MemcachedBackend::read_entry`]).
     reads: Arc<Flights<Digest, SharedRead>>,
 }
 
