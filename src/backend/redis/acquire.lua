@@ -14,8 +14,10 @@ local stored = header(get(KEYS[3])) or ZERO20
 if stored ~= ARGV[3] then
   return {2}
 end
-local counter = tonumber(get(KEYS[2]) or '0') or 0
-local fence = math.max(counter, tonumber(stored)) + 1
+local fence = next_fence(KEYS[2], stored)
+if not fence then
+  return redis.error_reply('stampede: the stored fence is beyond exact arithmetic')
+end
 redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, fence}

@@ -38,3 +38,41 @@ local function get(key)
   end
   return v
 end
+
+-- The server's clock in microseconds: the floor of every grant. The counter and the stored
+-- entry keep grants growing while they live; when both are gone (a restart without
+-- persistence, a failover to a replica that had not seen them, eviction) the clock still
+-- puts the next grant above every grant made before, as long as the server's clock does not
+-- step back by more than the time since that grant. Exact in Lua numbers until 2255.
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Fence arithmetic is exact below 2^53.
+local EXACT = 9007199254740992
+
+-- The fence counter at `key`: 0 when absent or not a plain number in range (bytes another
+-- client wrote there, 'nan', '1e30'), so garbage never turns into a grant.
+local function counter(key)
+  local v = get(key)
+  if type(v) ~= 'string' or not string.find(v, '^%d+$') or #v > 16 then
+    return 0
+  end
+  local n = tonumber(v)
+  if n > EXACT then
+    return 0
+  end
+  return n
+end
+
+-- The next grant above the counter at `counter_key`, the stored fence `stored` (20 digits) and
+-- the server's clock, or an error reply when a stored fence is beyond exact arithmetic (only
+-- forged bytes can put one there); nothing is written before it is known.
+local function next_fence(counter_key, stored)
+  local fence = math.max(counter(counter_key), tonumber(stored), now_us()) + 1
+  if fence > EXACT then
+    return nil
+  end
+  return fence
+end

@@ -30,10 +30,15 @@
 //! latency, never correctness.
 //!
 //! **Fences** are kept as 20-digit strings in the record header and compared as strings (exact
-//! for every `u64`); the grant `max(counter + 1, stored fence + 1)` is computed with Lua numbers,
-//! exact below 2^53. The fence counter of a key lives for [`RedisBackendBuilder::fence_ttl`]
-//! after its last grant (one day by default), so idle keys do not pile up counters; once it is
-//! gone, the stored entry's fence still keeps grants from going backwards.
+//! for every `u64`); the grant `max(counter, stored fence, server clock in µs) + 1` is computed
+//! with Lua numbers, exact below 2^53. The fence counter of a key lives for
+//! [`RedisBackendBuilder::fence_ttl`] after its last grant (one day by default), so idle keys do
+//! not pile up counters; once it is gone, the stored entry's fence still keeps grants from going
+//! backwards, and when both are gone (a restart without persistence, a failover to a replica
+//! that had not seen them, eviction) the server's clock (`TIME`) does: a holder that started
+//! before the loss cannot overwrite what a later holder stored, unless the server's clock
+//! stepped back by more than the time between the two grants. A counter that holds anything but
+//! a plain number counts as absent.
 //!
 //! **Invalidation** writes a tombstone whose epoch is its fence; variants of a `Vary`ing entry are
 //! separate keys that a script cannot enumerate Cluster-safely, so they are not deleted: the

@@ -11,7 +11,7 @@ if ok then
     redis.call('SET', KEYS[4], ARGV[9], 'PX', ARGV[10])
   end
   local f = tonumber(ARGV[1])
-  if (tonumber(get(KEYS[3]) or '0') or 0) < f then
+  if counter(KEYS[3]) < f then
     redis.call('SET', KEYS[3], string.format('%d', f), 'PX', ARGV[8])
   end
 end
