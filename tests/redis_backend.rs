@@ -1031,6 +1031,29 @@ mod near_cache {
         false
     }
 
+    /// Runs rounds of 20 `read`s (at most 100, 20 ms apart) until one round reads nothing from
+    /// Redis; true when one did.
+    async fn goes_quiet<F, Fut>(server: &Server, mut read: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let mut monitor = Monitor::start(server);
+        for round in 0..100 {
+            server.mark(&format!("a{round}"));
+            for _ in 0..20 {
+                read().await;
+            }
+            server.mark(&format!("b{round}"));
+            let _ = monitor.until(&format!("a{round}"));
+            if reads(&monitor.until(&format!("b{round}"))) == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// Reads (GET/MGET) the server ran between two markers.
     fn reads(cmds: &[String]) -> usize {
         cmds.iter()
@@ -1070,6 +1093,36 @@ mod near_cache {
             }
         }
         assert!(quiet, "every round of 50 hits read from Redis");
+    }
+
+    /// A `warm_up` given up on (a timeout while Redis is paused) must not leave the near cache
+    /// off for good: once Redis answers, hot hits stop reaching it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_warm_up_given_up_on_does_not_turn_the_near_cache_off() {
+        let server = Server::redis();
+        let b = RedisBackend::builder(server.url())
+            .near_cache(1 << 20)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        server.pause();
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), b.warm_up()).await;
+        server.resume();
+        assert!(gave_up.is_err(), "warm_up finished while Redis was paused");
+
+        let engine = Stampede::new(b);
+        let quiet = goes_quiet(&server, || async {
+            let s = engine
+                .get_or_fill("warm", || async { Ok::<_, std::io::Error>(fresh("v")) })
+                .await
+                .unwrap();
+            assert_eq!(&s.value[..], b"v");
+        })
+        .await;
+        assert!(
+            quiet,
+            "every round of 20 hits read from Redis: the near cache stayed off"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1193,21 +1246,10 @@ mod near_cache {
         assert!(seen, "the near copy outlived its tracking connection");
 
         // A new tracking connection is made and used: hits stop reaching Redis again.
-        let mut monitor = Monitor::start(&server);
-        let mut quiet = false;
-        for round in 0..100 {
-            server.mark(&format!("a{round}"));
-            for _ in 0..20 {
-                backend.fetch(&slot, None).await.unwrap();
-            }
-            server.mark(&format!("b{round}"));
-            let _ = monitor.until(&format!("a{round}"));
-            if reads(&monitor.until(&format!("b{round}"))) == 0 {
-                quiet = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let quiet = goes_quiet(&server, || async {
+            backend.fetch(&slot, None).await.unwrap();
+        })
+        .await;
         assert!(
             quiet,
             "the near cache never came back after its connection was lost"

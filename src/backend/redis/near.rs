@@ -76,6 +76,22 @@ impl Tracked {
     }
 }
 
+/// A flag set while one task does something, cleared when that task is done or dropped.
+struct Claim<'a>(&'a AtomicBool);
+
+impl<'a> Claim<'a> {
+    /// Sets `flag`, or `None` when another task holds it.
+    fn take(flag: &'a AtomicBool) -> Option<Self> {
+        (!flag.swap(true, Ordering::AcqRel)).then_some(Claim(flag))
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -161,11 +177,15 @@ impl Near {
         let Some((generation, id)) = self.redirect() else {
             return;
         };
-        if tracked.generation.load(Ordering::SeqCst) == generation
-            || tracked.busy.swap(true, Ordering::AcqRel)
-        {
+        if tracked.generation.load(Ordering::SeqCst) == generation {
             return;
         }
+        // Cleared on every way out, also when the caller gives up on the read (a timeout drops
+        // this future at the await below): a flag left set would keep this connection from
+        // ever being tracked, and the near cache from keeping anything read on it.
+        let Some(_busy) = Claim::take(&tracked.busy) else {
+            return;
+        };
         let mut cmd = redis::cmd("CLIENT");
         cmd.arg("TRACKING").arg("ON").arg("REDIRECT").arg(id);
         match tokio::time::timeout(self.timeout, cmd.query_async::<Value>(conn)).await {
@@ -186,7 +206,6 @@ impl Near {
             Ok(Err(e)) => tracing::debug!(error = %e, "redis CLIENT TRACKING failed"),
             Err(_) => tracing::debug!("redis CLIENT TRACKING timed out"),
         }
-        tracked.busy.store(false, Ordering::Release);
     }
 
     /// Makes the tracking connection in the background when there is none (at most one attempt
@@ -219,12 +238,13 @@ impl Near {
         if self.unavailable.load(Ordering::Acquire) {
             return false;
         }
-        if self.connecting.swap(true, Ordering::AcqRel) {
+        // Cleared also when the caller gives up (`warm_up` under a timeout): left set, no
+        // tracking connection would ever be made again and the near cache would stay empty.
+        let Some(_connecting) = Claim::take(&self.connecting) else {
             return false;
-        }
+        };
         let ok = self.make().await;
         *lock(&self.last_failure) = if ok { None } else { Some(Instant::now()) };
-        self.connecting.store(false, Ordering::Release);
         ok
     }
 
