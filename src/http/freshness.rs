@@ -19,6 +19,9 @@ pub(crate) struct Directives {
     pub(crate) swr: Option<Duration>,
     pub(crate) sie: Option<Duration>,
     pub(crate) no_store: bool,
+    /// The freshness lifetime `s-maxage` (preferred: we are a shared cache) or `max-age` gives;
+    /// `None` when neither is sent (then `Expires`, if any, decides).
+    pub(crate) lifetime: Option<Duration>,
 }
 
 /// RFC 9111 section 1.2.2: a delta-seconds (`max-age`, `Age`) too large to hold is taken and
@@ -65,6 +68,7 @@ fn cache_control(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
 
 fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
+    let mut s_maxage = false;
     for (name, arg) in cc {
         // Clamped: a huge number must not overflow a clock downstream.
         let secs = || {
@@ -72,16 +76,31 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
                 .and_then(|a| a.trim_matches('"').parse::<u64>().ok())
                 .map(|v| Duration::from_secs(v).min(Ttl::MAX))
         };
+        // As the policy crate reads it: one that is not a number is 0.
+        let lifetime = || {
+            let secs = arg
+                .as_deref()
+                .and_then(|a| delta_seconds(a.trim_matches('"')))
+                .unwrap_or(0);
+            Duration::from_secs(u64::from(secs))
+        };
         match name.as_str() {
             "no-cache" => d.no_cache = true,
             "no-store" => d.no_store = true,
             "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
-            "max-age" => d.explicit_age = true,
+            "max-age" => {
+                d.explicit_age = true;
+                if !s_maxage {
+                    d.lifetime = Some(lifetime());
+                }
+            }
             // RFC 9111 section 5.2.2.10: for a shared cache it also carries proxy-revalidate's
             // meaning, so no stale serving past it (section 4.2.4).
             "s-maxage" => {
                 d.explicit_age = true;
                 d.must_revalidate = true;
+                s_maxage = true;
+                d.lifetime = Some(lifetime());
             }
             "stale-while-revalidate" => d.swr = secs(),
             "stale-if-error" => d.sie = secs(),
@@ -122,6 +141,23 @@ fn policy_cache_control(cc: &[(String, Option<String>)]) -> Option<HeaderValue> 
         }
     }
     HeaderValue::try_from(out).ok()
+}
+
+/// The first `Age` as delta-seconds (one too large to hold is [`DELTA_SECONDS_MAX`]); `None`
+/// when absent or not a number.
+fn age_value(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| delta_seconds(s.trim()))
+}
+
+/// A header holding an HTTP-date, if it parses.
+fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| httpdate::parse_http_date(s).ok())
 }
 
 /// The layer's defaults for responses whose origin says nothing.
@@ -177,22 +213,50 @@ pub(crate) fn decide(
         .contains_key(header::CACHE_CONTROL)
         .then(|| policy_cache_control(&cc))
         .flatten();
-    let policy = match normalized {
-        Some(cc) => {
-            let (mut parts, ()) = http::Response::new(()).into_parts();
-            parts.status = res.status;
-            parts.version = res.version;
-            parts.headers = res.headers.clone();
+    let age = age_value(&res.headers);
+    // The crate reads an `Age` too large for a u64 as 0 (fresh); RFC 9111 section 1.2.2 says
+    // 2^31 (long stale).
+    let age_fix = (age == Some(DELTA_SECONDS_MAX)).then(|| HeaderValue::from(DELTA_SECONDS_MAX));
+    let policy = if normalized.is_none() && age_fix.is_none() {
+        CachePolicy::new_options(req, res, now, opts)
+    } else {
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = res.status;
+        parts.version = res.version;
+        parts.headers = res.headers.clone();
+        if let Some(cc) = normalized {
             parts.headers.insert(header::CACHE_CONTROL, cc);
-            CachePolicy::new_options(req, &parts, now, opts)
         }
-        None => CachePolicy::new_options(req, res, now, opts),
+        if let Some(age) = age_fix {
+            parts.headers.insert(header::AGE, age);
+        }
+        CachePolicy::new_options(req, &parts, now, opts)
     };
     if !policy.is_storable() {
         return Decision::Pass("not-storable");
     }
+    // How long the response has been stale already when it arrives: its stale windows
+    // (RFC 5861) count from when it stopped being fresh, not from now.
+    let mut late = Duration::ZERO;
     let fresh = if d.explicit_age {
-        policy.time_to_live(now)
+        let mut fresh = policy.time_to_live(now);
+        match d.lifetime {
+            Some(lifetime) => {
+                let age = Duration::from_secs(u64::from(age.unwrap_or(0)));
+                late = age.saturating_sub(lifetime);
+            }
+            // `Expires` decides. Its lifetime counts from `Date`, and the age includes the
+            // apparent age `now - Date` (RFC 9111 section 4.2.3), which the crate leaves out:
+            // an `Expires` already past by our clock was stored fresh for `Expires - Date`.
+            // With the apparent age, what is left is at most `Expires - now`.
+            None => {
+                if let Some(expires) = http_date(&res.headers, header::EXPIRES) {
+                    fresh = fresh.min(expires.duration_since(now).unwrap_or_default());
+                    late = now.duration_since(expires).unwrap_or_default();
+                }
+            }
+        }
+        fresh
     } else {
         match defaults.ttl {
             Some(t) => t,
@@ -205,6 +269,8 @@ pub(crate) fn decide(
         swr = Duration::ZERO;
         sie = Duration::ZERO;
     }
+    swr = swr.saturating_sub(late);
+    sie = sie.saturating_sub(late);
     let mut ttl = Ttl::fresh(fresh.min(Ttl::MAX)).with_swr(swr).with_sie(sie);
     if ttl.fresh.is_zero() && swr.is_zero() && sie.is_zero() {
         return Decision::Pass("expired");
@@ -396,5 +462,95 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn http_date_at(offset_secs: i64) -> String {
+        let now = SystemTime::now();
+        let t = if offset_secs >= 0 {
+            now + Duration::from_secs(offset_secs.unsigned_abs())
+        } else {
+            now - Duration::from_secs(offset_secs.unsigned_abs())
+        };
+        httpdate::fmt_http_date(t)
+    }
+
+    fn fresh_of(d: Decision) -> Ttl {
+        match d {
+            Decision::Store { ttl, .. } => ttl,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// RFC 9111 section 4.2.3: the age includes the apparent age `now - Date`, so an `Expires`
+    /// already past by our clock is not fresh however far after `Date` it is, and what is left
+    /// of one still ahead is at most `Expires - now`.
+    #[test]
+    fn expires_counts_the_apparent_age() {
+        let (date, past) = (http_date_at(-3600), http_date_at(-1800));
+        let r = res(200, &[("date", &date), ("expires", &past)]);
+        // Stale for half an hour already: past the default windows too.
+        assert_eq!(
+            decide(&req(), &r, &defaults(None)),
+            Decision::Pass("expired")
+        );
+
+        let (date, ahead) = (http_date_at(-100), http_date_at(50));
+        let r = res(200, &[("date", &date), ("expires", &ahead)]);
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert!(
+            ttl.fresh <= Duration::from_secs(50) && ttl.fresh >= Duration::from_secs(45),
+            "{:?}",
+            ttl.fresh
+        );
+
+        // A `Date` ahead of our clock (the origin's clock is fast): `Expires - Date` decides.
+        let (date, ahead) = (http_date_at(3600), http_date_at(3660));
+        let r = res(200, &[("date", &date), ("expires", &ahead)]);
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert!(ttl.fresh <= Duration::from_secs(60) && ttl.fresh >= Duration::from_secs(58));
+    }
+
+    /// An `Age` too large for any integer is 2^31 seconds (RFC 9111 section 1.2.2), not 0: the
+    /// response is long stale, also past its stale windows.
+    #[test]
+    fn an_overflowing_age_is_long_stale() {
+        for age in [
+            "99999999999999999999999",
+            "18446744073709551616",
+            "2147483648",
+        ] {
+            let r = res(
+                200,
+                &[
+                    ("cache-control", "max-age=60, stale-if-error=600"),
+                    ("age", age),
+                ],
+            );
+            assert_eq!(
+                decide(&req(), &r, &defaults(None)),
+                Decision::Pass("expired"),
+                "age {age}"
+            );
+        }
+    }
+
+    /// The RFC 5861 windows count from when the response stopped being fresh: one that arrives
+    /// 10 s past its max-age has 10 s less of each.
+    #[test]
+    fn stale_windows_count_from_the_end_of_freshness() {
+        let r = res(
+            200,
+            &[
+                (
+                    "cache-control",
+                    "max-age=60, stale-while-revalidate=30, stale-if-error=600",
+                ),
+                ("age", "70"),
+            ],
+        );
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.fresh, Duration::ZERO);
+        assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(20));
+        assert_eq!(ttl.stale_if_error, Duration::from_secs(590));
     }
 }
