@@ -1906,3 +1906,77 @@ async fn a_location_with_dot_segments_invalidates_it_as_written_and_without_them
     let g = send(&svc, get(u)).await;
     assert!(g.cs().contains("fwd=uri-miss; stored"), "{u}: {}", g.cs());
 }
+
+/// A bounded wait's result, so something held back fails the test instead of hanging it.
+fn within<T>(r: Result<T, tokio::time::error::Elapsed>, what: &str) -> T {
+    r.unwrap_or_else(|_| panic!("{what}"))
+}
+
+/// A body the test feeds one chunk at a time; it ends when the sender is dropped.
+struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// A response whose headers say it is not stored (server-sent events, `no-store`) reaches its
+/// caller as it comes: its headers and each event while the stream is still open, not once it
+/// ends (which an event stream never does) or is cut at `max_body`.
+#[tokio::test]
+async fn a_passed_stream_reaches_its_caller_as_it_comes() {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let origin = tower::service_fn(move |_req: Req| {
+        let rx = rx.lock().unwrap().take();
+        async move {
+            let rx = rx.expect("the origin is called once");
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .header("cache-control", "no-store")
+                    .body(Fed(rx))
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = StampedeLayer::in_memory().max_body(64).layer(origin);
+    tx.send(Bytes::from_static(b"data: 0\n\n")).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), svc.oneshot(get("/events"))).await;
+    let res = within(res, "no response head while the stream is open").unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let cs = res.headers()["cache-status"].to_str().unwrap().to_string();
+    assert!(cs.contains("detail=no-store"), "{cs}");
+    let mut body = res.into_body();
+    // 20 events, 180 bytes in all: past max_body, and each read before the next is sent.
+    for i in 0..20 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame()).await;
+        let frame = within(frame, "an event held back while the stream is open")
+            .expect("the stream ended early")
+            .unwrap();
+        assert_eq!(
+            frame.into_data().unwrap(),
+            format!("data: {i}\n\n").as_bytes()
+        );
+        if i < 19 {
+            tx.send(Bytes::from(format!("data: {}\n\n", i + 1)))
+                .await
+                .unwrap();
+        }
+    }
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), body.frame()).await;
+    assert!(
+        within(end, "the end held back").is_none(),
+        "the stream ends"
+    );
+}

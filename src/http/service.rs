@@ -598,6 +598,15 @@ where
         }
         return Ok(own(side, detail, res));
     }
+    if !failed {
+        if let Decision::Pass(detail) = decide(&policy_req, &rparts, &opts.defaults) {
+            // Its headers already say it is not stored: relay the body as it comes, unbuffered,
+            // so a stream (server-sent events, a long poll, a large download marked no-store)
+            // reaches its one caller at once and is not cut at `max_body`.
+            let body = ResponseBody::stream(VecDeque::new(), Box::pin(body));
+            return Ok(own(side, detail, Response::from_parts(rparts, body)));
+        }
+    }
     let buffered = match buffer(Box::pin(body), opts.max_body).await {
         Ok(b) => b,
         Err(e) => {
