@@ -70,11 +70,12 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
     let mut d = Directives::default();
     let mut s_maxage = false;
     for (name, arg) in cc {
-        // Clamped: a huge number must not overflow a clock downstream.
+        // Clamped: a huge number must not overflow a clock downstream, and one too large for
+        // any integer is still huge (section 1.2.2), not absent.
         let secs = || {
             arg.as_deref()
-                .and_then(|a| a.trim_matches('"').parse::<u64>().ok())
-                .map(|v| Duration::from_secs(v).min(Ttl::MAX))
+                .and_then(|a| delta_seconds(a.trim_matches('"')))
+                .map(|v| Duration::from_secs(u64::from(v)).min(Ttl::MAX))
         };
         // As the policy crate reads it: one that is not a number is 0.
         let lifetime = || {
@@ -552,5 +553,22 @@ mod tests {
         assert_eq!(ttl.fresh, Duration::ZERO);
         assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(20));
         assert_eq!(ttl.stale_if_error, Duration::from_secs(590));
+    }
+
+    /// A stale window too large for any integer is the longest window, not the layer's
+    /// default.
+    #[test]
+    fn an_overflowing_stale_window_is_the_longest() {
+        let r = res(
+            200,
+            &[(
+                "cache-control",
+                "max-age=60, stale-while-revalidate=99999999999999999999999, \
+                 stale-if-error=18446744073709551616",
+            )],
+        );
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.stale_while_revalidate, Ttl::MAX);
+        assert_eq!(ttl.stale_if_error, Ttl::MAX);
     }
 }
