@@ -560,6 +560,18 @@ async fn a_pool_keeps_every_part_of_a_slot_on_one_server() {
     assert!(per_server.iter().all(|&n| n > 5), "{per_server:?}");
 }
 
+/// A restart loses the entry and the fence counter together; the counter made anew starts at
+/// the clock, so a holder from before it cannot overwrite what came after.
+#[tokio::test]
+async fn a_holder_from_before_a_restart_cannot_overwrite_what_came_after() {
+    let mut server = Server::memcached();
+    let b = connect(&server).await;
+    conformance::a_holder_from_before_a_loss_cannot_overwrite_what_came_after(&b, || {
+        server.restart()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_load_fails_no_call_and_refills_each_key_once() {
     const KEYS: usize = 16;

@@ -289,81 +289,16 @@ async fn grants_stay_above_the_entry_after_the_counter_is_lost_or_redis_restarts
     }
 }
 
-/// Retries `op` until the backend has reconnected after a restart (at most 5 s).
-async fn after_reconnect<T, F, Fut>(mut op: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = tower_stampede::backend::BackendResult<T>>,
-{
-    for _ in 0..100 {
-        if let Ok(v) = op().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the backend never reconnected");
-}
-
-/// A restart without persistence loses the entry and the fence counter together. A holder
-/// that took its lease before the restart and writes after a later holder (or an
-/// invalidation) must still be refused: the grant's floor is the server's clock.
+/// A restart without persistence loses the entry and the fence counter together; the grant's
+/// floor (the server's clock) keeps a holder from before it from overwriting what came after.
 #[tokio::test]
 async fn a_holder_from_before_a_restart_cannot_overwrite_what_came_after() {
     let mut server = Server::redis();
     let b = backend(&server).await;
-    let s = Digest::of_key("restart-fence");
-    let ttl = Duration::from_secs(30);
-    let grant = |b: &RedisBackend, seen: u64| {
-        let b = b.clone();
-        async move {
-            match b.try_acquire(&s, ttl, seen).await? {
-                Acquire::Acquired { token, fence } => Ok((token, fence)),
-                other => panic!("{other:?}"),
-            }
-        }
-    };
-    // A few grants and releases, as a busy key has, then the holder that will be late.
-    for _ in 0..5 {
-        let (t, _) = grant(&b, 0).await.unwrap();
-        assert!(b.release(&s, t, Signal::Released).await.unwrap());
-    }
-    let (old_token, old_fence) = grant(&b, 0).await.unwrap();
-
-    server.restart();
-    let (new_token, new_fence) = after_reconnect(|| grant(&b, 0)).await;
-    assert!(
-        new_fence > old_fence,
-        "grant {new_fence} after the restart is above {old_fence} from before it"
-    );
-    let w = |t, f, v: &[u8]| conformance::write(s, t, f, v, Duration::from_secs(60));
-    assert_eq!(
-        b.write(w(new_token, new_fence, b"new")).await.unwrap(),
-        WriteOutcome::Stored
-    );
-    assert_eq!(
-        b.write(w(old_token, old_fence, b"old")).await.unwrap(),
-        WriteOutcome::Fenced,
-        "the holder from before the restart is refused"
-    );
-    assert_eq!(stored_token(&b, &s).await, Some(new_token));
-
-    // The same for an invalidation after a second restart: its tombstone stands.
-    server.restart();
-    let tomb = after_reconnect(|| b.invalidate(&s, Duration::from_secs(60))).await;
-    assert!(tomb > new_fence, "tombstone {tomb} above {new_fence}");
-    assert_eq!(
-        b.write(w(new_token, new_fence, b"stale")).await.unwrap(),
-        WriteOutcome::Fenced,
-        "the holder from before the second restart is refused"
-    );
-}
-
-async fn stored_token(b: &RedisBackend, s: &Digest) -> Option<tower_stampede::backend::Token> {
-    let f = b.fetch(s, None).await.unwrap();
-    f.entry
-        .as_ref()
-        .and_then(|e| Header::parse(e))
-        .map(|h| h.token)
+    conformance::a_holder_from_before_a_loss_cannot_overwrite_what_came_after(&b, || {
+        server.restart()
+    })
+    .await;
 }
 
 /// Bytes at the fence counter that are not a plain number ('nan', '1e30', text) count as no

@@ -14,11 +14,11 @@
 //! | operation | meta commands |
 //! |---|---|
 //! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
-//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<seen+1> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): the entry's fence comes from its flags; if it differs from `seen_fence`, confirm it from the header (then `mg <e> v f`) and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
+//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`); if it differs from `seen_fence`, give the lease back and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
 //! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
 //! | `release` | `md <l> C<cas>` |
-//! | `write` | `mg <e> f c` (`; mg <v> f c`); then, when the flags do not decide, `mg <e> v f c`; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
-//! | `invalidate` | `mg <e> f c ; ma <f> v D1 N2592000 J1 T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race |
+//! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
+//! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race |
 //! | `signal`, `subscribe` | nothing: memcached has no pub/sub, waiters poll with backoff |
 //!
 //! Where the commands of one operation are several round trips, each step is guarded by CAS,
@@ -36,14 +36,25 @@
 //!
 //! # Fences
 //!
-//! The entry's fence is in its header (the first 60 bytes of the value) and, to spare reading
-//! the value on the lease path, in the item's client flags (0 when it does not fit 32 bits,
-//! meaning "read the header"). A grant is `max(counter + 1, entry's fence + 1)`: the counter is
-//! bumped by `ma` (created at `seen_fence + 1` when absent: memcached stores the initial value
-//! without applying the delta); if the result is not above the entry's fence (the counter was
-//! evicted, the server restarted), a second `ma` adds the gap. Every grant is the result of an
-//! atomic increment, so grants are unique as well as above the entry. Counters live 30 days
-//! after their last grant.
+//! The entry's fence is in its header (the first 60 bytes of the value), which decides every
+//! write; the item's client flags carry the fence's low 32 bits, so the lease path can tell
+//! without reading the value that the entry is still the one the caller saw (two fences with
+//! the same low bits are 2^32 microseconds, over an hour, of grants apart, while the caller read
+//! its fence moments ago; and a wrong guess costs one fill whose write the header then refuses,
+//! never a wrong value). A grant is `max(counter + 1, entry's fence + 1)`: the counter is
+//! bumped by `ma` (created at `max(seen_fence + 1, clock)` when absent: memcached stores the
+//! initial value without applying the delta); if the result is not above the entry's fence (the
+//! counter was evicted, the server restarted), a second `ma` adds the gap. Every grant is the
+//! result of an atomic increment, so grants are unique as well as above the entry. Counters
+//! live 30 days after their last grant.
+//!
+//! `clock` is this process's clock in microseconds: memcached has no clock a client can read,
+//! and a counter made anew must start above every grant made before it was lost. When the
+//! server restarts (or evicts the entry and its counter), a holder that took its lease before
+//! cannot then overwrite what a later holder stored, nor a tombstone: counters start at the
+//! clock and grow by one a grant, so a grant is never ahead of the clock of the instance that
+//! made the counter. This holds while the instances' clocks agree to better than the time
+//! between a grant and the loss that follows it (NTP does; Redis uses the server's own `TIME`).
 //!
 //! # Expiry
 //!
@@ -520,8 +531,8 @@ impl MemcachedBackend {
 
     // --- fences -------------------------------------------------------------------------------
 
-    /// The fence of what is stored at `key`, from the flags or, when they do not say, the
-    /// header (0 for nothing or bytes that do not decode). Returns the item's CAS with it.
+    /// The fence of what is stored at `key`, from its header (0 for nothing or bytes that do
+    /// not decode), read again when `reply` has no value. Returns the item's CAS with it.
     async fn stored_fence(&self, key: &str, reply: Reply) -> BackendResult<(u64, Option<u64>)> {
         let item = match reply {
             Reply::Miss => return Ok((0, None)),
@@ -530,9 +541,6 @@ impl MemcachedBackend {
         };
         if let Some(v) = &item.value {
             return Ok((header_fence(v), item.cas));
-        }
-        if item.flags != 0 {
-            return Ok((u64::from(item.flags), item.cas));
         }
         match self.cmd(get(key, true, true, false)).await? {
             Reply::Miss => Ok((0, None)),
@@ -546,6 +554,7 @@ impl MemcachedBackend {
     async fn grant_fence(&self, slot: &Digest, stored: u64, incr: Reply) -> BackendResult<u64> {
         let key = self.inner.prefix.fence(slot);
         let floor = stored.saturating_add(1);
+        let start = floor.max(clock_floor());
         let counter = match incr {
             Reply::Counter(v) => v,
             Reply::Rejected(_) => {
@@ -554,7 +563,7 @@ impl MemcachedBackend {
                     Reply::Done(_) | Reply::NotFound => {}
                     other => return Err(unexpected("md (fence)", &other)),
                 }
-                match self.cmd(incr_cmd(&key, 1, floor)).await? {
+                match self.cmd(incr_cmd(&key, 1, start)).await? {
                     Reply::Counter(v) => v,
                     other => return Err(unexpected("ma (fence)", &other)),
                 }
@@ -714,7 +723,7 @@ impl MemcachedBackend {
                 },
                 get(&lease, false, false, true),
                 get(&entry, false, false, false),
-                incr_cmd(&p.fence(slot), 1, seen.saturating_add(1)),
+                incr_cmd(&p.fence(slot), 1, seen.saturating_add(1).max(clock_floor())),
             ])
             .await
             .into_iter();
@@ -736,16 +745,19 @@ impl MemcachedBackend {
         };
         // The lease is ours: every way out that does not grant it gives it back.
         let granted = async {
-            let reply = next(&mut replies)?;
-            let from_flags =
-                matches!(&reply, Reply::Item(it) if it.value.is_none() && it.flags != 0);
-            let (mut stored, _) = self.stored_fence(&entry, reply).await?;
-            if stored != seen && from_flags {
-                // The caller's `seen` comes from the header; so does the verdict (flags that
+            let stored = match next(&mut replies)? {
+                Reply::Miss => 0,
+                // The flags say "the fence the caller saw" (see `flags_for`): no need to read
+                // the value.
+                Reply::Item(it) if it.flags != 0 && it.flags == low32(seen) => seen,
+                // Otherwise the header decides, as it did for the caller's `seen` (flags that
                 // disagree with bytes that do not decode must not refresh forever).
-                let reply = self.cmd(get(&entry, true, false, false)).await?;
-                stored = self.stored_fence(&entry, reply).await?.0;
-            }
+                Reply::Item(_) => {
+                    let reply = self.cmd(get(&entry, true, false, false)).await?;
+                    self.stored_fence(&entry, reply).await?.0
+                }
+                other => return Err(unexpected("mg (entry)", &other)),
+            };
             if stored != seen {
                 return Ok(None);
             }
@@ -786,11 +798,7 @@ impl MemcachedBackend {
             Reply::Item(it) => it,
             other => return Err(unexpected("mg", &other)),
         };
-        // An older fence in the flags decides without the value; a refusal, the same fence
-        // (the token decides) or no fence in the flags is read from the header.
-        if item.value.is_none() && item.flags != 0 && u64::from(item.flags) < fence {
-            return Ok(Verdict::Replace(need_cas(&item)?));
-        }
+        // The header decides (the flags are only a hint of the fence's low bits).
         let item = if item.value.is_some() {
             item
         } else {
@@ -880,9 +888,9 @@ impl MemcachedBackend {
             // Nothing written, the lease untouched, no signal (see WriteOutcome::TooLarge).
             return Ok(WriteOutcome::TooLarge);
         }
-        let mut reads = vec![get(entry_key, false, true, false)];
+        let mut reads = vec![get(entry_key, true, true, false)];
         if let Some((k, _)) = variant {
-            reads.push(get(k, false, true, false));
+            reads.push(get(k, true, true, false));
         }
         let mut replies = self.inner.client.batch(reads).await.into_iter();
         let entry_verdict = self
@@ -951,8 +959,8 @@ impl MemcachedBackend {
                 .inner
                 .client
                 .batch(vec![
-                    get(entry, false, true, false),
-                    incr_cmd(&p.fence(slot), 1, 1),
+                    get(entry, true, true, false),
+                    incr_cmd(&p.fence(slot), 1, clock_floor()),
                 ])
                 .await
                 .into_iter();
@@ -1035,10 +1043,21 @@ fn token_bytes(token: Token) -> Bytes {
 /// The client flags stored with a record: its fence when it fits (fences start at 1), else 0
 /// ("read the header").
 fn flags_for(record: &[u8]) -> u32 {
-    Header::parse(record)
-        .map(|h| h.fence)
-        .filter(|&f| f >= 1 && f <= u64::from(u32::MAX))
-        .map_or(0, |f| f as u32)
+    Header::parse(record).map_or(0, |h| low32(h.fence))
+}
+
+/// The low 32 bits of a fence: what the client flags can carry.
+fn low32(fence: u64) -> u32 {
+    (fence & u64::from(u32::MAX)) as u32
+}
+
+/// This process's clock in microseconds since the Unix epoch: the floor of a counter made anew
+/// (see the module docs on fences). 1 on a clock before 1970.
+fn clock_floor() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .max(1)
 }
 
 fn header_fence(bytes: &[u8]) -> u64 {
@@ -1203,7 +1222,7 @@ mod tests {
     }
 
     #[test]
-    fn flags_carry_the_fence_when_it_fits() {
+    fn flags_carry_the_fences_low_32_bits() {
         let rec = |fence| {
             Record::encode_marker(Header {
                 kind: Kind::Pass,
@@ -1215,6 +1234,7 @@ mod tests {
         assert_eq!(flags_for(&rec(7)), 7);
         assert_eq!(flags_for(&rec(u64::from(u32::MAX))), u32::MAX);
         assert_eq!(flags_for(&rec(u64::from(u32::MAX) + 1)), 0);
+        assert_eq!(flags_for(&rec((5 << 32) + 9)), 9);
         assert_eq!(flags_for(&rec(0)), 0);
         assert_eq!(flags_for(b"garbage"), 0);
     }

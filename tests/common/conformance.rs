@@ -434,3 +434,72 @@ macro_rules! conformance_suite {
         }
     };
 }
+
+/// Retries `op` until the backend has reconnected after a restart (at most 5 s).
+async fn after_reconnect<T, F, Fut>(mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = tower_stampede::backend::BackendResult<T>>,
+{
+    for _ in 0..100 {
+        if let Ok(v) = op().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the backend never reconnected");
+}
+
+/// Not in [`run_all`]: it needs the server to lose everything (`lose`: a restart without
+/// persistence), which only the backend's own tests can do. The entry and the fence counter
+/// go together; a holder that took its lease before and writes after a later holder (or an
+/// invalidation) must still be refused, and the later grants must be above its fence.
+pub async fn a_holder_from_before_a_loss_cannot_overwrite_what_came_after(
+    b: &dyn Backend,
+    mut lose: impl FnMut(),
+) {
+    let s = slot("loss-fence");
+    let ttl = Duration::from_secs(30);
+    let grant = |seen: u64| async move {
+        match b.try_acquire(&s, ttl, seen).await? {
+            Acquire::Acquired { token, fence } => Ok((token, fence)),
+            other => panic!("{other:?}"),
+        }
+    };
+    // A few grants and releases, as a busy key has, then the holder that will be late.
+    for _ in 0..5 {
+        let (t, _) = grant(0).await.unwrap();
+        assert!(b.release(&s, t, Signal::Released).await.unwrap());
+    }
+    let (old_token, old_fence) = grant(0).await.unwrap();
+
+    lose();
+    let (new_token, new_fence) = after_reconnect(|| grant(0)).await;
+    assert!(
+        new_fence > old_fence,
+        "grant {new_fence} after the loss is above {old_fence} from before it"
+    );
+    let w = |t, f, v: &[u8]| write(s, t, f, v, Duration::from_secs(60));
+    assert_eq!(
+        b.write(w(new_token, new_fence, b"new")).await.unwrap(),
+        WriteOutcome::Stored
+    );
+    assert_eq!(
+        b.write(w(old_token, old_fence, b"old")).await.unwrap(),
+        WriteOutcome::Fenced,
+        "the holder from before the loss is refused"
+    );
+    let stored = b.fetch(&s, None).await.unwrap();
+    let header = stored.entry.as_deref().and_then(Header::parse);
+    assert_eq!(header.map(|h| h.token), Some(new_token));
+
+    // The same for an invalidation after a second loss: its tombstone stands.
+    lose();
+    let tomb = after_reconnect(|| b.invalidate(&s, Duration::from_secs(60))).await;
+    assert!(tomb > new_fence, "tombstone {tomb} above {new_fence}");
+    assert_eq!(
+        b.write(w(new_token, new_fence, b"stale")).await.unwrap(),
+        WriteOutcome::Fenced,
+        "the holder from before the second loss is refused"
+    );
+}
