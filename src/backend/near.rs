@@ -16,6 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Fetched;
+use crate::entry::Header;
 
 const SHARDS: usize = 16;
 /// The bookkeeping cost of one kept record beyond its key and value.
@@ -123,7 +124,9 @@ impl NearStore {
     }
 
     /// Keeps `value` of `key`, read under `ticket` (taken for `key`), until `until`, unless
-    /// anything was removed from its shard since.
+    /// anything was removed from its shard since, or a record with a newer fence is kept for
+    /// `key` (two reads in flight at once: the one sent first may answer last, with the older
+    /// record, which must not replace the newer one that was already served).
     pub(crate) fn put(&self, ticket: Ticket, key: &str, value: &Bytes, until: Option<Instant>) {
         let cost = key.len() + value.len() + OVERHEAD;
         if cost > self.max_cost || ticket.shard != Self::index(key) {
@@ -131,6 +134,13 @@ impl NearStore {
         }
         let mut shard = lock(&self.shards[ticket.shard]);
         if self.epochs[ticket.shard].load(Ordering::SeqCst) != ticket.epoch {
+            return;
+        }
+        if shard
+            .map
+            .get(key)
+            .is_some_and(|(kept, _)| fence_of(kept) > fence_of(value))
+        {
             return;
         }
         if shard.bytes + cost > self.shard_budget {
@@ -178,6 +188,11 @@ impl NearStore {
     }
 }
 
+/// The fence in a record's header; 0 for bytes that are not a record.
+fn fence_of(record: &[u8]) -> u64 {
+    Header::parse(record).map_or(0, |h| h.fence)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +210,30 @@ mod tests {
         assert_eq!(n.get("ts:{ab}:e").as_deref(), Some(&b"new"[..]));
         n.flush();
         assert_eq!(n.get("ts:{ab}:e"), None);
+    }
+
+    #[test]
+    fn an_older_record_read_last_does_not_replace_a_newer_one() {
+        use crate::backend::Token;
+        use crate::entry::{Kind, Record};
+        let rec = |fence| {
+            Record::encode_marker(Header {
+                kind: Kind::Pass,
+                fence,
+                token: Token::NONE,
+                epoch: 0,
+            })
+        };
+        let n = NearStore::new(1 << 20);
+        let k = "ts:{ab}:e";
+        // Two reads sent one after the other; the second answers first, with the newer record.
+        let (first, second) = (n.ticket(k), n.ticket(k));
+        n.put(second, k, &rec(7), None);
+        n.put(first, k, &rec(6), None);
+        assert_eq!(n.get(k), Some(rec(7)));
+        // A newer one replaces it.
+        n.put(n.ticket(k), k, &rec(8), None);
+        assert_eq!(n.get(k), Some(rec(8)));
     }
 
     #[test]
