@@ -361,6 +361,17 @@ impl Record {
         out.freeze()
     }
 
+    /// A pass marker with `fence`, for unit tests that need a record with a given fence.
+    #[cfg(test)]
+    pub(crate) fn pass_with_fence(fence: u64) -> Bytes {
+        Self::encode_marker(Header {
+            kind: Kind::Pass,
+            fence,
+            token: crate::backend::Token::NONE,
+            epoch: 0,
+        })
+    }
+
     /// Encodes a marker (pass or tombstone): the header alone.
     pub fn encode_marker(header: Header) -> Bytes {
         let mut out = BytesMut::with_capacity(HEADER_LEN);

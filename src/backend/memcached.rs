@@ -1223,14 +1223,7 @@ mod tests {
 
     #[test]
     fn flags_carry_the_fences_low_32_bits() {
-        let rec = |fence| {
-            Record::encode_marker(Header {
-                kind: Kind::Pass,
-                fence,
-                token: Token::NONE,
-                epoch: 0,
-            })
-        };
+        let rec = Record::pass_with_fence;
         assert_eq!(flags_for(&rec(7)), 7);
         assert_eq!(flags_for(&rec(u64::from(u32::MAX))), u32::MAX);
         assert_eq!(flags_for(&rec(u64::from(u32::MAX) + 1)), 0);

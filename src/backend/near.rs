@@ -214,16 +214,7 @@ mod tests {
 
     #[test]
     fn an_older_record_read_last_does_not_replace_a_newer_one() {
-        use crate::backend::Token;
-        use crate::entry::{Kind, Record};
-        let rec = |fence| {
-            Record::encode_marker(Header {
-                kind: Kind::Pass,
-                fence,
-                token: Token::NONE,
-                epoch: 0,
-            })
-        };
+        let rec = crate::entry::Record::pass_with_fence;
         let n = NearStore::new(1 << 20);
         let k = "ts:{ab}:e";
         // Two reads sent one after the other; the second answers first, with the newer record.
