@@ -953,7 +953,7 @@ fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
         let ours = weak(etag);
         return inm.iter().any(|v| {
             v.to_str()
-                .map(|s| s.split(',').any(|t| weak(t.trim()) == ours))
+                .map(|s| entity_tags(s).any(|t| weak(t) == ours))
                 .unwrap_or(false)
         });
     }
@@ -971,6 +971,22 @@ fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| httpdate::parse_http_date(s).ok());
     lm.is_some_and(|lm| lm <= ims)
+}
+
+/// The entity-tags of an `If-None-Match` list, as sent (`W/` kept). A tag may hold a comma
+/// (RFC 9110 section 8.8.3: `etagc` is any visible byte but `"`), so the list is read tag by
+/// tag, not split on commas; what is not a tag ends the list.
+fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
+    let mut rest = list;
+    std::iter::from_fn(move || {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        let start = rest;
+        let body = rest.strip_prefix("W/").unwrap_or(rest).strip_prefix('"')?;
+        let end = body.find('"')?;
+        let (tag, after) = start.split_at(start.len() - body.len() + end + 1);
+        rest = after;
+        Some(tag)
+    })
 }
 
 fn weak(tag: &str) -> &str {
@@ -1154,6 +1170,25 @@ mod tests {
         for _ in 0..3 {
             assert!(decoded(junk.clone()).is_none());
         }
+    }
+
+    #[test]
+    fn entity_tags_may_hold_commas() {
+        let tags: Vec<&str> = entity_tags(r#""a,b", W/"c" ,,"", "d"#).collect();
+        assert_eq!(tags, [r#""a,b""#, r#"W/"c""#, r#""""#]);
+        let mut stored = HeaderMap::new();
+        stored.insert(header::ETAG, HeaderValue::from_static(r#""x,y""#));
+        let mut req = HeaderMap::new();
+        req.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static(r#""q", W/"x,y""#),
+        );
+        assert!(not_modified(&req, &stored));
+        req.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static(r#""x", "y""#),
+        );
+        assert!(!not_modified(&req, &stored));
     }
 
     #[test]
