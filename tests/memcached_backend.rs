@@ -277,6 +277,84 @@ async fn acquire(b: &dyn Backend, slot: &Digest, ttl: Duration, seen: u64) -> (T
     }
 }
 
+/// Another writer's value over this backend's item size limit (the server takes larger items)
+/// reads as no record of ours: it is not read, the shared connection stays up for the commands
+/// behind it, and a fill replaces it.
+#[tokio::test]
+async fn a_stored_value_over_the_limit_is_skipped_and_replaced() {
+    let server = Server::memcached_with(&["-I", "4m"]);
+    let backend = connect(&server).await;
+    let s = Digest::of_key("foreign-big");
+    let key = backend.prefix().entry(&s);
+    let big = vec![b'q'; 3 * 1024 * 1024];
+    let mut line = format!("ms {key} {} T0\r\n", big.len()).into_bytes();
+    line.extend_from_slice(&big);
+    line.extend_from_slice(b"\r\n");
+    let port = server.port();
+    let stored = tokio::task::spawn_blocking(move || raw(port, &line))
+        .await
+        .unwrap();
+    assert!(stored.starts_with("HD"), "{stored}");
+
+    // Its reads and other reads pipelined with them on the one connection all answer.
+    let other = Digest::of_key("small-neighbour");
+    let (t, f) = acquire(&backend, &other, Duration::from_secs(10), 0).await;
+    assert_eq!(
+        backend
+            .write(write_of(other, t, f, b"small", true))
+            .await
+            .unwrap(),
+        WriteOutcome::Stored
+    );
+    let reads = (0..20).map(|i| {
+        let b = backend.clone();
+        async move {
+            let slot = if i % 2 == 0 { s } else { other };
+            b.fetch(&slot, None).await
+        }
+    });
+    for (i, r) in spawn_all(reads).await.into_iter().enumerate() {
+        let fetched = r.unwrap_or_else(|e| panic!("read {i}: {e}"));
+        if i % 2 == 0 {
+            assert!(
+                fetched.entry.is_none(),
+                "read {i}: the big value is no record"
+            );
+        } else {
+            assert_eq!(fetched.entry, Some(conformance::entry(f, t, b"small")));
+        }
+    }
+
+    // A fill replaces it.
+    let (t, f) = acquire(&backend, &s, Duration::from_secs(10), 0).await;
+    assert_eq!(
+        backend
+            .write(write_of(s, t, f, b"ours", true))
+            .await
+            .unwrap(),
+        WriteOutcome::Stored
+    );
+    assert_eq!(
+        backend.fetch(&s, None).await.unwrap().entry,
+        Some(conformance::entry(f, t, b"ours"))
+    );
+}
+
+/// Runs the futures at once and collects their outputs in order.
+async fn spawn_all<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test]
 async fn an_oversized_value_is_not_stored_and_the_engine_passes() {
     let server = Server::memcached();

@@ -466,8 +466,18 @@ async fn drive(
     };
     let reader = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Bytes of a value over `max_value` still to drop (see `parse`).
+        let mut skip = 0usize;
         loop {
             loop {
+                if skip > 0 {
+                    let n = skip.min(buf.len());
+                    buf.advance(n);
+                    skip -= n;
+                    if skip > 0 {
+                        break;
+                    }
+                }
                 let want = {
                     let q = lock(&flight);
                     q.front().and_then(|f| f.kinds.get(f.replies.len()))
@@ -480,7 +490,7 @@ async fn drive(
                     }
                     break;
                 };
-                let Some(reply) = parse(kind, &mut buf, max_value)? else {
+                let Some(reply) = parse(kind, &mut buf, max_value, &mut skip)? else {
                     break;
                 };
                 let mut q = lock(&flight);
@@ -651,13 +661,24 @@ fn encode(cmd: &Cmd, out: &mut Vec<u8>) -> BackendResult<Kind> {
     Ok(kind)
 }
 
+/// The largest value a memcached server can hold (`-I` at most 1 GiB): a longer `VA` is a
+/// stream that cannot be trusted.
+const MAX_SERVER_VALUE: usize = 1 << 30;
+
 /// Parses one reply from the front of `buf`: `Ok(None)` when it is not all there yet. An `Err`
 /// means the stream cannot be trusted any more (the connection is closed); a reply that parses
 /// but does not fit the command is an `Err` for that command only.
+///
+/// A value over `max_value` (another writer's, under a larger `-I`) is not read: its line is
+/// taken, `skip` set to the bytes that follow it (value and CRLF) for the reader to drop as
+/// they come, and the command answered without it: an item with no value for `mg` (it reads as
+/// no record of ours, and a write may replace it by its CAS), an error for the others. The
+/// connection and the commands behind it on the connection carry on.
 fn parse(
     kind: Kind,
     buf: &mut BytesMut,
     max_value: usize,
+    skip: &mut usize,
 ) -> std::io::Result<Option<BackendResult<Reply>>> {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         if buf.len() > MAX_LINE {
@@ -676,9 +697,22 @@ fn parse(
             .next()
             .and_then(|t| std::str::from_utf8(t).ok())
             .and_then(|t| t.parse::<usize>().ok())
-            .filter(|&n| n <= max_value)
+            .filter(|&n| n <= MAX_SERVER_VALUE)
             .ok_or_else(|| protocol("VA without a valid length"))?;
         let item = item_flags(tokens);
+        if len > max_value {
+            buf.advance(nl + 1);
+            *skip = len + 2;
+            return Ok(Some(match kind {
+                Kind::Get => Ok(Reply::Item(Item {
+                    value: None,
+                    ..item
+                })),
+                _ => Err(BackendError::new(format!(
+                    "memcached: a {len}-byte value, over the item size limit of {max_value}"
+                ))),
+            }));
+        }
         let total = (nl + 3)
             .checked_add(len)
             .ok_or_else(|| protocol("VA length out of range"))?;
@@ -918,7 +952,7 @@ mod tests {
         // Every split point: nothing until the first reply is whole, then it and the rest.
         for cut in 0..whole.len() {
             let mut buf = BytesMut::from(&whole[..cut]);
-            let first = parse(Kind::Get, &mut buf, 1 << 20).unwrap();
+            let first = parse(Kind::Get, &mut buf, 1 << 20, &mut 0).unwrap();
             if cut < 24 {
                 assert!(first.is_none(), "cut {cut}");
                 continue;
@@ -931,11 +965,11 @@ mod tests {
         }
         let mut buf = BytesMut::from(&whole[..]);
         assert!(matches!(
-            parse(Kind::Get, &mut buf, 1 << 20),
+            parse(Kind::Get, &mut buf, 1 << 20, &mut 0),
             Ok(Some(Ok(Reply::Item(_))))
         ));
         assert!(matches!(
-            parse(Kind::Get, &mut buf, 1 << 20),
+            parse(Kind::Get, &mut buf, 1 << 20, &mut 0),
             Ok(Some(Ok(Reply::Miss)))
         ));
         assert!(buf.is_empty());
@@ -945,7 +979,7 @@ mod tests {
     fn reply_codes_by_command() {
         let one = |kind, text: &str| {
             let mut buf = BytesMut::from(text.as_bytes());
-            parse(kind, &mut buf, 1 << 20).unwrap().unwrap()
+            parse(kind, &mut buf, 1 << 20, &mut 0).unwrap().unwrap()
         };
         assert!(matches!(
             one(Kind::Set, "HD c5\r\n"),
@@ -971,14 +1005,14 @@ mod tests {
         assert!(one(Kind::Get, "NS\r\n").is_err());
         // A stream that cannot be trusted: the connection is closed.
         for bad in [
-            "VA 1048577\r\n",
+            "VA 1073741825\r\n",
             "VA x\r\n",
             "VA 1\r\nab\r\n",
             "HD\n",
             "\r\n",
         ] {
             let mut buf = BytesMut::from(bad.as_bytes());
-            let r = parse(Kind::Get, &mut buf, 1 << 20);
+            let r = parse(Kind::Get, &mut buf, 1 << 20, &mut 0);
             assert!(
                 r.is_err() || matches!(r, Ok(Some(Err(_)))),
                 "{bad:?}: {r:?}"
@@ -987,9 +1021,29 @@ mod tests {
         // A bare ERROR (a command the server does not know) closes the connection: the
         // replies after it cannot be matched any more.
         let mut buf = BytesMut::from(&b"ERROR\r\n"[..]);
-        assert!(parse(Kind::Set, &mut buf, 1 << 20).is_err());
+        assert!(parse(Kind::Set, &mut buf, 1 << 20, &mut 0).is_err());
         let mut long = BytesMut::from(&vec![b'x'; MAX_LINE + 1][..]);
-        assert!(parse(Kind::Get, &mut long, 1 << 20).is_err());
+        assert!(parse(Kind::Get, &mut long, 1 << 20, &mut 0).is_err());
+    }
+
+    #[test]
+    fn a_value_over_the_limit_is_skipped_not_read() {
+        let mut buf = BytesMut::from(&b"VA 8 f3 c17\r\n0123"[..]);
+        let mut skip = 0;
+        let r = parse(Kind::Get, &mut buf, 4, &mut skip).unwrap();
+        let Some(Ok(Reply::Item(item))) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!((item.value, item.flags, item.cas), (None, 3, Some(17)));
+        // The value and its CRLF are left for the reader to drop as they arrive.
+        assert_eq!((skip, &buf[..]), (10, &b"0123"[..]));
+        let mut buf = BytesMut::from(&b"VA 8\r\n"[..]);
+        let mut skip = 0;
+        assert!(matches!(
+            parse(Kind::Incr, &mut buf, 4, &mut skip),
+            Ok(Some(Err(_)))
+        ));
+        assert_eq!(skip, 10);
     }
 
     #[test]
