@@ -158,7 +158,12 @@ impl NearStore {
             shard.bytes = shard.bytes.saturating_sub(freed);
         }
         shard.remove(key);
-        shard.map.insert(key.into(), (value.clone(), until));
+        // A copy: `value` may be a slice of a connection's read buffer (the Memcached client
+        // hands values over without copying), which a kept slice would hold whole, 16 KiB or
+        // more for a value of a few bytes, for as long as the record is kept.
+        shard
+            .map
+            .insert(key.into(), (Bytes::copy_from_slice(value), until));
         shard.bytes += cost;
     }
 
@@ -225,6 +230,21 @@ mod tests {
         // A newer one replaces it.
         n.put(n.ticket(k), k, &rec(8), None);
         assert_eq!(n.get(k), Some(rec(8)));
+    }
+
+    #[test]
+    fn a_kept_record_does_not_hold_the_buffer_it_was_read_into() {
+        let n = NearStore::new(1 << 20);
+        let buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        let value = buffer.slice(100..200);
+        n.put(n.ticket("ts:{ab}:e"), "ts:{ab}:e", &value, None);
+        let kept = n.get("ts:{ab}:e").unwrap();
+        assert_eq!(kept, value);
+        let inside = buffer.as_ptr_range();
+        assert!(
+            !inside.contains(&kept.as_ptr()),
+            "the kept record is a slice of the buffer"
+        );
     }
 
     #[test]
