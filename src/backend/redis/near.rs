@@ -82,7 +82,9 @@ struct Claim<'a>(&'a AtomicBool);
 impl<'a> Claim<'a> {
     /// Sets `flag`, or `None` when another task holds it.
     fn take(flag: &'a AtomicBool) -> Option<Self> {
-        (!flag.swap(true, Ordering::AcqRel)).then_some(Claim(flag))
+        // Not `then_some`: its argument is built either way, and a `Claim` dropped on the
+        // refusal would clear the flag under the task that holds it.
+        (!flag.swap(true, Ordering::AcqRel)).then(|| Claim(flag))
     }
 }
 
@@ -411,6 +413,21 @@ async fn watch(near: Weak<Near>, generation: u64, mut conn: MultiplexedConnectio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_is_exclusive_and_ends_with_its_holder() {
+        let flag = AtomicBool::new(false);
+        let first = Claim::take(&flag).expect("free");
+        assert!(Claim::take(&flag).is_none(), "held");
+        assert!(
+            flag.load(Ordering::Acquire),
+            "a refused take leaves the holder's flag set"
+        );
+        assert!(Claim::take(&flag).is_none(), "still held");
+        drop(first);
+        assert!(!flag.load(Ordering::Acquire));
+        assert!(Claim::take(&flag).is_some(), "free again");
+    }
 
     fn near() -> Arc<Near> {
         let info = "redis://127.0.0.1:1"
