@@ -301,12 +301,61 @@ async fn a_holder_from_before_a_restart_cannot_overwrite_what_came_after() {
     .await;
 }
 
+/// Fences are Lua numbers in the scripts, exact below 2^53: a counter just under it still
+/// grants exactly; one at it counts as no counter; a stored fence at it (only forged bytes put
+/// one there) is an error before anything is written, the lease not taken.
+#[tokio::test]
+async fn fence_arithmetic_stops_at_2_pow_53() {
+    let server = Server::redis();
+    let b = backend(&server).await;
+    const EXACT: u64 = 1 << 53;
+    let set = |key: String, v: String| {
+        let b = b.clone();
+        async move {
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(v);
+            let () = raw_cmd(&b, &set).await;
+        }
+    };
+    let ttl = Duration::from_secs(30);
+
+    let s = Digest::of_key("near-2-53");
+    set(b.prefix().fence(&s), (EXACT - 2).to_string()).await;
+    match b.try_acquire(&s, ttl, 0).await.unwrap() {
+        Acquire::Acquired { fence, .. } => assert_eq!(fence, EXACT - 1),
+        other => panic!("{other:?}"),
+    }
+
+    let s = Digest::of_key("at-2-53");
+    set(b.prefix().fence(&s), EXACT.to_string()).await;
+    match b.try_acquire(&s, ttl, 0).await.unwrap() {
+        Acquire::Acquired { fence, .. } => assert!(fence < EXACT, "{fence}"),
+        other => panic!("{other:?}"),
+    }
+
+    let s = Digest::of_key("stored-2-53");
+    let forged = conformance::entry(EXACT, tower_stampede::backend::Token::NONE, b"x");
+    let mut put = redis::cmd("SET");
+    put.arg(b.prefix().entry(&s)).arg(&forged[..]);
+    let () = raw_cmd(&b, &put).await;
+    let err = b.try_acquire(&s, ttl, EXACT).await;
+    assert!(err.is_err(), "{err:?}");
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(b.prefix().lease(&s));
+    let n: i64 = raw_cmd(&b, &exists).await;
+    assert_eq!(n, 0, "no lease left without a holder");
+}
+
 /// Bytes at the fence counter that are not a plain number ('nan', '1e30', text) count as no
 /// counter: the grant is a real fence and its holder can give the lease back.
 #[tokio::test]
 async fn a_garbage_fence_counter_is_no_counter() {
     let server = Server::redis();
     let b = backend(&server).await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
     for (i, junk) in ["nan", "inf", "-5", "1e30", "99999999999999999999999", "x"]
         .into_iter()
         .enumerate()
@@ -319,7 +368,12 @@ async fn a_garbage_fence_counter_is_no_counter() {
             Ok(Acquire::Acquired { token, fence }) => (token, fence),
             other => panic!("counter {junk:?}: {other:?}"),
         };
-        assert!(fence > 1, "counter {junk:?}: fence {fence}");
+        // The floor is the server's clock (the same clock as ours here), not the junk.
+        assert!(fence > before, "counter {junk:?}: fence {fence}");
+        assert!(
+            fence < before + 600_000_000,
+            "counter {junk:?}: fence {fence}"
+        );
         assert_eq!(
             b.write(conformance::write(
                 s,

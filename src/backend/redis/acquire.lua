@@ -18,6 +18,6 @@ local fence = next_fence(KEYS[2], stored)
 if not fence then
   return redis.error_reply('stampede: the stored fence is beyond exact arithmetic')
 end
-redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[4])
+redis.call('SET', KEYS[2], digits(fence, 1), 'PX', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, fence}

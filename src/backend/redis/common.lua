@@ -2,6 +2,12 @@
 -- src/entry.rs exactly: a record whose header does not parse counts as absent (fence 0).
 -- Fences are compared as their 20-digit zero-padded strings, which orders them exactly for
 -- every u64; arithmetic on them (the grant) uses Lua numbers, exact below 2^53.
+-- Effects replication, so the TIME read below may come before writes on a Redis 5 or 6 whose
+-- lua-replicate-commands is off (Redis 7 replicates effects only; the call does nothing there).
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
 local MAGIC = '{{MAGIC}}'
 local ZERO20 = '00000000000000000000'
 local MAXU64 = '18446744073709551615'
@@ -60,7 +66,7 @@ local function counter(key)
     return 0
   end
   local n = tonumber(v)
-  if n > EXACT then
+  if n >= EXACT then
     return 0
   end
   return n
@@ -70,9 +76,16 @@ end
 -- the server's clock, or an error reply when a stored fence is beyond exact arithmetic (only
 -- forged bytes can put one there); nothing is written before it is known.
 local function next_fence(counter_key, stored)
-  local fence = math.max(counter(counter_key), tonumber(stored), now_us()) + 1
-  if fence > EXACT then
+  local above = math.max(counter(counter_key), tonumber(stored), now_us())
+  -- At 2^53 itself `+ 1` rounds back down, so the test is on the operand.
+  if above >= EXACT then
     return nil
   end
-  return fence
+  return above + 1
+end
+
+-- A fence as decimal digits, `width` wide with leading zeros. `%d` goes through a C long, 32
+-- bits on some builds; `%.0f` is exact for every fence below 2^53.
+local function digits(fence, width)
+  return string.format('%0' .. width .. '.0f', fence)
 end

@@ -6,7 +6,7 @@ local fence = next_fence(KEYS[2], stored)
 if not fence then
   return redis.error_reply('stampede: the stored fence is beyond exact arithmetic')
 end
-local f20 = string.format('%020d', fence)
-redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[2])
+local f20 = digits(fence, 20)
+redis.call('SET', KEYS[2], digits(fence, 1), 'PX', ARGV[2])
 redis.call('SET', KEYS[1], MAGIC .. 'T' .. f20 .. '0000000000000000' .. f20, 'PX', ARGV[1])
 return fence

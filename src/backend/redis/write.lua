@@ -12,7 +12,7 @@ if ok then
   end
   local f = tonumber(ARGV[1])
   if counter(KEYS[3]) < f then
-    redis.call('SET', KEYS[3], string.format('%d', f), 'PX', ARGV[8])
+    redis.call('SET', KEYS[3], digits(f, 1), 'PX', ARGV[8])
   end
 end
 if ARGV[5] == '1' and get(KEYS[2]) == ARGV[2] then
