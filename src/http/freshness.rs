@@ -68,7 +68,8 @@ fn cache_control(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
 
 fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
-    let mut s_maxage = false;
+    // The first of each, as the policy crate reads them.
+    let (mut max_age, mut s_maxage) = (None, None);
     for (name, arg) in cc {
         // Clamped: a huge number must not overflow a clock downstream, and one too large for
         // any integer is still huge (section 1.2.2), not absent.
@@ -77,13 +78,13 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
                 .and_then(|a| delta_seconds(a.trim_matches('"')))
                 .map(|v| Duration::from_secs(u64::from(v)).min(Ttl::MAX))
         };
-        // As the policy crate reads it: one that is not a number is 0.
+        // As the policy crate reads it: one that is not a number is 0, one with no argument
+        // is not there.
         let lifetime = || {
-            let secs = arg
-                .as_deref()
-                .and_then(|a| delta_seconds(a.trim_matches('"')))
-                .unwrap_or(0);
-            Duration::from_secs(u64::from(secs))
+            arg.as_deref().map(|a| {
+                let secs = delta_seconds(a.trim_matches('"')).unwrap_or(0);
+                Duration::from_secs(u64::from(secs))
+            })
         };
         match name.as_str() {
             "no-cache" => d.no_cache = true,
@@ -91,17 +92,14 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
             "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
             "max-age" => {
                 d.explicit_age = true;
-                if !s_maxage {
-                    d.lifetime = Some(lifetime());
-                }
+                max_age = max_age.or_else(lifetime);
             }
             // RFC 9111 section 5.2.2.10: for a shared cache it also carries proxy-revalidate's
             // meaning, so no stale serving past it (section 4.2.4).
             "s-maxage" => {
                 d.explicit_age = true;
                 d.must_revalidate = true;
-                s_maxage = true;
-                d.lifetime = Some(lifetime());
+                s_maxage = s_maxage.or_else(lifetime);
             }
             "stale-while-revalidate" => d.swr = secs(),
             "stale-if-error" => d.sie = secs(),
@@ -111,6 +109,7 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
     if headers.contains_key(header::EXPIRES) {
         d.explicit_age = true;
     }
+    d.lifetime = s_maxage.or(max_age);
     d
 }
 
@@ -250,10 +249,17 @@ pub(crate) fn decide(
             // apparent age `now - Date` (RFC 9111 section 4.2.3), which the crate leaves out:
             // an `Expires` already past by our clock was stored fresh for `Expires - Date`.
             // With the apparent age, what is left is at most `Expires - now`.
+            // An `Age` past the lifetime makes it late as well.
             None => {
                 if let Some(expires) = http_date(&res.headers, header::EXPIRES) {
                     fresh = fresh.min(expires.duration_since(now).unwrap_or_default());
-                    late = now.duration_since(expires).unwrap_or_default();
+                    let date = http_date(&res.headers, header::DATE).unwrap_or(now);
+                    let lifetime = expires.duration_since(date).unwrap_or_default();
+                    let age = Duration::from_secs(u64::from(age.unwrap_or(0)));
+                    late = now
+                        .duration_since(expires)
+                        .unwrap_or_default()
+                        .max(age.saturating_sub(lifetime));
                 }
             }
         }
@@ -465,8 +471,9 @@ mod tests {
         }
     }
 
-    fn http_date_at(offset_secs: i64) -> String {
-        let now = SystemTime::now();
+    /// An HTTP-date `offset_secs` from `now`, which a test takes once for all its dates (two
+    /// calls could straddle a second).
+    fn http_date_at(now: SystemTime, offset_secs: i64) -> String {
         let t = if offset_secs >= 0 {
             now + Duration::from_secs(offset_secs.unsigned_abs())
         } else {
@@ -487,7 +494,8 @@ mod tests {
     /// of one still ahead is at most `Expires - now`.
     #[test]
     fn expires_counts_the_apparent_age() {
-        let (date, past) = (http_date_at(-3600), http_date_at(-1800));
+        let now = SystemTime::now();
+        let (date, past) = (http_date_at(now, -3600), http_date_at(now, -1800));
         let r = res(200, &[("date", &date), ("expires", &past)]);
         // Stale for half an hour already: past the default windows too.
         assert_eq!(
@@ -495,7 +503,7 @@ mod tests {
             Decision::Pass("expired")
         );
 
-        let (date, ahead) = (http_date_at(-100), http_date_at(50));
+        let (date, ahead) = (http_date_at(now, -100), http_date_at(now, 50));
         let r = res(200, &[("date", &date), ("expires", &ahead)]);
         let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
         assert!(
@@ -505,7 +513,7 @@ mod tests {
         );
 
         // A `Date` ahead of our clock (the origin's clock is fast): `Expires - Date` decides.
-        let (date, ahead) = (http_date_at(3600), http_date_at(3660));
+        let (date, ahead) = (http_date_at(now, 3600), http_date_at(now, 3660));
         let r = res(200, &[("date", &date), ("expires", &ahead)]);
         let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
         assert!(ttl.fresh <= Duration::from_secs(60) && ttl.fresh >= Duration::from_secs(58));
@@ -570,5 +578,58 @@ mod tests {
         let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
         assert_eq!(ttl.stale_while_revalidate, Ttl::MAX);
         assert_eq!(ttl.stale_if_error, Ttl::MAX);
+    }
+
+    /// Late is the larger of "past Expires by our clock" and "Age past the lifetime".
+    #[test]
+    fn an_age_past_an_expires_lifetime_is_late_too() {
+        let now = SystemTime::now();
+        let (date, expires) = (http_date_at(now, 0), http_date_at(now, 60));
+        let r = res(
+            200,
+            &[
+                ("date", &date),
+                ("expires", &expires),
+                ("age", "100"),
+                ("cache-control", "stale-if-error=600"),
+            ],
+        );
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.fresh, Duration::ZERO);
+        assert_eq!(ttl.stale_if_error, Duration::from_secs(560));
+    }
+
+    /// The first `max-age` counts, as the policy crate reads it; one with no argument is not
+    /// there, and `Expires` decides.
+    #[test]
+    fn the_first_max_age_counts_and_a_bare_one_does_not() {
+        let r = res(
+            200,
+            &[
+                (
+                    "cache-control",
+                    "max-age=60, max-age=0, stale-while-revalidate=100",
+                ),
+                ("age", "30"),
+            ],
+        );
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(100));
+
+        let now = SystemTime::now();
+        let (date, expires) = (http_date_at(now, -10), http_date_at(now, 50));
+        let r = res(
+            200,
+            &[
+                ("cache-control", "max-age, stale-while-revalidate=100"),
+                ("date", &date),
+                ("expires", &expires),
+                ("age", "70"),
+            ],
+        );
+        // Expires decides: 60 s of lifetime, an Age of 70 is 10 s late.
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.fresh, Duration::ZERO);
+        assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(90));
     }
 }
