@@ -546,13 +546,29 @@ impl Stampede {
         Fut: Future<Output = Result<Fill, E>> + Send + 'static,
         E: Into<BoxError> + 'static,
     {
+        self.get_or_fill_since(key, fill, Instant::now())
+    }
+
+    /// [`get_or_fill_with`](Self::get_or_fill_with) for a caller that arrived at `arrived`: its
+    /// `wait_timeout` deadline counts from then (a request that tries a second time keeps the
+    /// deadline of its first try).
+    pub(crate) fn get_or_fill_since<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        fill: F,
+        arrived: Instant,
+    ) -> impl Future<Output = Result<Served, Error>> + Send + '_
+    where
+        F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+        E: Into<BoxError> + 'static,
+    {
         let span =
             tracing::debug_span!("stampede", key = %key.slot, outcome = tracing::field::Empty);
-        let started = Instant::now();
         Counted {
-            call: self.call(key, fill, started).instrument(span),
+            call: self.call(key, fill, arrived).instrument(span),
             engine: self,
-            started,
+            started: arrived,
         }
     }
 

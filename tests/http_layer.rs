@@ -1786,6 +1786,56 @@ mod slow_invalidate {
     }
 }
 
+/// A request that waited out its deadline on another instance's lease, was handed the stale
+/// copy and found it unreadable, retries with the deadline it already has: it gets its 504 at
+/// once, not after a second `wait_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_an_unreadable_entry_keeps_the_requests_deadline() {
+    use tower_stampede::backend::{memory::MemoryBackend, Acquire, Backend, Token};
+    use tower_stampede::entry::{Header, Kind, Meta, Record};
+    use tower_stampede::key::Digest;
+
+    let mem = MemoryBackend::default();
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let cfg = tower_stampede::Config::default();
+    let wait = cfg.wait_timeout_duration();
+    let engine = tower_stampede::Stampede::with_config(mem.clone(), cfg).unwrap();
+    let svc = StampedeLayer::new(engine)
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin.service());
+    let slot = Digest::of_fields([&b"http-user"[..], b"/p"]);
+    // Stale, inside a long stale-if-error window: what a deadline may serve. Not a response.
+    let meta = Meta {
+        stored_at_ms: 0,
+        fresh_until_ms: 1,
+        swr_ms: 0,
+        sie_ms: u64::MAX / 4,
+        fill_ms: 1,
+    };
+    let header = Header {
+        kind: Kind::Entry,
+        fence: 1,
+        token: Token::random(),
+        epoch: 0,
+    };
+    let record = Record::encode_entry(header, &meta, b"not a stored response");
+    mem.put_raw(&slot, record, Duration::from_secs(600));
+    // Another instance holds the rebuild lease and never finishes.
+    let held = mem
+        .try_acquire(&slot, Duration::from_secs(600), 1)
+        .await
+        .unwrap();
+    assert!(matches!(held, Acquire::Acquired { .. }), "{held:?}");
+
+    let started = tokio::time::Instant::now();
+    let g = send(&svc, get("http://a.test/p")).await;
+    let took = started.elapsed();
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT, "{}", g.cs());
+    assert_eq!(origin.calls(), 0);
+    // On the paused clock: one deadline, not two.
+    assert!(took < wait + wait / 2, "answered after {took:?}");
+}
+
 /// An unreadable fresh value under the path `/p` (a layer keyed on the path alone): a
 /// well-formed record whose response has status 0, its fill having taken `fill_ms`.
 fn put_status_zero(mem: &tower_stampede::backend::memory::MemoryBackend, fill_ms: u32) {

@@ -98,14 +98,19 @@ where
         };
         // Everything above is done before the future exists, so the future (one allocation per
         // request) holds only what lives across the engine's await.
+        let arrived = tokio::time::Instant::now();
         Box::pin(async move {
-            let served = state.shared.engine.get_or_fill_with(key, fill).await;
+            let served = state
+                .shared
+                .engine
+                .get_or_fill_since(key, fill, arrived)
+                .await;
             let opts = &state.shared.opts;
             Ok(match served {
                 Ok(s) => match respond(opts, s, &state) {
                     Some(res) => res,
                     // Boxed: held inline, its store calls would grow every request's future.
-                    None => Box::pin(unreadable(&state)).await,
+                    None => Box::pin(unreadable(&state, arrived)).await,
                 },
                 Err(e) => error_response(opts, e, &state.parts, &state.side),
             })
@@ -877,10 +882,14 @@ fn decode_copy(value: &[u8]) -> Option<(Bytes, StoredResponse)> {
 /// The store served a value under this URL that is not a response this layer wrote (a foreign
 /// writer under the prefix, a damaged store): it is dropped (invalidated, so no request meets it
 /// again until it expires) and this request goes through the cache once more, and fills. The
-/// retry uses a clone of the request's service: a refresh the value started (stale, or XFetch)
+/// retry keeps the request's deadline (`wait_timeout` from its arrival), and uses a clone of
+/// the request's service: a refresh the value started (stale, or XFetch)
 /// may take the service itself at any time, and either must be able to fill. Only when the drop
 /// fails, or the refresh already took the service, is the answer a 502 that says so.
-async fn unreadable<S, ReqB, ResB>(state: &Arc<ReqState<S, ResB>>) -> Response<ResponseBody<ResB>>
+async fn unreadable<S, ReqB, ResB>(
+    state: &Arc<ReqState<S, ResB>>,
+    arrived: tokio::time::Instant,
+) -> Response<ResponseBody<ResB>>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -919,7 +928,9 @@ where
             let key = CacheKey::from_digest(slot).with_selector(again.clone());
             let fill_state = again.clone();
             let fill = move |prev: Option<Prev>| fill_from_origin(Some(inner), fill_state, prev);
-            match again.shared.engine.get_or_fill_with(key, fill).await {
+            // The request's one deadline still counts from its arrival.
+            let served = again.shared.engine.get_or_fill_since(key, fill, arrived);
+            match served.await {
                 Ok(s) => {
                     if let Some(mut res) = respond(opts, s, &again) {
                         cache_status::add_detail(res.headers_mut(), "replaced-unreadable-entry");
