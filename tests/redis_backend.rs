@@ -1392,6 +1392,11 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
     assert!(server.raw(acl).contains("OK"));
     let acl = "ACL SETUSER deaf on >pw ~* resetchannels +@all";
     assert!(server.raw(acl).contains("OK"));
+    // Users kept from one command the scripts run (releases, lease repair, the fence's clock).
+    for cmd in ["del", "pexpire", "pttl", "time"] {
+        let acl = format!("ACL SETUSER no{cmd} on >pw ~* &* +@all -{cmd}");
+        assert!(server.raw(&acl).contains("OK"));
+    }
     assert!(server.raw("CONFIG SET requirepass sekret").contains("OK"));
     let port = server.port();
     let mut dead = Server::redis();
@@ -1406,6 +1411,13 @@ async fn a_refused_password_or_database_is_told_apart_from_an_outage() {
         (format!("redis://narrow:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://reader:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://deaf:pw@127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://nodel:pw@127.0.0.1:{port}/0"), Some(true)),
+        (
+            format!("redis://nopexpire:pw@127.0.0.1:{port}/0"),
+            Some(true),
+        ),
+        (format!("redis://nopttl:pw@127.0.0.1:{port}/0"), Some(true)),
+        (format!("redis://notime:pw@127.0.0.1:{port}/0"), Some(true)),
         (format!("redis://127.0.0.1:{dead_port}/0"), Some(false)),
         (format!("{}/0", paused.url()), Some(false)),
         (format!("redis://:sekret@127.0.0.1:{port}/3"), None),

@@ -318,7 +318,7 @@ impl RedisBackend {
             }
             first.get_or_insert(live);
         }
-        // One read under the prefix, one write and one publish: a user the ACL keeps from these
+        // One read under the prefix, writes and one publish: a user the ACL keeps from these
         // keys, lets only read them or keeps from our channels is refused now (`NOPERM`), not
         // on every fill. The write is a `SET .. XX` of a key no part of this backend uses
         // (`probe`), so it never exists and nothing is written, and the publish goes to a
@@ -337,7 +337,23 @@ impl RedisBackend {
             set.arg(&probe).arg("").arg("XX").arg("PX").arg(1);
             let mut publish = redis::cmd(self.inner.publish);
             publish.arg(&probe).arg("");
-            for (what, cmd) in [("SET", set), (self.inner.publish, publish)] {
+            // And the other commands the scripts run, each a no-op on a key that does not
+            // exist: an ACL that refuses one of them would fail every release or grant.
+            let mut del = redis::cmd("DEL");
+            del.arg(&probe);
+            let mut pexpire = redis::cmd("PEXPIRE");
+            pexpire.arg(&probe).arg(1);
+            let mut pttl = redis::cmd("PTTL");
+            pttl.arg(&probe);
+            let probes = [
+                ("SET", set),
+                (self.inner.publish, publish),
+                ("DEL", del),
+                ("PEXPIRE", pexpire),
+                ("PTTL", pttl),
+                ("TIME", redis::cmd("TIME")),
+            ];
+            for (what, cmd) in probes {
                 match cmd.query_async::<Value>(&mut live.conn).await {
                     Err(e) if refuses_setup(&e) => return Err(setup_err(what, e)),
                     Err(e) => tracing::debug!(error = %e, "redis {what} probe at warm-up"),
