@@ -1730,3 +1730,68 @@ async fn an_unreachable_memcached_at_start_is_warned_about() {
         );
     }
 }
+
+/// An event stream (`no-store`) goes through as it comes: the first event reaches the client
+/// while the upstream still holds the stream open, not when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_reaches_the_client_as_it_comes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let release = Arc::new(tokio::sync::Notify::new());
+    let upstream_release = release.clone();
+    let addr = common::raw_server(move |mut s| {
+        let release = upstream_release.clone();
+        async move {
+            if read_head(&mut s).await.is_none() {
+                return;
+            }
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                        Cache-Control: no-store\r\nTransfer-Encoding: chunked\r\n\r\n";
+            let first = "9\r\ndata: 1\n\n\r\n";
+            if s.write_all(format!("{head}{first}").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            release.notified().await;
+            let _ = s.write_all(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    let mut s = connect(
+        &proxy,
+        "GET /events HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // Reads until `want` has arrived, within a bounded wait.
+    async fn until(s: &mut tokio::net::TcpStream, got: &mut Vec<u8>, want: &str) -> bool {
+        let mut buf = [0u8; 4096];
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while !String::from_utf8_lossy(got).contains(want) {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            true
+        })
+        .await;
+        found.unwrap_or(false)
+    }
+    let mut got = Vec::new();
+    assert!(
+        until(&mut s, &mut got, "data: 1").await,
+        "the first event did not arrive while the stream was open: {}",
+        String::from_utf8_lossy(&got)
+    );
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(!text.contains("data: 2"), "{text}");
+    release.notify_one();
+    assert!(
+        until(&mut s, &mut got, "data: 2").await,
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
