@@ -1764,7 +1764,11 @@ impl Stampede {
             Ok(Err(e)) => {
                 metrics::counter!("stampede_backend_errors_total").increment(1);
                 tracing::debug!(error = %e, "backend error");
-                breaker.failure();
+                if e.is_store_answered() {
+                    breaker.success();
+                } else {
+                    breaker.failure();
+                }
                 Err(e)
             }
             Err(_) => {

@@ -277,11 +277,14 @@ async fn acquire(b: &dyn Backend, slot: &Digest, ttl: Duration, seen: u64) -> (T
     }
 }
 
-/// Another writer's value over this backend's item size limit (the server takes larger items)
-/// reads as no record of ours: it is not read, the shared connection stays up for the commands
-/// behind it, and a fill replaces it.
+/// A value over this backend's item size limit (the server takes larger items: another
+/// writer's, or another instance's configured with a larger limit) is not read, and not taken
+/// for "nothing stored" either: it may be a newer record of ours, so a write over it is refused
+/// with an error, never judged blind. The shared connection stays up for the commands behind
+/// it, and the errors do not count against the store's health: through the engine each call
+/// fails open and the breaker stays closed.
 #[tokio::test]
-async fn a_stored_value_over_the_limit_is_skipped_and_replaced() {
+async fn a_stored_value_over_the_limit_is_an_error_that_keeps_the_connection() {
     let server = Server::memcached_with(&["-I", "4m"]);
     let backend = connect(&server).await;
     let s = Digest::of_key("foreign-big");
@@ -314,30 +317,44 @@ async fn a_stored_value_over_the_limit_is_skipped_and_replaced() {
         }
     });
     for (i, r) in spawn_all(reads).await.into_iter().enumerate() {
-        let fetched = r.unwrap_or_else(|e| panic!("read {i}: {e}"));
         if i % 2 == 0 {
-            assert!(
-                fetched.entry.is_none(),
-                "read {i}: the big value is no record"
-            );
+            let e = r.expect_err("the big value is not read");
+            assert!(e.is_store_answered(), "read {i}: {e}");
+            assert!(e.to_string().contains("item_size_limit"), "read {i}: {e}");
         } else {
+            let fetched = r.unwrap_or_else(|e| panic!("read {i}: {e}"));
             assert_eq!(fetched.entry, Some(conformance::entry(f, t, b"small")));
         }
     }
 
-    // A fill replaces it.
-    let (t, f) = acquire(&backend, &s, Duration::from_secs(10), 0).await;
-    assert_eq!(
-        backend
-            .write(write_of(s, t, f, b"ours", true))
+    // A lease over it (whose grant must know the stored fence) and a write over it are refused
+    // with the error; the value is still there, whole.
+    let a = backend.try_acquire(&s, Duration::from_secs(10), 0).await;
+    assert!(a.as_ref().is_err_and(|e| e.is_store_answered()), "{a:?}");
+    let w = backend
+        .write(write_of(s, Token::random(), u64::MAX / 2, b"ours", false))
+        .await;
+    assert!(w.as_ref().is_err_and(|e| e.is_store_answered()), "{w:?}");
+    let size = raw_async(port, format!("mg {key} s\r\n")).await;
+    assert!(size.starts_with(&format!("HD s{}", big.len())), "{size}");
+
+    // Through the engine: served from the source every time, the breaker closed.
+    let engine = Stampede::with_config(backend.clone(), config()).unwrap();
+    let fills = Counter::default();
+    for _ in 0..30 {
+        let fills = fills.clone();
+        let served = engine
+            .get_or_fill("foreign-big", move || async move {
+                fills.inc();
+                Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60))))
+            })
             .await
-            .unwrap(),
-        WriteOutcome::Stored
-    );
-    assert_eq!(
-        backend.fetch(&s, None).await.unwrap().entry,
-        Some(conformance::entry(f, t, b"ours"))
-    );
+            .unwrap();
+        assert_eq!(&served.value[..], b"v");
+        assert_eq!(served.status, Status::Bypass);
+    }
+    assert_eq!(fills.get(), 30);
+    assert!(!engine.breaker_open(), "one key's data opened the breaker");
 }
 
 /// Runs the futures at once and collects their outputs in order.

@@ -14,7 +14,7 @@
 //! | operation | meta commands |
 //! |---|---|
 //! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
-//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`); if it differs from `seen_fence`, give the lease back and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
+//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`) and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
 //! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
 //! | `release` | `md <l> C<cas>` |
 //! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
@@ -37,11 +37,14 @@
 //! # Fences
 //!
 //! The entry's fence is in its header (the first 60 bytes of the value), which decides every
-//! write; the item's client flags carry the fence's low 32 bits, so the lease path can tell
-//! without reading the value that the entry is still the one the caller saw (two fences with
-//! the same low bits are 2^32 microseconds, over an hour, of grants apart, while the caller read
-//! its fence moments ago; and a wrong guess costs one fill whose write the header then refuses,
-//! never a wrong value). A grant is `max(counter + 1, entry's fence + 1)`: the counter is
+//! write; so a write or an invalidation reads the stored value whole, in its first round trip
+//! (an `mg` cannot read part of a value; the flags below cannot order fences). The item's
+//! client flags carry the fence's low 32 bits, so the lease path can tell without reading the
+//! value that the entry is still the one the caller saw: two fences of one key with the same
+//! low bits are 2^32 grants apart, or a counter made anew from the clock at exactly such a
+//! distance, while the caller read its fence moments ago; and a wrong guess grants a lease for
+//! a fill that was not needed (its write, judged by the header, is then stored), never a wrong
+//! value. A grant is `max(counter + 1, entry's fence + 1)`: the counter is
 //! bumped by `ma` (created at `max(seen_fence + 1, clock)` when absent: memcached stores the
 //! initial value without applying the delta); if the result is not above the entry's fence (the
 //! counter was evicted, the server restarted), a second `ma` adds the gap. Every grant is the
@@ -177,7 +180,8 @@ struct Inner {
 #[derive(Clone)]
 enum SharedRead {
     Got(Option<Bytes>),
-    Failed(Arc<str>),
+    /// The error's text, and whether the store answered (see `BackendError::store_answered`).
+    Failed(Arc<str>, bool),
     /// The read's own caller went away before it ended: the others read for themselves.
     Abandoned,
 }
@@ -629,13 +633,16 @@ impl MemcachedBackend {
                 let got = read().await;
                 flight.finish(match &got {
                     Ok(v) => SharedRead::Got(v.clone()),
-                    Err(e) => SharedRead::Failed(e.to_string().into()),
+                    Err(e) => SharedRead::Failed(e.to_string().into(), e.is_store_answered()),
                 });
                 got
             }
             Join::Follower(mut rx) => match outcome(&mut rx).await {
                 SharedRead::Got(v) => Ok(v),
-                SharedRead::Failed(msg) => Err(BackendError::new(msg.to_string())),
+                SharedRead::Failed(msg, answered) => {
+                    let e = BackendError::new(msg.to_string());
+                    Err(if answered { e.store_answered() } else { e })
+                }
                 SharedRead::Abandoned => read().await,
             },
         }
@@ -846,7 +853,7 @@ impl MemcachedBackend {
                 Reply::Done(_) => return Ok(WriteOutcome::Stored),
                 Reply::TooLarge => return Ok(WriteOutcome::TooLarge),
                 Reply::NotStored | Reply::Exists | Reply::NotFound => {
-                    let now = self.cmd(get(key, false, true, false)).await?;
+                    let now = self.cmd(get(key, true, true, false)).await?;
                     verdict = self.judge(key, now, fence, token).await?;
                 }
                 other => return Err(unexpected("ms", &other)),

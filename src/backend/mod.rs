@@ -36,6 +36,7 @@ pub struct BackendError {
     msg: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
     config_rejected: bool,
+    answered: bool,
 }
 
 impl BackendError {
@@ -45,6 +46,7 @@ impl BackendError {
             msg: msg.into(),
             source: None,
             config_rejected: false,
+            answered: false,
         }
     }
 
@@ -57,7 +59,24 @@ impl BackendError {
             msg: msg.into(),
             source: Some(Box::new(source)),
             config_rejected: false,
+            answered: false,
         }
+    }
+
+    /// This error, marked as the store answering as a healthy store does (see
+    /// [`is_store_answered`](Self::is_store_answered)).
+    #[must_use]
+    pub fn store_answered(mut self) -> Self {
+        self.answered = true;
+        self
+    }
+
+    /// The store is up and answered, but what it holds for this key cannot be used here (a
+    /// Memcached value over this backend's item size limit, say): the engine fails open for
+    /// this call, and the error does not count against the store's health (the circuit
+    /// breaker), as one key's data says nothing about the others.
+    pub fn is_store_answered(&self) -> bool {
+        self.answered
     }
 
     /// This error, marked as the store refusing this client's configuration (see

@@ -669,11 +669,13 @@ const MAX_SERVER_VALUE: usize = 1 << 30;
 /// means the stream cannot be trusted any more (the connection is closed); a reply that parses
 /// but does not fit the command is an `Err` for that command only.
 ///
-/// A value over `max_value` (another writer's, under a larger `-I`) is not read: its line is
-/// taken, `skip` set to the bytes that follow it (value and CRLF) for the reader to drop as
-/// they come, and the command answered without it: an item with no value for `mg` (it reads as
-/// no record of ours, and a write may replace it by its CAS), an error for the others. The
-/// connection and the commands behind it on the connection carry on.
+/// A value over `max_value` (another writer's, or an instance's with a larger limit, under a
+/// larger `-I`) is not read: its line is taken, `skip` set to the bytes that follow it (value
+/// and CRLF) for the reader to drop as they come, and the command answered with an error that
+/// says so, marked as the store answering (it does not count against the store's health). It
+/// is not taken for "nothing stored": the record may be a newer one of ours, which a write
+/// judged without its header would overwrite. The connection and the commands behind it on it
+/// carry on.
 fn parse(
     kind: Kind,
     buf: &mut BytesMut,
@@ -703,15 +705,12 @@ fn parse(
         if len > max_value {
             buf.advance(nl + 1);
             *skip = len + 2;
-            return Ok(Some(match kind {
-                Kind::Get => Ok(Reply::Item(Item {
-                    value: None,
-                    ..item
-                })),
-                _ => Err(BackendError::new(format!(
-                    "memcached: a {len}-byte value, over the item size limit of {max_value}"
-                ))),
-            }));
+            return Ok(Some(Err(BackendError::new(format!(
+                "memcached: a {len}-byte value is stored at this key, over this backend's item \
+                 size limit of {max_value} bytes (item_size_limit; another writer, or an \
+                 instance configured with a larger limit, stored it): not read"
+            ))
+            .store_answered())));
         }
         let total = (nl + 3)
             .checked_add(len)
@@ -1031,10 +1030,11 @@ mod tests {
         let mut buf = BytesMut::from(&b"VA 8 f3 c17\r\n0123"[..]);
         let mut skip = 0;
         let r = parse(Kind::Get, &mut buf, 4, &mut skip).unwrap();
-        let Some(Ok(Reply::Item(item))) = r else {
+        let Some(Err(e)) = r else {
             panic!("{r:?}");
         };
-        assert_eq!((item.value, item.flags, item.cas), (None, 3, Some(17)));
+        assert!(e.is_store_answered(), "{e}");
+        assert!(e.to_string().contains("item_size_limit"), "{e}");
         // The value and its CRLF are left for the reader to drop as they arrive.
         assert_eq!((skip, &buf[..]), (10, &b"0123"[..]));
         let mut buf = BytesMut::from(&b"VA 8\r\n"[..]);

@@ -77,8 +77,9 @@ end
 -- forged bytes can put one there); nothing is written before it is known.
 local function next_fence(counter_key, stored)
   local above = math.max(counter(counter_key), tonumber(stored), now_us())
-  -- At 2^53 itself `+ 1` rounds back down, so the test is on the operand.
-  if above >= EXACT then
+  -- At 2^53 itself `+ 1` rounds back down, so the test is on the operand; and a grant of 2^53
+  -- would be refused as a counter and a stored fence afterwards, so the last grant is below.
+  if above >= EXACT - 1 then
     return nil
   end
   return above + 1
