@@ -68,9 +68,20 @@ fn cache_control(headers: &HeaderMap) -> Vec<(String, Option<String>)> {
 
 fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
-    // The first of each, as the policy crate reads them.
     let (mut max_age, mut s_maxage) = (None, None);
+    // The first of each directive counts, as the policy crate reads them; one repeated with
+    // another value makes the response must-revalidate, as there (RFC 9111 section 4.2.1:
+    // invalid freshness information).
+    let mut seen: Vec<(&str, Option<&str>)> = Vec::with_capacity(cc.len());
     for (name, arg) in cc {
+        let unquoted = arg.as_deref().map(|a| a.trim_matches('"'));
+        if let Some((_, first)) = seen.iter().find(|(n, _)| n == name) {
+            if *first != unquoted {
+                d.must_revalidate = true;
+            }
+            continue;
+        }
+        seen.push((name, unquoted));
         // Clamped: a huge number must not overflow a clock downstream, and one too large for
         // any integer is still huge (section 1.2.2), not absent.
         let secs = || {
@@ -92,14 +103,14 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
             "must-revalidate" | "proxy-revalidate" => d.must_revalidate = true,
             "max-age" => {
                 d.explicit_age = true;
-                max_age = max_age.or_else(lifetime);
+                max_age = lifetime();
             }
             // RFC 9111 section 5.2.2.10: for a shared cache it also carries proxy-revalidate's
             // meaning, so no stale serving past it (section 4.2.4).
             "s-maxage" => {
                 d.explicit_age = true;
                 d.must_revalidate = true;
-                s_maxage = s_maxage.or_else(lifetime);
+                s_maxage = lifetime();
             }
             "stale-while-revalidate" => d.swr = secs(),
             "stale-if-error" => d.sie = secs(),
@@ -599,8 +610,9 @@ mod tests {
         assert_eq!(ttl.stale_if_error, Duration::from_secs(560));
     }
 
-    /// The first `max-age` counts, as the policy crate reads it; one with no argument is not
-    /// there, and `Expires` decides.
+    /// The first `max-age` counts, as the policy crate reads it, and one repeated with another
+    /// value makes the response must-revalidate (no stale windows) as there; one with no
+    /// argument is not there, and `Expires` decides.
     #[test]
     fn the_first_max_age_counts_and_a_bare_one_does_not() {
         let r = res(
@@ -614,6 +626,20 @@ mod tests {
             ],
         );
         let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.fresh, Duration::from_secs(30));
+        assert_eq!(ttl.stale_while_revalidate, Duration::ZERO);
+        let r = res(
+            200,
+            &[
+                (
+                    "cache-control",
+                    "max-age=60, max-age=\"60\", stale-while-revalidate=100",
+                ),
+                ("age", "30"),
+            ],
+        );
+        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+        assert_eq!(ttl.fresh, Duration::from_secs(30));
         assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(100));
 
         let now = SystemTime::now();

@@ -962,9 +962,18 @@ fn not_modified(req: &HeaderMap, stored: &HeaderMap) -> bool {
             return false;
         };
         let ours = weak(etag);
+        // An origin that sends its ETag unquoted (not RFC 9110's syntax) is still matched, as
+        // clients echo it: such a list is read split on commas.
+        let quoted = ours.starts_with('"');
         return inm.iter().any(|v| {
             v.to_str()
-                .map(|s| entity_tags(s).any(|t| weak(t) == ours))
+                .map(|s| {
+                    if quoted {
+                        entity_tags(s).any(|t| weak(t) == ours)
+                    } else {
+                        s.split(',').any(|t| weak(t.trim()) == ours)
+                    }
+                })
                 .unwrap_or(false)
         });
     }
@@ -1200,6 +1209,10 @@ mod tests {
             HeaderValue::from_static(r#""x", "y""#),
         );
         assert!(!not_modified(&req, &stored));
+        // An unquoted ETag (not the RFC's syntax, but seen) is echoed by clients and matched.
+        stored.insert(header::ETAG, HeaderValue::from_static("abc"));
+        req.insert(header::IF_NONE_MATCH, HeaderValue::from_static("xyz, abc"));
+        assert!(not_modified(&req, &stored));
     }
 
     #[test]
