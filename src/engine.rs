@@ -1419,6 +1419,16 @@ impl Stampede {
                         self.write_pass_marker(key, looked, token, fence).await;
                         false
                     }
+                    // The store is up, but this key's data is in the way (see
+                    // `BackendError::is_store_answered`): give the lease back, as nothing
+                    // will be written under it. Any other error keeps it (the store is likely
+                    // down; it ends at its expiry).
+                    Err(e) if e.is_store_answered() => {
+                        let _ = self
+                            .bcall(backend.release(&key.slot, token, Signal::Released))
+                            .await;
+                        false
+                    }
                     Err(_) => false,
                 };
                 (

@@ -141,6 +141,8 @@ struct Gate {
     hang_fetch: AtomicBool,
     /// While set, every `try_acquire` fails.
     fail_acquire: AtomicBool,
+    /// While set, every `write` fails as a store that answered (this key's data in the way).
+    write_answered: AtomicBool,
 }
 
 impl Backend for Gate {
@@ -210,6 +212,11 @@ impl Backend for Gate {
         self.inner.release(s, t, sig)
     }
     fn write(&self, w: FencedWrite) -> BoxFuture<'_, BackendResult<WriteOutcome>> {
+        if self.write_answered.load(Ordering::SeqCst) {
+            return Box::pin(async {
+                Err(BackendError::new("this key's data is in the way").store_answered())
+            });
+        }
         self.inner.write(w)
     }
     fn invalidate<'a>(&'a self, s: &'a Digest, ttl: Duration) -> BoxFuture<'a, BackendResult<u64>> {
@@ -1262,4 +1269,35 @@ async fn a_short_tombstone_ttl_still_outlives_a_slow_fill() {
         .await
         .unwrap();
     assert_eq!((&s.value[..], s.status), (&b"post"[..], Status::Stored));
+}
+
+/// A write the store answered and refused for this key's data (`store_answered`) gives the
+/// lease back: nothing will be written under it, and the store is up, so the next caller need
+/// not wait for the lease to expire. Nor does it count against the breaker.
+#[tokio::test(start_paused = true)]
+async fn a_write_refused_by_a_healthy_store_gives_the_lease_back() {
+    let gate = Arc::new(Gate::default());
+    gate.write_answered.store(true, Ordering::SeqCst);
+    let e = Stampede::with_config(gate.clone(), Config::default()).unwrap();
+    for _ in 0..10 {
+        let s = e
+            .get_or_fill("in-the-way", || async {
+                Ok::<_, std::io::Error>(Fill::store("v", minute()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(&s.value[..], b"v");
+        assert_eq!(s.status, Status::NotStored);
+    }
+    assert!(!e.breaker_open());
+    let slot = Digest::of_key("in-the-way");
+    match gate
+        .inner
+        .try_acquire(&slot, Duration::from_secs(60), 0)
+        .await
+        .unwrap()
+    {
+        Acquire::Acquired { .. } => {}
+        other => panic!("the lease was kept: {other:?}"),
+    }
 }

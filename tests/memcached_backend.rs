@@ -289,15 +289,9 @@ async fn a_stored_value_over_the_limit_is_an_error_that_keeps_the_connection() {
     let backend = connect(&server).await;
     let s = Digest::of_key("foreign-big");
     let key = backend.prefix().entry(&s);
-    let big = vec![b'q'; 3 * 1024 * 1024];
-    let mut line = format!("ms {key} {} T0\r\n", big.len()).into_bytes();
-    line.extend_from_slice(&big);
-    line.extend_from_slice(b"\r\n");
+    let big = 3 * 1024 * 1024;
+    store_raw(&server, &key, big).await;
     let port = server.port();
-    let stored = tokio::task::spawn_blocking(move || raw(port, &line))
-        .await
-        .unwrap();
-    assert!(stored.starts_with("HD"), "{stored}");
 
     // Its reads and other reads pipelined with them on the one connection all answer.
     let other = Digest::of_key("small-neighbour");
@@ -336,7 +330,7 @@ async fn a_stored_value_over_the_limit_is_an_error_that_keeps_the_connection() {
         .await;
     assert!(w.as_ref().is_err_and(|e| e.is_store_answered()), "{w:?}");
     let size = raw_async(port, format!("mg {key} s\r\n")).await;
-    assert!(size.starts_with(&format!("HD s{}", big.len())), "{size}");
+    assert!(size.starts_with(&format!("HD s{big}")), "{size}");
 
     // Through the engine: served from the source every time, the breaker closed.
     let engine = Stampede::with_config(backend.clone(), config()).unwrap();
@@ -355,6 +349,18 @@ async fn a_stored_value_over_the_limit_is_an_error_that_keeps_the_connection() {
     }
     assert_eq!(fills.get(), 30);
     assert!(!engine.breaker_open(), "one key's data opened the breaker");
+}
+
+/// Stores `len` bytes at `key` with a raw `ms`, as another writer would.
+async fn store_raw(server: &Server, key: &str, len: usize) {
+    let mut line = format!("ms {key} {len} T0\r\n").into_bytes();
+    line.extend_from_slice(&vec![b'q'; len]);
+    line.extend_from_slice(b"\r\n");
+    let port = server.port();
+    let stored = tokio::task::spawn_blocking(move || raw(port, &line))
+        .await
+        .unwrap();
+    assert!(stored.starts_with("HD"), "{stored}");
 }
 
 /// Runs the futures at once and collects their outputs in order.
@@ -1085,4 +1091,73 @@ async fn fetches_of_one_entry_in_flight_share_one_read() {
     }
     server.resume();
     assert_eq!(value(fetch(&backend).await.unwrap().unwrap()), &b"v1"[..]);
+}
+
+/// A successful POST invalidates its target and the URL in its `Location`: a value over the
+/// item size limit under the target (its invalidation fails, the store answering) does not keep
+/// the other one from being invalidated.
+#[tokio::test]
+async fn an_unsafe_request_invalidates_past_a_key_whose_value_is_over_the_limit() {
+    use http::{Method, Request, Response, StatusCode};
+    use http_body_util::Full;
+    use tower::ServiceExt;
+    use tower_layer::Layer;
+    use tower_stampede::http::StampedeLayer;
+
+    let server = Server::memcached_with(&["-I", "4m"]);
+    let backend = connect(&server).await;
+    let calls = Counter::default();
+    let origin = {
+        let calls = calls.clone();
+        tower::service_fn(move |req: Request<Full<Bytes>>| {
+            let calls = calls.clone();
+            async move {
+                let res = if req.method() == Method::POST {
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .header("location", "/items")
+                        .body(Full::new(Bytes::new()))
+                } else {
+                    let n = calls.inc();
+                    Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(Full::new(Bytes::from(format!("list {n}"))))
+                };
+                Ok::<_, std::convert::Infallible>(res.unwrap())
+            }
+        })
+    };
+    let svc = StampedeLayer::new(Stampede::with_config(backend.clone(), config()).unwrap())
+        .key_fn(|p| Some(p.uri.path().as_bytes().to_vec()))
+        .layer(origin);
+    let send = |method: Method, path: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://app.test{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        svc.clone().oneshot(req)
+    };
+    assert_eq!(
+        send(Method::GET, "/items").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(Method::GET, "/items").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(calls.get(), 1, "the second GET is a hit");
+
+    // A value over the limit under the POST's target.
+    let target = Digest::of_fields([&b"http-user"[..], b"/items/1"]);
+    let key = backend.prefix().entry(&target);
+    store_raw(&server, &key, 2 * 1024 * 1024).await;
+
+    let res = send(Method::POST, "/items/1").await.unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(
+        send(Method::GET, "/items").await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(calls.get(), 2, "the Location's URL was invalidated");
 }

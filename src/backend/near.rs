@@ -132,6 +132,11 @@ impl NearStore {
         if cost > self.max_cost || ticket.shard != Self::index(key) {
             return;
         }
+        // A copy: `value` may be a slice of a connection's read buffer (the Memcached client
+        // hands values over without copying), which a kept slice would hold whole, 16 KiB or
+        // more for a value of a few bytes, for as long as the record is kept. Made before the
+        // shard's lock, which hits of this shard wait on.
+        let owned = Bytes::copy_from_slice(value);
         let mut shard = lock(&self.shards[ticket.shard]);
         if self.epochs[ticket.shard].load(Ordering::SeqCst) != ticket.epoch {
             return;
@@ -158,12 +163,7 @@ impl NearStore {
             shard.bytes = shard.bytes.saturating_sub(freed);
         }
         shard.remove(key);
-        // A copy: `value` may be a slice of a connection's read buffer (the Memcached client
-        // hands values over without copying), which a kept slice would hold whole, 16 KiB or
-        // more for a value of a few bytes, for as long as the record is kept.
-        shard
-            .map
-            .insert(key.into(), (Bytes::copy_from_slice(value), until));
+        shard.map.insert(key.into(), (owned, until));
         shard.bytes += cost;
     }
 

@@ -354,9 +354,11 @@ where
             }
             for slot in slots {
                 // Best effort: a failed invalidation leaves the entry to expire, and the store
-                // is not asked again for this response (it is likely down).
-                if shared.engine.invalidate_slot(&slot).await.is_err() {
-                    break;
+                // is not asked again for this response (it is likely down), unless the store
+                // answered and only that key's data was in the way.
+                match shared.engine.invalidate_slot(&slot).await {
+                    Err(e) if !e.is_store_answered() => break,
+                    _ => {}
                 }
             }
         }

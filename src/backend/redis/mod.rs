@@ -299,8 +299,9 @@ impl RedisBackend {
     }
 
     /// Makes every held connection now (and loads the scripts, and checks the eviction policy),
-    /// then checks that the ACL lets the user read and write keys under the prefix and publish
-    /// on its channels (a read, a `SET .. XX` that writes nothing, a publish nobody hears); a
+    /// then checks that the ACL lets the user read and write keys under the prefix, publish on
+    /// its channels and run what the scripts run (a read; a `SET .. XX`, `DEL`, `PEXPIRE` and
+    /// `PTTL` of a key that never exists; `TIME`; a publish nobody hears); a
     /// refusal is [`BackendError::is_config_rejected`]. A Redis refusing writes for another
     /// reason (full, a read-only replica) passes. With a near cache, also makes its tracking
     /// connection (best effort: without it the near cache stays empty and every read goes to
