@@ -71,7 +71,8 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
     let (mut max_age, mut s_maxage) = (None, None);
     // The first of each directive counts, as the policy crate reads them; one repeated with
     // another value makes the response must-revalidate, as there (RFC 9111 section 4.2.1:
-    // invalid freshness information).
+    // invalid freshness information). Unlike there, quotes do not make a value another one
+    // (`max-age=60, max-age="60"` is one value).
     let mut seen: Vec<(&str, Option<&str>)> = Vec::with_capacity(cc.len());
     for (name, arg) in cc {
         let unquoted = arg.as_deref().map(|a| a.trim_matches('"'));
