@@ -14,7 +14,7 @@
 //! | operation | meta commands |
 //! |---|---|
 //! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
-//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`) and give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
+//! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`); if it differs from `seen_fence`, give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
 //! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
 //! | `release` | `md <l> C<cas>` |
 //! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
@@ -1047,8 +1047,8 @@ fn token_bytes(token: Token) -> Bytes {
     Bytes::copy_from_slice(&token.to_hex())
 }
 
-/// The client flags stored with a record: its fence when it fits (fences start at 1), else 0
-/// ("read the header").
+/// The client flags stored with a record: its fence's low 32 bits (see the module docs on
+/// fences), 0 for bytes that are not a record.
 fn flags_for(record: &[u8]) -> u32 {
     Header::parse(record).map_or(0, |h| low32(h.fence))
 }
@@ -1061,10 +1061,7 @@ fn low32(fence: u64) -> u32 {
 /// This process's clock in microseconds since the Unix epoch: the floor of a counter made anew
 /// (see the module docs on fences). 1 on a clock before 1970.
 fn clock_floor() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .max(1)
+    crate::clock::now_us().max(1)
 }
 
 fn header_fence(bytes: &[u8]) -> u64 {

@@ -605,15 +605,21 @@ where
         }
         return Ok(own(side, detail, res));
     }
-    if !failed {
-        if let Decision::Pass(detail) = decide(&policy_req, &rparts, &opts.defaults) {
-            // Its headers already say it is not stored: relay the body as it comes, unbuffered,
-            // so a stream (server-sent events, a long poll, a large download marked no-store)
-            // reaches its one caller at once and is not cut at `max_body`.
-            let body = ResponseBody::stream(VecDeque::new(), Box::pin(body));
-            return Ok(own(side, detail, Response::from_parts(rparts, body)));
+    // Decided from the headers alone, before the body: `None` for a failure (5xx).
+    let store = if failed {
+        None
+    } else {
+        match decide(&policy_req, &rparts, &opts.defaults) {
+            Decision::Store { ttl, selector } => Some((ttl, selector)),
+            // Its headers already say it is not stored: relay the body as it comes,
+            // unbuffered, so a stream (server-sent events, a long poll, a large download marked
+            // no-store) reaches its one caller at once and is not cut at `max_body`.
+            Decision::Pass(detail) => {
+                let body = ResponseBody::stream(VecDeque::new(), Box::pin(body));
+                return Ok(own(side, detail, Response::from_parts(rparts, body)));
+            }
         }
-    }
+    };
     let buffered = match buffer(Box::pin(body), opts.max_body).await {
         Ok(b) => b,
         Err(e) => {
@@ -638,30 +644,23 @@ where
     match buffered {
         Buffered::Overflow { prefix, rest } => {
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
-            if failed {
+            if store.is_none() {
                 // Still a failure (stale-if-error, the failed signal), never a pass marker.
                 return Err(relay_failure(side, res));
             }
             Ok(own(side, "too-large", res))
         }
-        Buffered::Complete(bytes) => {
-            if failed {
+        Buffered::Complete(bytes) => match store {
+            Some((ttl, selector)) => Ok(Fill::Store {
+                value: StoredResponse::new(rparts.status, &rparts.headers, bytes).encode(),
+                ttl,
+                selector: selector.map(Bytes::from),
+            }),
+            None => {
                 let res = Response::from_parts(rparts, ResponseBody::full(bytes));
-                return Err(relay_failure(side, res));
+                Err(relay_failure(side, res))
             }
-            Ok(match decide(&policy_req, &rparts, &opts.defaults) {
-                Decision::Store { ttl, selector } => Fill::Store {
-                    value: StoredResponse::new(rparts.status, &rparts.headers, bytes).encode(),
-                    ttl,
-                    selector: selector.map(Bytes::from),
-                },
-                Decision::Pass(detail) => own(
-                    side,
-                    detail,
-                    Response::from_parts(rparts, ResponseBody::full(bytes)),
-                ),
-            })
-        }
+        },
     }
 }
 
