@@ -187,10 +187,11 @@ impl Service<Request<Body>> for Proxy {
             return Box::pin(std::future::ready(Ok(res)));
         }
         let this = self.clone();
+        let received = req.version();
         // RFC 9110 section 6.2: our own HTTP version, whatever the client's.
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
-        add_forwarding(req.headers_mut(), self.peer);
+        add_forwarding(req.headers_mut(), self.peer, received);
         Box::pin(async move {
             // RFC 9112 section 3.2.4: the asterisk-form is for a server-wide OPTIONS alone.
             if req.uri() == "*" && req.method() != http::Method::OPTIONS {
@@ -262,15 +263,21 @@ impl Service<Request<Body>> for Proxy {
                 }
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
+                    let received = parts.version;
                     // RFC 9110 section 6.2 again: not the upstream's version (an HTTP/1.0 one,
                     // say); hyper still answers a 1.0 client in 1.0.
                     parts.version = http::Version::HTTP_11;
+                    // RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, and an
+                    // intermediary must remove the Content-Length before forwarding. hyper's
+                    // client reads the chunked framing but keeps the header, which would frame
+                    // the body we send (or store) by the upstream's wrong length.
+                    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
                     strip_hop_by_hop(&mut parts.headers);
                     // RFC 9110 section 7.6.3: in every message forwarded, responses too. It is
                     // stored with the response, so hits carry it at no cost.
-                    parts
-                        .headers
-                        .append(header::VIA, HeaderValue::from_static(VIA));
+                    parts.headers.append(header::VIA, via(received));
                     Ok(Response::from_parts(parts, body.map_err(box_err).boxed()))
                 }
                 Ok(Err(e)) if e.is_connect() => {
@@ -418,8 +425,8 @@ fn box_err(e: hyper::Error) -> BoxError {
     Box::new(e)
 }
 
-/// RFC 9110 section 7.6.1: the fixed hop-by-hop headers and those named in `Connection`.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+/// RFC 9110 section 7.6.1: the headers named in `Connection` (this hop's alone).
+fn strip_connection_named(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -430,6 +437,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
+}
+
+/// RFC 9110 section 7.6.1: the fixed hop-by-hop headers and those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    strip_connection_named(h);
     for n in [
         "connection",
         "keep-alive",
@@ -459,11 +471,21 @@ fn only_chunked(h: &HeaderMap) -> bool {
     }
 }
 
-/// What this proxy adds to `Via` (RFC 9110 section 7.6.3), on requests and responses.
-const VIA: &str = "1.1 tower-stampede";
+/// What this proxy adds to `Via` (RFC 9110 section 7.6.3), on requests and responses: the
+/// protocol version of the message as it was received, and this proxy's name.
+fn via(received: http::Version) -> HeaderValue {
+    HeaderValue::from_static(if received == http::Version::HTTP_10 {
+        "1.0 tower-stampede"
+    } else {
+        "1.1 tower-stampede"
+    })
+}
 
-/// Via, X-Forwarded-For and Forwarded on the way in.
-fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
+/// Via, X-Forwarded-For and Forwarded on the way in, for a request received in `received`.
+fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr, received: http::Version) {
+    // An IPv4 client of a dual-stack listener (`--listen [::]:8080`) is an IPv4-mapped IPv6
+    // address to the socket; the upstream is told the IPv4 address.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let ip = peer.ip().to_string();
     // The chain so far, every X-Forwarded-For line of it, byte for byte (what it holds is the
     // upstream's to judge), then the client's address.
@@ -491,7 +513,7 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(v) = HeaderValue::from_bytes(&fwd) {
         h.append("forwarded", v);
     }
-    h.append(header::VIA, HeaderValue::from_static(VIA));
+    h.append(header::VIA, via(received));
 }
 
 async fn backend(args: &Args) -> Result<Arc<dyn Backend>, BoxError> {
@@ -766,6 +788,13 @@ fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>, conn: &Arc<Act
     // Forwarding headers are added by `Proxy` only when a request actually goes upstream, so
     // a hit costs no header rewriting.
     let (mut parts, body) = req.into_parts();
+    // RFC 9110 section 7.6.1: what `Connection` names is not forwarded, so it goes before the
+    // layer keys and varies the request: else a client could have the upstream's answer to a
+    // request without its `Accept-Language` stored as that language's variant, or, naming
+    // `Host`, the upstream's default host's page stored under its Host. (One lookup on a hit.)
+    if parts.headers.contains_key(header::CONNECTION) {
+        strip_connection_named(&mut parts.headers);
+    }
     // RFC 9112 section 3.2.2: an absolute-form target names the host; Host is replaced by it,
     // so the cache key and the upstream agree on which host the response is for.
     if let Some(a) = parts.uri.authority() {

@@ -92,9 +92,15 @@ impl Proxy {
     /// [`Proxy::spawn`], its output (the start line, warnings) going to `stdout`; with
     /// `Stdio::piped()`, [`Proxy::output`] reads it.
     fn spawn_to(args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Proxy {
+        Proxy::spawn_at("127.0.0.1", args, env, stdout)
+    }
+
+    /// [`Proxy::spawn_to`], listening on `host` (`[::]`: dual stack) at a free port; it is
+    /// reached on 127.0.0.1.
+    fn spawn_at(host: &str, args: &[&str], env: &[(&str, &str)], stdout: Stdio) -> Proxy {
         let port = free_port();
         let child = Command::new(proxy_bin())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", &format!("{host}:{port}")])
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
@@ -965,15 +971,26 @@ async fn responses_carry_the_proxys_own_http_version() {
     .await;
     let proxy = Proxy::start(addr, &[]);
     // Passed through, stored, then a hit: each answered in the proxy's own HTTP/1.1 (RFC 9110
-    // section 6.2).
+    // section 6.2), its Via naming the version it was received in (section 7.6.3).
     for (target, want) in [
         ("/nocache", "no-store"),
         ("/cached", "stored"),
         ("/cached", "hit"),
     ] {
-        let (status, cs) = raw_get(&proxy, target.as_bytes()).await;
-        assert_eq!(status, "HTTP/1.1 200 OK", "{target}: {cs}");
-        assert!(cs.contains(want), "{target}: {cs}");
+        let head = format!("GET {target} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+        let got = exchange(&proxy, head).await;
+        assert!(got.starts_with("HTTP/1.1 200 OK"), "{target}: {got}");
+        assert!(
+            values(got.as_bytes(), "cache-status")
+                .concat()
+                .contains(want),
+            "{target}: {got}"
+        );
+        assert_eq!(
+            values(got.as_bytes(), "via"),
+            ["1.0 tower-stampede"],
+            "{target}: {got}"
+        );
     }
 }
 
@@ -989,6 +1006,14 @@ async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
     }
     assert_eq!(up.calls(), 2);
     assert_eq!(up.http10.load(Ordering::SeqCst), 0);
+    // Its Via names the version it was received in (RFC 9110 section 7.6.3).
+    let (addr, heads) = recording_upstream().await;
+    let proxy = Proxy::start(addr, &[]);
+    let got = exchange(&proxy, "GET /v HTTP/1.0\r\nHost: app.test\r\n\r\n").await;
+    assert!(got.starts_with("HTTP/1.0 200 OK"), "{got}");
+    let heads = heads.lock().unwrap();
+    assert!(heads[0].starts_with(b"GET /v HTTP/1.1\r\n"));
+    assert_eq!(values(&heads[0], "via"), ["1.0 tower-stampede"]);
 }
 
 type Heads = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
@@ -1148,6 +1173,122 @@ async fn a_transfer_coding_other_than_chunked_is_refused_both_ways() {
     }
 }
 
+/// RFC 9112 section 6.3: an upstream response with both `Transfer-Encoding: chunked` and a
+/// `Content-Length` is framed by its chunks, and an intermediary removes the `Content-Length`
+/// before forwarding. hyper's client keeps the header, so the proxy framed the body by the
+/// upstream's wrong length: a passed response was cut short, and a buffered one was sent with a
+/// length that did not match its body. Two requests on one connection, every way a response
+/// goes: each answer must arrive whole and framed right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_beside_chunked_framing_is_not_passed_on() {
+    for (what, res) in [
+        (
+            "a 5xx (buffered, not stored)",
+            &b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\
+               Content-Length: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "no-store (streamed)",
+            b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n\
+              Content-Length: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "max-age (stored, then a hit)",
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nTransfer-Encoding: chunked\r\n\
+              Content-Length: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let (addr, heads) = recording_upstream_answering(res).await;
+        let proxy = Proxy::start(addr, &[]);
+        let two = "GET /te HTTP/1.1\r\nHost: app.test\r\n\r\n\
+                   GET /te HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n";
+        let got = exchange(&proxy, two).await;
+        let answers: Vec<&str> = got.split("HTTP/1.1 ").skip(1).collect();
+        assert_eq!(answers.len(), 2, "{what}: {got}");
+        // Each answer framed by its own body: the upstream's `hello`, or (after a 5xx, inside
+        // the failed fill's lease) the layer's own error page.
+        for (i, a) in answers.iter().enumerate() {
+            let (head, body) = a.split_once("\r\n\r\n").expect("a response head");
+            let body = match values(head.as_bytes(), "content-length").as_slice() {
+                [] => body
+                    .strip_suffix("\r\n0\r\n\r\n")
+                    .and_then(|b| b.split_once("\r\n"))
+                    .map(|(_, b)| b)
+                    .unwrap_or("?"),
+                [n] => {
+                    assert_eq!(n.parse::<usize>().ok(), Some(body.len()), "{what}: {got}");
+                    body
+                }
+                more => panic!("{what}: framed by {more:?}: {got}"),
+            };
+            if i == 0 || !what.starts_with("a 5xx") {
+                assert_eq!(body, "hello", "{what}: {got}");
+            }
+        }
+        let fetched = heads.lock().unwrap().len();
+        let want = if what.starts_with("no-store") { 2 } else { 1 };
+        assert_eq!(fetched, want, "{what}: {got}");
+    }
+}
+
+/// What `Connection` names is not forwarded (RFC 9110 section 7.6.1), so the cache keys and
+/// varies the request on what goes upstream. Before, the layer saw the named headers and the
+/// upstream did not: a client sending `Accept-Language: fr` with `Connection: accept-language`
+/// had the upstream's answer to a request without a language stored as the `fr` variant, and
+/// one naming `Host` had the upstream's default host's page stored under its Host. Either
+/// poisoned the entry every later client hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_connection_names_neither_key_nor_vary_the_cache() {
+    let (addr, heads) = recording_upstream_answering(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nVary: Accept-Language\r\n\
+          Content-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    let get = |extra: &str| {
+        format!("GET /v HTTP/1.1\r\nHost: app.test\r\n{extra}Connection: close\r\n\r\n")
+    };
+    // A client naming its Accept-Language in Connection: the upstream gets none.
+    let first = exchange(
+        &proxy,
+        get("Accept-Language: fr\r\nConnection: accept-language\r\n"),
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    // A French client after it: its variant was never filled, so it goes upstream with it.
+    let fr = exchange(&proxy, get("Accept-Language: fr\r\n")).await;
+    let cs = values(fr.as_bytes(), "cache-status").concat();
+    assert!(
+        !cs.contains("; hit"),
+        "the fr variant held a languageless answer: {fr}"
+    );
+    {
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 2, "{fr}");
+        assert!(values(&heads[0], "accept-language").is_empty());
+        assert_eq!(values(&heads[1], "accept-language"), ["fr"]);
+    }
+    // A client naming Host: no Host goes upstream for it, so nothing is stored under its Host.
+    let named = "GET /h HTTP/1.1\r\nHost: victim.test\r\nConnection: close, host\r\n\r\n";
+    let _ = exchange(&proxy, named).await;
+    let plain = exchange(
+        &proxy,
+        "GET /h HTTP/1.1\r\nHost: victim.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let cs = values(plain.as_bytes(), "cache-status").concat();
+    assert!(
+        !cs.contains("; hit"),
+        "victim.test's entry was filled without its Host: {plain}"
+    );
+    let heads = heads.lock().unwrap();
+    let hosts: Vec<Vec<String>> = heads[2..].iter().map(|h| values(h, "host")).collect();
+    assert!(
+        hosts.iter().any(|h| h == &["victim.test"]),
+        "victim.test's request went upstream with its Host: {hosts:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     let (addr, heads) = recording_upstream().await;
@@ -1160,17 +1301,40 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     )
     .await;
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
-    let heads = heads.lock().unwrap();
-    assert_eq!(heads.len(), 1);
-    assert_eq!(
-        values(&heads[0], "x-forwarded-for"),
-        ["10.0.0.1, 10.0.0.2, \u{fffd}x, 127.0.0.1"],
-        "the whole chain, then the client"
+    {
+        let seen = heads.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            values(&seen[0], "x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, \u{fffd}x, 127.0.0.1"],
+            "the whole chain, then the client"
+        );
+        assert_eq!(
+            values(&seen[0], "forwarded"),
+            [r#"for=127.0.0.1;proto=http;host="app.test:8080""#],
+            "RFC 7239: the host a quoted-string (it may hold a colon)"
+        );
+    }
+    // On a dual-stack listener an IPv4 client is an IPv4-mapped IPv6 address to the socket
+    // (`::ffff:127.0.0.1`); the upstream is told the IPv4 address it is.
+    let dual = Proxy::spawn_at(
+        "[::]",
+        &["--upstream", &format!("http://{addr}")],
+        &[],
+        Stdio::null(),
     );
+    let got = exchange(
+        &dual,
+        "GET /b HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 2);
+    assert_eq!(values(&heads[1], "x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(
-        values(&heads[0], "forwarded"),
-        [r#"for=127.0.0.1;proto=http;host="app.test:8080""#],
-        "RFC 7239: the host a quoted-string (it may hold a colon)"
+        values(&heads[1], "forwarded"),
+        [r#"for=127.0.0.1;proto=http;host="app.test""#]
     );
 }
 
