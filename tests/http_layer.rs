@@ -877,6 +877,44 @@ async fn absurd_max_age_values_do_not_panic() {
     assert_eq!(origin.calls(), 1);
 }
 
+/// A response with more header lines than a record holds (8,192) is passed, whole, to the
+/// request that got it. Before, 30,000 lines panicked the fill (`HeaderMap::with_capacity`
+/// past its limit) and the request got a 502.
+#[tokio::test(start_paused = true)]
+async fn a_response_with_too_many_headers_is_passed_whole() {
+    let origin = Origin::new(ms(1), |req, n| {
+        let mut r = ok("max-age=60", format!("run {n}"));
+        if req.uri().path() == "/many" {
+            for i in 0..30_000u32 {
+                r.headers_mut().append("x-many", i.into());
+            }
+        } else {
+            // As many names as a `HeaderMap` holds: none left for a Cache-Status.
+            let mut i = 0u32;
+            while let Ok(h) = http::HeaderName::try_from(format!("x-{i}")) {
+                if r.headers_mut().try_append(h, i.into()).is_err() {
+                    break;
+                }
+                i += 1;
+            }
+        }
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    for n in 1..=2 {
+        let g = send(&svc, get("http://a.test/many")).await;
+        assert_eq!(g.status, StatusCode::OK, "{}", g.cs());
+        assert_eq!(g.body, format!("run {n}"));
+        assert_eq!(g.headers.get_all("x-many").iter().count(), 30_000);
+        assert!(g.cs().contains("detail="), "{}", g.cs());
+    }
+    assert_eq!(origin.calls(), 2);
+    let g = send(&svc, get("http://a.test/names")).await;
+    assert_eq!(g.status, StatusCode::OK);
+    assert_eq!(g.body, "run 3");
+    assert_eq!(g.headers.keys_len(), 24_576);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_oversized_5xx_is_a_failure_not_a_pass() {
     let origin = Origin::new(ms(200), |_, _| {

@@ -16,7 +16,12 @@ pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-
 /// so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
 /// earlier cache, costs one lookup.
 pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
-    match headers.entry(CACHE_STATUS) {
+    // `Err` only for a map already holding the most names a `HeaderMap` can (an in-process
+    // origin's passed response): it goes without ours rather than panic.
+    let Ok(entry) = headers.try_entry(CACHE_STATUS) else {
+        return;
+    };
+    match entry {
         Entry::Vacant(e) => {
             e.insert(ours);
         }

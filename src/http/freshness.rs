@@ -198,6 +198,11 @@ pub(crate) fn decide(
     res: &http::response::Parts,
     defaults: &Defaults,
 ) -> Decision {
+    // More than a record holds; and a map that full may have no room for the normalized
+    // `Cache-Control` below (a `HeaderMap` panics past 24,576 names).
+    if res.headers.len() > super::stored::MAX_HEADERS {
+        return Decision::Pass("too-many-headers");
+    }
     if res.headers.contains_key(header::SET_COOKIE) {
         return Decision::Pass("set-cookie");
     }

@@ -18,7 +18,7 @@ use super::key::{
     authority_key, decode_unreserved, remove_dot_segments, url_slot, user_slot, variant_of,
 };
 use super::layer::{CookiePolicy, Options, Shared};
-use super::stored::{header_int, is_hop_by_hop, StoredResponse};
+use super::stored::{header_int, is_hop_by_hop, StoredResponse, MAX_HEADERS};
 use crate::engine::{CacheKey, Fill, Prev, Select, Served, Status};
 use crate::error::{BoxError, Error};
 use crate::key::Digest;
@@ -560,6 +560,14 @@ where
 
     if rparts.status == StatusCode::NOT_MODIFIED {
         if let Some(ps) = prev_stored {
+            // Past what is stored (a `HeaderMap` panics past 24,576 names): not merged, the
+            // stored response served as it was, and the entry left to its expiry.
+            if ps.headers.len() + rparts.headers.len() > MAX_HEADERS {
+                let mut res = Response::new(ResponseBody::full(ps.body));
+                *res.status_mut() = ps.status;
+                *res.headers_mut() = ps.headers;
+                return Ok(own(side, "too-many-headers", res));
+            }
             // RFC 9111 section 4.3.4: freshen the stored response with the 304's headers.
             let mut merged = ps.headers.clone();
             for name in rparts.headers.keys() {
@@ -577,18 +585,25 @@ where
             *probe.headers_mut() = merged;
             let (probe, ()) = probe.into_parts();
             let stored = StoredResponse::new(ps.status, &probe.headers, ps.body.clone());
-            return Ok(match decide(&policy_req, &probe, &opts.defaults) {
-                Decision::Store { ttl, selector } => Fill::Store {
-                    value: stored.encode(),
-                    ttl,
-                    selector: selector.map(Bytes::from),
+            return Ok(
+                match (decide(&policy_req, &probe, &opts.defaults), stored) {
+                    (Decision::Store { ttl, selector }, Some(stored)) => Fill::Store {
+                        value: stored.encode(),
+                        ttl,
+                        selector: selector.map(Bytes::from),
+                    },
+                    (Decision::Store { .. }, None) => own(
+                        side,
+                        "too-many-headers",
+                        Response::from_parts(probe, ResponseBody::full(ps.body)),
+                    ),
+                    (Decision::Pass(detail), _) => own(
+                        side,
+                        detail,
+                        Response::from_parts(probe, ResponseBody::full(ps.body)),
+                    ),
                 },
-                Decision::Pass(detail) => own(
-                    side,
-                    detail,
-                    Response::from_parts(probe, ResponseBody::full(ps.body)),
-                ),
-            });
+            );
         }
     }
 
@@ -651,11 +666,19 @@ where
             Ok(own(side, "too-large", res))
         }
         Buffered::Complete(bytes) => match store {
-            Some((ttl, selector)) => Ok(Fill::Store {
-                value: StoredResponse::new(rparts.status, &rparts.headers, bytes).encode(),
-                ttl,
-                selector: selector.map(Bytes::from),
-            }),
+            Some((ttl, selector)) => {
+                match StoredResponse::new(rparts.status, &rparts.headers, bytes.clone()) {
+                    Some(stored) => Ok(Fill::Store {
+                        value: stored.encode(),
+                        ttl,
+                        selector: selector.map(Bytes::from),
+                    }),
+                    None => {
+                        let res = Response::from_parts(rparts, ResponseBody::full(bytes));
+                        Ok(own(side, "too-many-headers", res))
+                    }
+                }
+            }
             None => {
                 let res = Response::from_parts(rparts, ResponseBody::full(bytes));
                 Err(relay_failure(side, res))
@@ -1105,7 +1128,9 @@ mod tests {
     fn stored(body: &'static [u8]) -> Bytes {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(body)).encode()
+        StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(body))
+            .unwrap()
+            .encode()
     }
 
     fn scan(pairs: &[(&'static str, &'static str)]) -> (bool, bool, bool, bool, bool, String) {

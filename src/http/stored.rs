@@ -50,8 +50,18 @@ pub(crate) fn header_int(n: u64) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// The most header lines a stored response may have. Far above what any HTTP server sends
+/// (hyper's client takes 100 by default), and far enough below what a `HeaderMap` holds
+/// (24,576 names; it panics past that) that serving can add its own without a check.
+pub(crate) const MAX_HEADERS: usize = 8192;
+
 impl StoredResponse {
-    pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
+    /// `None` when the response would be stored with more than [`MAX_HEADERS`] header lines
+    /// (ours included): it is not stored.
+    pub(crate) fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Option<Self> {
+        if headers.len() > MAX_HEADERS {
+            return None;
+        }
         let origin_age = headers
             .get(header::AGE)
             .and_then(|v| v.to_str().ok())
@@ -76,12 +86,15 @@ impl StoredResponse {
         if status != StatusCode::NO_CONTENT && !status.is_informational() {
             kept.insert(header::CONTENT_LENGTH, header_int(body.len() as u64));
         }
-        StoredResponse {
+        if kept.len() > MAX_HEADERS {
+            return None;
+        }
+        Some(StoredResponse {
             status,
             origin_age,
             headers: kept,
             body,
-        }
+        })
     }
 
     pub(crate) fn encode(&self) -> Bytes {
@@ -93,9 +106,9 @@ impl StoredResponse {
         let mut out = BytesMut::with_capacity(8 + hdr_len + self.body.len());
         out.put_u16_le(self.status.as_u16());
         out.put_u32_le(self.origin_age);
-        let count = self.headers.len().min(u16::MAX as usize);
-        out.put_u16_le(count as u16);
-        for (n, v) in self.headers.iter().take(count) {
+        // At most MAX_HEADERS (see `new`), so the count fits.
+        out.put_u16_le(self.headers.len() as u16);
+        for (n, v) in self.headers.iter() {
             out.put_u16_le(n.as_str().len() as u16);
             out.put_slice(n.as_str().as_bytes());
             out.put_u32_le(v.len() as u32);
@@ -118,9 +131,13 @@ impl StoredResponse {
         }
         let origin_age = buf.get_u32_le();
         let count = buf.get_u16_le() as usize;
+        // More than `new` stores: and a `HeaderMap` panics past 24,576 names.
+        if count > MAX_HEADERS {
+            return None;
+        }
         // Room for what serving adds (Age, Cache-Status, Content-Length) without regrowing; the
         // count is the record's claim, so no more than its bytes can hold (a header takes at
-        // least 7), and `HeaderMap` refuses (panics on) a capacity over 32,768.
+        // least 7).
         let mut headers = HeaderMap::with_capacity(count.min(buf.remaining() / 7) + 3);
         for _ in 0..count {
             if buf.remaining() < 2 {
@@ -173,7 +190,7 @@ mod tests {
         h.append(header::VARY, HeaderValue::from_static("accept-encoding"));
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         h.insert(header::AGE, HeaderValue::from_static("7"));
-        let s = StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(b"body"));
+        let s = StoredResponse::new(StatusCode::OK, &h, Bytes::from_static(b"body")).unwrap();
         let d = StoredResponse::decode(&s.encode()).unwrap();
         assert_eq!(d.status, StatusCode::OK);
         assert_eq!(d.origin_age, 7);
@@ -193,9 +210,49 @@ mod tests {
         ] {
             let mut h = HeaderMap::new();
             h.insert(header::AGE, HeaderValue::from_static(age));
-            let s = StoredResponse::new(StatusCode::OK, &h, Bytes::new());
+            let s = StoredResponse::new(StatusCode::OK, &h, Bytes::new()).unwrap();
             assert_eq!(s.origin_age, want, "{age}");
         }
+    }
+
+    /// A `HeaderMap` panics past 24,576 names (and `with_capacity` past about that): a record
+    /// that claims and holds that many, from a foreign writer or a damaged store, panicked the
+    /// request serving it. Such records, and anything over what is stored, are unreadable.
+    #[test]
+    fn a_record_with_more_headers_than_are_stored_is_unreadable_not_a_panic() {
+        let names: Vec<String> = (0..30_000).map(|i| format!("x{i}")).collect();
+        for n in [MAX_HEADERS + 1, 24_574, 30_000] {
+            let hs: Vec<(&str, &str)> = names[..n].iter().map(|k| (k.as_str(), "")).collect();
+            assert!(
+                StoredResponse::decode(&record(200, n as u16, &hs, b"")).is_none(),
+                "{n}"
+            );
+        }
+        let hs: Vec<(&str, &str)> = names[..MAX_HEADERS - 1]
+            .iter()
+            .map(|k| (k.as_str(), ""))
+            .collect();
+        let d = StoredResponse::decode(&record(200, hs.len() as u16, &hs, b"")).unwrap();
+        assert_eq!(d.headers.len(), MAX_HEADERS - 1);
+    }
+
+    /// What cannot be stored whole is not stored: before, more than 65,535 header lines were
+    /// cut to that many in the record, and more than 24,576 names panicked the fill.
+    #[test]
+    fn a_response_with_more_headers_than_are_stored_is_not_stored() {
+        let mut h = HeaderMap::new();
+        for i in 0..MAX_HEADERS - 1 {
+            h.append(
+                HeaderName::try_from(format!("x{}", i % 100)).unwrap(),
+                HeaderValue::from(i),
+            );
+        }
+        let s = StoredResponse::new(StatusCode::OK, &h, Bytes::new()).unwrap();
+        let d = StoredResponse::decode(&s.encode()).unwrap();
+        // Every line, and the Content-Length of ours.
+        assert_eq!(d.headers.len(), MAX_HEADERS);
+        h.append("x-one-more", HeaderValue::from_static("1"));
+        assert!(StoredResponse::new(StatusCode::OK, &h, Bytes::new()).is_none());
     }
 
     #[test]
