@@ -1319,13 +1319,19 @@ impl Stampede {
     {
         let cfg = &self.inner.cfg;
         let started = Instant::now();
+        // Until when the lease is surely still ours: one lease from the grant (about now),
+        // moved on by each extension the store confirmed, and `None` once one was refused
+        // (the lease expired, and another holder may have it now).
+        let held_until = Arc::new(Mutex::new(Some(started + cfg.lease)));
         let extender = cfg.extend_lease.then(|| {
             let this = self.clone();
             let slot = key.slot;
+            let held_until = held_until.clone();
             tokio::spawn(async move {
                 let every = (this.inner.cfg.lease / 3).max(Duration::from_millis(1));
                 loop {
                     tokio::time::sleep(every).await;
+                    let asked = Instant::now();
                     let ok = this
                         .bcall(
                             this.inner
@@ -1333,10 +1339,22 @@ impl Stampede {
                                 .extend(&slot, token, this.inner.cfg.lease),
                         )
                         .await;
+                    let mut held = held_until.lock().unwrap_or_else(|e| e.into_inner());
                     match ok {
-                        Ok(true) => metrics::counter!("stampede_lease_extended_total").increment(1),
+                        Ok(true) => {
+                            metrics::counter!("stampede_lease_extended_total").increment(1);
+                            if held.is_some() {
+                                *held = Some(asked + this.inner.cfg.lease);
+                            }
+                        }
                         // Keep filling: the fence decides whether the write lands.
-                        _ => metrics::counter!("stampede_lease_extend_failed_total").increment(1),
+                        Ok(false) => {
+                            metrics::counter!("stampede_lease_extend_failed_total").increment(1);
+                            *held = None;
+                        }
+                        Err(_) => {
+                            metrics::counter!("stampede_lease_extend_failed_total").increment(1)
+                        }
                     }
                 }
             })
@@ -1358,17 +1376,14 @@ impl Stampede {
             }
             FillRun::TimedOut => {
                 metrics::counter!("stampede_fills_total", "outcome" => "timeout").increment(1);
-                // Keep the lease until it expires: the source sees at most one call per lease.
-                let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
                 let f = Failure::Timeout(cfg.fill_timeout);
-                self.remember_failure(&key.slot, cfg.lease, &f);
+                self.failed_holding(&key.slot, &held_until, &f).await;
                 (Shared::Failed(f), None)
             }
             FillRun::Done(Err(e)) => {
                 metrics::counter!("stampede_fills_total", "outcome" => "error").increment(1);
-                let _ = self.bcall(backend.signal(&key.slot, Signal::Failed)).await;
                 let f = Failure::Fill(Arc::from(e));
-                self.remember_failure(&key.slot, cfg.lease, &f);
+                self.failed_holding(&key.slot, &held_until, &f).await;
                 (Shared::Failed(f), None)
             }
             FillRun::Done(Ok(Fill::Unshared { value })) => {
@@ -1448,6 +1463,29 @@ impl Stampede {
                 self.pass(key, looked, token, fence, value).await
             }
         }
+    }
+
+    /// Our fill failed. The lease is kept until it expires, so the source sees at most one call
+    /// per lease: while it is surely still ours, every waiter on it is told (`Failed`) and this
+    /// instance's callers fail at once until it ends. A lease that may have passed to another
+    /// holder is not ours to speak for: its waiters wait on that holder's fill.
+    async fn failed_holding(
+        &self,
+        slot: &Digest,
+        held_until: &Mutex<Option<Instant>>,
+        f: &Failure,
+    ) {
+        let until = *held_until.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(left) = until
+            .and_then(|u| u.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
+        else {
+            return;
+        };
+        let _ = self
+            .bcall(self.inner.backend.signal(slot, Signal::Failed))
+            .await;
+        self.remember_failure(slot, left, f);
     }
 
     /// The fill was not cacheable: a pass marker, unless an in-policy stale copy is stored.

@@ -573,6 +573,43 @@ async fn a_waiter_past_its_deadline_takes_the_fallback_without_calling_the_sourc
     assert_eq!(calls.get(), 3, "two fills by A, none by B");
 }
 
+/// A holder whose lease expired during its fill no longer speaks for the lease when the fill
+/// fails: another holder took it and is filling. Before, its `Failed` signal ended the wait of
+/// that holder's waiters with `FailedElsewhere`, and they (and the failed instance's later
+/// callers) failed while the new holder's fill was about to land.
+#[tokio::test(start_paused = true)]
+async fn a_failure_after_the_lease_passed_on_does_not_fail_the_new_holders_waiters() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(1)).wait_timeout(secs(10));
+    // A's lease (1 s, not extended) ends during its 2.5 s fill, which then fails.
+    let a = engine(&mem, cfg.clone().extend_lease(false).fill_timeout(secs(5)));
+    let b = engine(&mem, cfg.clone());
+    let c = engine(&mem, cfg);
+    let calls = Counter::default();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        let f = failing(&calls, ms(2500));
+        async move { a.get_or_fill("passed-on", f).await }
+    });
+    // B takes the expired lease at 1.2 s and fills for 2 s.
+    tokio::time::sleep(ms(1200)).await;
+    let tb = tokio::spawn({
+        let b = b.clone();
+        let f = filler(&calls, secs(2), "new", minute());
+        async move { b.get_or_fill("passed-on", f).await }
+    });
+    // C comes at 1.5 s and waits on B's lease, across A's failure at 2.5 s.
+    tokio::time::sleep(ms(300)).await;
+    let rc = c
+        .get_or_fill("passed-on", filler(&calls, ms(1), "c", minute()))
+        .await;
+    assert!(matches!(ta.await.unwrap(), Err(Error::Fill(_))));
+    assert_eq!(tb.await.unwrap().unwrap().status, Status::Stored);
+    let rc = rc.expect("C is served B's fill");
+    assert_eq!(&rc.value[..], b"new");
+    assert_eq!(calls.get(), 2, "A's fill and B's");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     let mem = MemoryBackend::default();
