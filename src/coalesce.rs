@@ -58,6 +58,14 @@ impl<K: Eq + Hash + Clone, V: Clone + Aborted> Flights<K, V> {
             .remove(key);
     }
 
+    /// [`detach`](Self::detach) for every running flight whose key `matches`.
+    pub(crate) fn detach_where(&self, matches: impl Fn(&K) -> bool) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| !matches(k));
+    }
+
     /// How many flights are running.
     pub(crate) fn running(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()

@@ -588,9 +588,14 @@ impl Stampede {
         let ttl = cfg
             .tombstone_ttl
             .max(cfg.fill_timeout.saturating_add(cfg.backend_timeout * 2));
-        self.bcall(self.inner.backend.invalidate(slot, ttl))
+        let done = self
+            .bcall(self.inner.backend.invalidate(slot, ttl))
             .await
-            .map(|_| ())
+            .map(|_| ());
+        // A fill that started before this serves what it got to those that joined it, but no
+        // caller from now on joins it: they start afresh and meet the tombstone.
+        self.inner.flights.detach_where(|(s, _)| s == slot);
+        done
     }
 
     /// The hit path: one lookup, and the value when it is fresh or inside stale-while-revalidate.

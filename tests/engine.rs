@@ -610,6 +610,36 @@ async fn a_failure_after_the_lease_passed_on_does_not_fail_the_new_holders_waite
     assert_eq!(calls.get(), 2, "A's fill and B's");
 }
 
+/// A caller that comes after an invalidation does not join a fill that started before it:
+/// that fill's content is what the invalidation was for. Before, it was handed the old fill's
+/// value (`Collapsed`), in the same process that had just invalidated the key.
+#[tokio::test(start_paused = true)]
+async fn a_caller_after_an_invalidation_does_not_join_a_fill_from_before_it() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default().wait_timeout(secs(30)));
+    let calls = Counter::default();
+    let old = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, secs(2), "old", minute());
+        async move { e.get_or_fill("inv", f).await }
+    });
+    tokio::time::sleep(secs(1)).await;
+    e.invalidate("inv").await.unwrap();
+    let after = e
+        .get_or_fill("inv", filler(&calls, ms(10), "new", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&after.value[..], b"new", "{:?}", after.status);
+    // The fill from before still answers the caller that started it.
+    assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
+    assert_eq!(calls.get(), 2);
+    let s = e
+        .get_or_fill("inv", filler(&calls, ms(10), "later", minute()))
+        .await
+        .unwrap();
+    assert_eq!((&s.value[..], s.status), (&b"new"[..], Status::Hit));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     let mem = MemoryBackend::default();
