@@ -704,7 +704,14 @@ async fn demo_upstream(bind: SocketAddr) -> Result<SocketAddr, BoxError> {
 
 /// Serves `/metrics` and `/healthz` on `addr`. The metrics recorder exists only with an admin
 /// address: without one the engine's counters are no-ops.
-async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
+/// The admin endpoints: `/metrics` (Prometheus text format) and `/healthz`, which answers 503
+/// once `draining` is set (after SIGTERM, while in-flight requests finish), so a load balancer
+/// stops sending new ones.
+async fn admin(
+    addr: SocketAddr,
+    idle: Duration,
+    draining: Arc<AtomicBool>,
+) -> Result<(), BoxError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("--admin {addr}: {e}"))?;
@@ -730,16 +737,27 @@ async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
                 continue;
             };
             let prom = prom.clone();
+            let draining = draining.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let prom = prom.clone();
+                let draining = draining.load(Ordering::Relaxed);
                 async move {
-                    let (code, body) = match req.uri().path() {
-                        "/metrics" => (StatusCode::OK, prom.render()),
-                        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
+                    let (code, body, kind) = match req.uri().path() {
+                        // The exposition format's own type; Prometheus 3 refuses a scrape
+                        // without one unless told a fallback.
+                        "/metrics" => (StatusCode::OK, prom.render(), PROMETHEUS_TEXT),
+                        "/healthz" if draining => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "draining\n".to_string(),
+                            PLAIN,
+                        ),
+                        "/healthz" => (StatusCode::OK, "ok\n".to_string(), PLAIN),
+                        _ => (StatusCode::NOT_FOUND, "not found\n".to_string(), PLAIN),
                     };
                     let mut r = Response::new(Full::new(Bytes::from(body)));
                     *r.status_mut() = code;
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
                     Ok::<_, Infallible>(r)
                 }
             });
@@ -752,6 +770,9 @@ async fn admin(addr: SocketAddr, idle: Duration) -> Result<(), BoxError> {
     });
     Ok(())
 }
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
 
 type Served = Response<OutBody>;
 
@@ -1108,8 +1129,9 @@ async fn run() -> Result<(), BoxError> {
         timeout: args.fill_timeout,
     });
 
+    let draining = Arc::new(AtomicBool::new(false));
     if let Some(a) = args.admin {
-        admin(a, args.idle_timeout).await?;
+        admin(a, args.idle_timeout, draining.clone()).await?;
     }
     let listener = TcpListener::bind(args.listen)
         .await
@@ -1163,6 +1185,7 @@ async fn run() -> Result<(), BoxError> {
         }
     }
     println!("shutting down: finishing in-flight requests");
+    draining.store(true, Ordering::Relaxed);
     drop(listener);
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

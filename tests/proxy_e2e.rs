@@ -603,9 +603,14 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
     }
     let (s, _, _) = send(&c, http::Method::GET, format!("http://{admin}/healthz")).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _, metrics) = send(&c, http::Method::GET, format!("http://{admin}/metrics")).await;
+    let (s, h, metrics) = send(&c, http::Method::GET, format!("http://{admin}/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics);
     assert_eq!(s, StatusCode::OK);
+    // The text exposition format's type: Prometheus 3 refuses a scrape without a Content-Type.
+    assert_eq!(
+        h.get("content-type").map(|v| v.to_str().unwrap()),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
     assert!(
         metrics.contains("stampede_requests_total{outcome=\"stored\"} 1"),
         "{metrics}"
@@ -615,6 +620,56 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         1,
         "the admin endpoints never reach the upstream"
     );
+}
+
+/// After SIGTERM, while a request in flight finishes, `/healthz` answers 503, so a load
+/// balancer stops sending new requests to a proxy that has stopped accepting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_says_draining_after_sigterm_while_requests_finish() {
+    let up = Upstream::default();
+    let addr = up.start().await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut p = Proxy::start(addr, &["--admin", &admin]);
+    let c = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&admin).is_err() {
+        assert!(Instant::now() < deadline, "the admin port never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let healthz = format!("http://{admin}/healthz");
+    assert_eq!(
+        send(&c, http::Method::GET, healthz.clone()).await.0,
+        StatusCode::OK
+    );
+    let first = in_flight(&up, &c, p.url("/slow?ms=3000")).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // Until the in-flight request is answered, the proxy is draining: a 503 must show.
+    let mut seen = Vec::new();
+    while !first.is_finished() && p.child.try_wait().unwrap().is_none() {
+        let req = Request::get(&healthz).body(Empty::new()).unwrap();
+        if let Ok(res) = c.request(req).await {
+            seen.push(res.status());
+            if res.status() == StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen.last(),
+        Some(&StatusCode::SERVICE_UNAVAILABLE),
+        "{seen:?}"
+    );
+    let (s, body) = first
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]));
+    p.kill9();
 }
 
 /// The tuning flags reach the layer, from the command line or the environment: `--ttl` caches
