@@ -401,6 +401,74 @@ async fn the_leaders_conditional_range_or_head_never_reach_followers() {
     assert!(!h.contains_key(header::IF_NONE_MATCH) && !h.contains_key(header::RANGE));
 }
 
+/// On a URL known not to be cacheable, each request's fill is its own, so its conditionals and
+/// Range reach the origin (RFC 9111 section 4.3.2): an `always revalidate` page (no-cache with
+/// an ETag) answers a browser's revalidation with a 304, and a large download (over max_body)
+/// a seek with a 206. Before, both were stripped as for a shared fill: every revalidation got
+/// the whole body, and every seek the whole file from its start. Nothing of either is stored.
+#[tokio::test(start_paused = true)]
+async fn a_passed_url_forwards_the_callers_conditionals_and_range() {
+    let origin = Origin::new(ms(1), |req, n| {
+        let h = req.headers();
+        let cc = if req.uri().path() == "/big" {
+            "max-age=60"
+        } else {
+            "no-cache"
+        };
+        let body = if req.uri().path() == "/big" {
+            "0123456789".repeat(20)
+        } else {
+            format!("page {n}")
+        };
+        let mut r = if h.get(header::IF_NONE_MATCH).is_some_and(|v| v == "\"v1\"") {
+            let mut r = ok(cc, "");
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r
+        } else if let Some(range) = h.get(header::RANGE) {
+            assert_eq!(range, "bytes=10-19");
+            let mut r = ok(cc, body[10..20].to_string());
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                format!("bytes 10-19/{}", body.len()).parse().unwrap(),
+            );
+            r
+        } else {
+            ok(cc, body)
+        };
+        r.headers_mut()
+            .insert(header::ETAG, "\"v1\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory()
+        .max_body(100)
+        .layer(origin.service());
+    let with = |path: &str, name: header::HeaderName, value: &str| {
+        Request::get(format!("http://a.test{path}"))
+            .header(name, value)
+            .body(Full::default())
+            .unwrap()
+    };
+    // The first request of each URL is a shared fill: it learns the URL is not cacheable.
+    let g = send(&svc, get("http://a.test/page")).await;
+    assert_eq!((g.status, &g.body[..]), (StatusCode::OK, &b"page 1"[..]));
+    let g = send(&svc, get("http://a.test/big")).await;
+    assert_eq!((g.status, g.body.len()), (StatusCode::OK, 200));
+    assert!(g.cs().contains("too-large"), "{}", g.cs());
+    // Then each request is its own fill, with its preconditions.
+    let g = send(&svc, with("/page", header::IF_NONE_MATCH, "\"v1\"")).await;
+    assert_eq!(g.status, StatusCode::NOT_MODIFIED, "{}", g.cs());
+    let g = send(&svc, with("/big", header::RANGE, "bytes=10-19")).await;
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (StatusCode::PARTIAL_CONTENT, &b"0123456789"[..])
+    );
+    // None of it was stored: a plain request gets the whole response again, from the origin.
+    let g = send(&svc, get("http://a.test/page")).await;
+    assert_eq!((g.status, &g.body[..]), (StatusCode::OK, &b"page 5"[..]));
+    assert_eq!(origin.calls(), 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_uncacheable_url_is_not_serialized() {
     let origin = Origin::new(ms(200), |_, n| ok("no-store", format!("run {n}")));

@@ -457,7 +457,7 @@ fn same_origin(head: &Parts, v: &HeaderValue) -> Option<Vec<http::Uri>> {
 /// Request headers of a shared fill: no conditionals and no `Range`, so the leader's request
 /// shape (a 304, a 206) is never handed to followers.
 fn fill_headers(h: &HeaderMap) -> HeaderMap {
-    let mut out = h.clone();
+    let mut out = own_fill_headers(h);
     for n in [
         header::IF_NONE_MATCH,
         header::IF_MODIFIED_SINCE,
@@ -465,12 +465,21 @@ fn fill_headers(h: &HeaderMap) -> HeaderMap {
         header::IF_UNMODIFIED_SINCE,
         header::IF_RANGE,
         header::RANGE,
-        // The fill's body is empty, whatever the leader's framing said.
-        header::CONTENT_LENGTH,
-        header::TRANSFER_ENCODING,
     ] {
         out.remove(n);
     }
+    out
+}
+
+/// Request headers of a fill whose response goes to its caller alone (a pass fill on a URL
+/// that is not cacheable): the caller's own, conditionals and `Range` included, so the origin
+/// can answer it with a 304 or a 206 (RFC 9111 section 4.3.2: preconditions are the origin's to
+/// evaluate when the cache does not), which are never stored.
+fn own_fill_headers(h: &HeaderMap) -> HeaderMap {
+    let mut out = h.clone();
+    // The fill's body is empty, whatever the caller's framing said.
+    out.remove(header::CONTENT_LENGTH);
+    out.remove(header::TRANSFER_ENCODING);
     out
 }
 
@@ -524,7 +533,15 @@ where
     let headers = fill_headers(&parts.headers);
     let mut policy_req = Request::new(());
     *policy_req.uri_mut() = parts.uri.clone();
-    *policy_req.headers_mut() = headers.clone();
+    // On a URL that is not cacheable, nobody else gets this response (no stale copy is
+    // revalidated either): HEAD stays HEAD, and the caller's conditionals and Range go too.
+    let alone = crate::engine::fill_is_pass() && prev.is_none();
+    let sent = if alone {
+        own_fill_headers(&parts.headers)
+    } else {
+        headers.clone()
+    };
+    *policy_req.headers_mut() = headers;
 
     // HEAD becomes GET, so the entry serves both; but on a URL that is not cacheable nobody
     // else gets this response, and a GET would fetch a body only to drop it.
@@ -533,7 +550,7 @@ where
     *req.method_mut() = if head_pass { Method::HEAD } else { Method::GET };
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
-    *req.headers_mut() = headers;
+    *req.headers_mut() = sent;
     // The leader's extensions (connection info...) travel with the fill, like its headers.
     *req.extensions_mut() = parts.extensions.clone();
     // Revalidate a stale entry with its validators.
