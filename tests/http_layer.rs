@@ -691,6 +691,45 @@ async fn an_unsafe_method_invalidates_the_url() {
     assert!(g.cs().contains("stored"), "{}", g.cs());
 }
 
+/// An HTTP/2 request brings its `https` scheme and authority (`https://a.test/p`), an HTTP/1.1
+/// one a path and a Host, keyed as http: one page, two entries. An unsafe request through
+/// either clears both. Before, a POST over HTTP/1.1 left the copy HTTP/2 clients were served,
+/// and the reverse, until it expired.
+#[tokio::test(start_paused = true)]
+async fn an_unsafe_request_clears_the_url_under_either_scheme() {
+    let origin = Origin::new(ms(1), |_, n| ok("max-age=60", format!("run {n}")));
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let h1 = |method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "a.test")
+            .body(Full::default())
+            .unwrap()
+    };
+    let h2 = |method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("https://a.test{path}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    // Stored over HTTP/2, cleared over HTTP/1.1.
+    assert_eq!(&send(&svc, h2(Method::GET, "/p")).await.body[..], b"run 1");
+    assert!(send(&svc, h2(Method::GET, "/p"))
+        .await
+        .cs()
+        .contains("; hit"));
+    send(&svc, h1(Method::POST, "/p")).await;
+    let g = send(&svc, h2(Method::GET, "/p")).await;
+    assert_eq!(&g.body[..], b"run 3", "{}", g.cs());
+    // Stored over HTTP/1.1, cleared over HTTP/2.
+    assert_eq!(&send(&svc, h1(Method::GET, "/q")).await.body[..], b"run 4");
+    send(&svc, h2(Method::POST, "/q")).await;
+    let g = send(&svc, h1(Method::GET, "/q")).await;
+    assert_eq!(&g.body[..], b"run 6", "{}", g.cs());
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_ttl_from_anyone_nothing_is_cached() {
     let origin = Origin::new(ms(1), |_, n| ok("", format!("run {n}")));

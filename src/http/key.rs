@@ -11,7 +11,14 @@ use crate::key::Digest;
 /// `host` is the request's `Host`, used when the URI has no authority (origin form), byte for
 /// byte: a `Host` that is not text is a host of its own, not the empty one.
 pub(crate) fn url_slot(uri: &Uri, host: Option<&HeaderValue>) -> Digest {
-    let scheme = uri.scheme_str().unwrap_or("http");
+    url_slot_as(uri.scheme_str().unwrap_or("http"), uri, host)
+}
+
+/// [`url_slot`] as if `uri`'s scheme were `scheme`. An invalidation clears the URL under both
+/// http and https: an origin-form request (HTTP/1.1) is keyed as http, whatever TLS ended in
+/// front of the server, while HTTP/2 brings its `https` scheme, so one page may be stored under
+/// either.
+pub(crate) fn url_slot_as(scheme: &str, uri: &Uri, host: Option<&HeaderValue>) -> Digest {
     let authority = uri
         .authority()
         .map(|a| a.as_str().as_bytes())

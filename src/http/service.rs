@@ -15,7 +15,8 @@ use super::body::{buffer, Buffered, ResponseBody};
 use super::cache_status::{self, CACHE_STATUS};
 use super::freshness::{decide, Decision, DELTA_SECONDS_MAX};
 use super::key::{
-    authority_key, decode_unreserved, remove_dot_segments, url_slot, user_slot, variant_of,
+    authority_key, decode_unreserved, remove_dot_segments, url_slot, url_slot_as, user_slot,
+    variant_of,
 };
 use super::layer::{CookiePolicy, Options, Shared};
 use super::stored::{header_int, is_hop_by_hop, StoredResponse, MAX_HEADERS};
@@ -340,16 +341,21 @@ where
             // RFC 9111 section 4.4: the target URI, and the URIs in `Location` and
             // `Content-Location` when they are of the target's origin (a redirect after a POST
             // then reads the new state, not the stored one).
-            let mut slots: Vec<Digest> = slot_of(opts, &head).into_iter().collect();
+            let mut slots: Vec<Digest> = Vec::new();
+            let mut add = |head: &Parts| {
+                for slot in slots_of(opts, head) {
+                    if !slots.contains(&slot) {
+                        slots.push(slot);
+                    }
+                }
+            };
+            add(&head);
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 let named = res.headers().get(name).and_then(|v| same_origin(&head, v));
                 for uri in named.into_iter().flatten() {
                     let mut other = head.clone();
                     other.uri = uri;
-                    match slot_of(opts, &other) {
-                        Some(slot) if !slots.contains(&slot) => slots.push(slot),
-                        _ => {}
-                    }
+                    add(&other);
                 }
             }
             for slot in slots {
@@ -376,6 +382,20 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
     match &opts.key_fn {
         Some(f) => f(head).map(|k| user_slot(&k)),
         None => Some(url_slot(&head.uri, head.headers.get(header::HOST))),
+    }
+}
+
+/// The slots a request's URL may be stored at, to invalidate: the key function's, or the URL's
+/// under http and under https (see [`url_slot_as`]); none when the key function bypasses it.
+fn slots_of(opts: &Options, head: &Parts) -> Vec<Digest> {
+    match &opts.key_fn {
+        Some(f) => f(head).map(|k| user_slot(&k)).into_iter().collect(),
+        None => {
+            let host = head.headers.get(header::HOST);
+            ["http", "https"]
+                .map(|scheme| url_slot_as(scheme, &head.uri, host))
+                .to_vec()
+        }
     }
 }
 
