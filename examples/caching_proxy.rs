@@ -221,7 +221,9 @@ impl Service<Request<Body>> for Proxy {
             };
             // A request body is the client's to send: while it arrives, the upstream is not
             // late. So the bound is `timeout` from the body's last progress (from the start
-            // without one), and a body that stalls for that long is the client's fault (408).
+            // without one). A body that stalls for that long while the proxy waits on the
+            // client for more is the client's fault (408); one the upstream stopped reading
+            // (its socket full, no more asked for) is the upstream's (504).
             let progress = (!hyper::body::Body::is_end_stream(req.body())).then(|| {
                 let p = Arc::new(Progress::default());
                 let body = std::mem::take(req.body_mut());
@@ -243,7 +245,7 @@ impl Service<Request<Body>> for Proxy {
                 let Some(p) = &progress else { break Err(false) };
                 let until = p.last() + timeout;
                 if until <= tokio::time::Instant::now() {
-                    break Err(!p.done.load(Ordering::Relaxed));
+                    break Err(!p.done.load(Ordering::Relaxed) && p.waiting.load(Ordering::Relaxed));
                 }
                 deadline = until;
             };
@@ -310,11 +312,15 @@ impl Service<Request<Body>> for Proxy {
     }
 }
 
-/// When a request body last made progress, and whether it has ended.
+/// When a request body last made progress, whether it has ended, and whether the proxy is
+/// waiting on the client for more of it.
 struct Progress {
     /// `tokio::time::Instant` of the last frame (or of the start).
     last: std::sync::Mutex<tokio::time::Instant>,
     done: AtomicBool,
+    /// The body was last asked for more and had none: the client is late. Clear when the
+    /// upstream has stopped asking (it does not read), which is not the client's fault.
+    waiting: AtomicBool,
 }
 
 impl Default for Progress {
@@ -322,6 +328,7 @@ impl Default for Progress {
         Progress {
             last: std::sync::Mutex::new(tokio::time::Instant::now()),
             done: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
         }
     }
 }
@@ -350,6 +357,9 @@ impl hyper::body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        self.progress
+            .waiting
+            .store(polled.is_pending(), Ordering::Relaxed);
         match &polled {
             Poll::Ready(Some(Ok(_))) => {
                 self.progress.advance();

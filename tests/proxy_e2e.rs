@@ -1839,6 +1839,53 @@ async fn a_slow_upload_is_not_an_upstream_timeout_and_a_stalled_one_is_a_408() {
     );
 }
 
+/// An upstream that takes a request's head and stops reading its body stalls the upload, but
+/// that is the upstream's fault (504), not the client's (408): the client still has body to
+/// send, and the proxy stopped asking for it. Before, the stall was blamed on the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_the_body_is_a_504_not_a_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = common::raw_server(|mut s| async move {
+        if read_head(&mut s).await.is_some() {
+            // Holds the connection, reads nothing more.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    })
+    .await;
+    let proxy = Proxy::start(addr, &["--fill-timeout", "1s"]);
+    let len: usize = 256 << 20;
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // The client sends as fast as it can take it, far more than the sockets in between hold.
+    let sender = tokio::spawn(async move {
+        let head = format!("POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: {len}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..len >> 20 {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rd.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "no answer: {other:?}, got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    let answer = String::from_utf8_lossy(&got).to_string();
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    sender.abort();
+}
+
 /// A store that cannot be reached at start is said so at once (the proxy starts anyway and fails
 /// open), for Memcached as for Redis; a reachable one is not complained about.
 #[cfg(feature = "memcached")]
