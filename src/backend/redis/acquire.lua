@@ -16,7 +16,7 @@ if stored ~= ARGV[3] then
 end
 local fence = next_fence(KEYS[2], stored)
 if not fence then
-  return redis.error_reply('stampede: the stored fence is beyond exact arithmetic')
+  return redis.error_reply('stampede: no fence below 2^53 is left to grant')
 end
 redis.call('SET', KEYS[2], digits(fence, 1), 'PX', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

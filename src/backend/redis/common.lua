@@ -72,11 +72,24 @@ local function counter(key)
   return n
 end
 
--- The next grant above the counter at `counter_key`, the stored fence `stored` (20 digits) and
--- the server's clock, or an error reply when a stored fence is beyond exact arithmetic (only
--- forged bytes can put one there); nothing is written before it is known.
+-- A stored fence at or above 2^53 (20 digits): never granted (grants stop below it), so only
+-- forged or damaged bytes hold one. It counts as no fence: grants go on from the counter and the
+-- clock, a write may replace it, and an invalidation does; else the key would refuse every
+-- grant for as long as the bytes live (for ever, without a TTL).
+local EXACT20 = '00009007199254740992'
+local function forged(fence20)
+  return fence20 ~= nil and fence20 >= EXACT20
+end
+
+-- The next grant above the counter at `counter_key`, the stored fence `stored` (20 digits; a
+-- forged one counts as none) and the server's clock, or nil when that would leave exact
+-- arithmetic (not before the year 2255); nothing is written before it is known.
 local function next_fence(counter_key, stored)
-  local above = math.max(counter(counter_key), tonumber(stored), now_us())
+  local s = 0
+  if not forged(stored) then
+    s = tonumber(stored)
+  end
+  local above = math.max(counter(counter_key), s, now_us())
   -- At 2^53 itself `+ 1` rounds back down, so the test is on the operand; and a grant of 2^53
   -- would be refused as a counter and a stored fence afterwards, so the last grant is below.
   if above >= EXACT - 1 then

@@ -4,7 +4,7 @@
 local stored = header(get(KEYS[1])) or ZERO20
 local fence = next_fence(KEYS[2], stored)
 if not fence then
-  return redis.error_reply('stampede: the stored fence is beyond exact arithmetic')
+  return redis.error_reply('stampede: no fence below 2^53 is left to grant')
 end
 local f20 = digits(fence, 20)
 redis.call('SET', KEYS[2], digits(fence, 1), 'PX', ARGV[2])

@@ -38,7 +38,9 @@
 //! that had not seen them, eviction) the server's clock (`TIME`) does: a holder that started
 //! before the loss cannot overwrite what a later holder stored, unless the server's clock
 //! stepped back by more than the time between the two grants. A counter that holds anything but
-//! a plain number counts as absent.
+//! a plain number counts as absent, and so does a stored fence at or above 2^53, which no grant
+//! reaches (only forged or damaged bytes hold one): a grant goes on from the counter and the
+//! clock, and a write or an invalidation replaces it.
 //!
 //! **Invalidation** writes a tombstone whose epoch is its fence; variants of a `Vary`ing entry are
 //! separate keys that a script cannot enumerate Cluster-safely, so they are not deleted: the

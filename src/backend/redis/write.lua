@@ -4,7 +4,7 @@
 -- Returns 1 stored, 0 fenced. Releases the lease if still ours (when asked) and publishes the
 -- signal either way, as the contract says.
 local sf, st = header(get(KEYS[1]))
-local ok = (sf == nil) or (sf < ARGV[1]) or (sf == ARGV[1] and st == ARGV[2])
+local ok = (sf == nil) or forged(sf) or (sf < ARGV[1]) or (sf == ARGV[1] and st == ARGV[2])
 if ok then
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   if KEYS[4] then
