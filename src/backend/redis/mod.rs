@@ -666,7 +666,21 @@ impl Inner {
                 return Ok((i, live));
             }
         }
-        let live = self.reconnect(start, false).await?;
+        // On a task of its own: a caller gives up at the engine's per-call timeout, and a
+        // connection whose setup (dial, TLS, AUTH, the scripts) takes longer than that would
+        // otherwise be dropped half-made by every caller in turn, and never be made. The task
+        // finishes it (bounded by this backend's own connect and response timeouts) for the
+        // callers after.
+        let live = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let this = self.clone();
+                handle
+                    .spawn(async move { this.reconnect(start, false).await })
+                    .await
+                    .map_err(|e| BackendError::with_source("redis connect", e))??
+            }
+            Err(_) => self.reconnect(start, false).await?,
+        };
         Ok((start, live))
     }
 
