@@ -951,13 +951,7 @@ impl Stampede {
                     if matches!(looked.found, Found::Entry { .. }) {
                         return None;
                     }
-                    let acq = this
-                        .bcall(this.inner.backend.try_acquire(
-                            &k.slot,
-                            this.inner.cfg.lease,
-                            seen_fence,
-                        ))
-                        .await;
+                    let acq = this.acquire(k.slot, seen_fence).await;
                     let Ok(Acquire::Acquired { token, fence }) = acq else {
                         return None;
                     };
@@ -1148,14 +1142,7 @@ impl Stampede {
             if Instant::now() >= deadline {
                 return (Shared::TimedOut, None);
             }
-            let acq = match self
-                .bcall(
-                    self.inner
-                        .backend
-                        .try_acquire(&key.slot, cfg.lease, looked.seen_fence),
-                )
-                .await
-            {
+            let acq = match self.acquire(key.slot, looked.seen_fence).await {
                 Ok(a) => a,
                 Err(_) => {
                     let Some(f) = fill.take() else {
@@ -1622,13 +1609,7 @@ impl Stampede {
         tokio::spawn(
             async move {
                 metrics::counter!("stampede_refresh_total").increment(1);
-                let acq = this
-                    .bcall(this.inner.backend.try_acquire(
-                        &key.slot,
-                        this.inner.cfg.lease,
-                        looked.seen_fence,
-                    ))
-                    .await;
+                let acq = this.acquire(key.slot, looked.seen_fence).await;
                 let shared = match acq {
                     Ok(Acquire::Acquired { token, fence }) => {
                         this.run_fill(&key, &looked, fill, token, fence).await.0
@@ -1790,6 +1771,35 @@ impl Stampede {
     }
 
     /// One backend call: the breaker, the per-call timeout, the error count.
+    /// `try_acquire` of one lease under the per-call timeout. A grant its caller gave up on
+    /// (the store answered after the timeout) would be a lease nobody holds, its token known
+    /// to no one: every instance would wait it out, then fill again. So the call runs on a task
+    /// of its own (bounded by one lease: a grant later than that is moot), which gives such a
+    /// grant back at once.
+    async fn acquire(&self, slot: Digest, seen_fence: u64) -> BackendResult<Acquire> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let backend = self.inner.backend.clone();
+        let lease = self.inner.cfg.lease;
+        tokio::spawn(async move {
+            let got = tokio::time::timeout(lease, backend.try_acquire(&slot, lease, seen_fence))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::new("try_acquire: no answer within a lease"))
+                });
+            if let Err(Ok(Acquire::Acquired { token, .. })) = tx.send(got) {
+                metrics::counter!("stampede_lease_given_back_total").increment(1);
+                let _ =
+                    tokio::time::timeout(lease, backend.release(&slot, token, Signal::Released))
+                        .await;
+            }
+        });
+        self.bcall(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(BackendError::new("try_acquire: its task ended")))
+        }))
+        .await
+    }
+
     async fn bcall<T>(&self, mut fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
         let breaker = &self.inner.breaker;
         let Some(_permit) = breaker.allow() else {

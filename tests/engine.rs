@@ -143,6 +143,8 @@ struct Gate {
     fail_acquire: AtomicBool,
     /// While set, every `write` fails as a store that answered (this key's data in the way).
     write_answered: AtomicBool,
+    /// Every `try_acquire` answers this much later than the store decided (a slow network).
+    late_acquire: Option<Duration>,
 }
 
 impl Backend for Gate {
@@ -188,7 +190,11 @@ impl Backend for Gate {
             if let Some(h) = hook {
                 h.await;
             }
-            self.inner.try_acquire(s, ttl, seen).await
+            let got = self.inner.try_acquire(s, ttl, seen).await;
+            if let Some(late) = self.late_acquire {
+                tokio::time::sleep(late).await;
+            }
+            got
         })
     }
     fn extend<'a>(
@@ -230,6 +236,41 @@ impl Backend for Gate {
         s: &'a Digest,
     ) -> BoxFuture<'a, BackendResult<Option<Subscription>>> {
         self.inner.subscribe(s)
+    }
+}
+
+/// A lease the store granted after its caller gave up on the call (the answer came after the
+/// per-call timeout) is given back, so the next caller anywhere gets it. Before, nobody held
+/// its token: every instance waited the whole lease out, and then the origin was called again.
+#[tokio::test(start_paused = true)]
+async fn a_lease_granted_after_its_caller_gave_up_is_given_back() {
+    let mem = MemoryBackend::default();
+    let gate = Arc::new(Gate {
+        inner: mem.clone(),
+        late_acquire: Some(ms(400)),
+        ..Gate::default()
+    });
+    let cfg = Config::default()
+        .backend_timeout(ms(250))
+        .lease(secs(30))
+        .wait_timeout(secs(40));
+    let e = Stampede::from_arc(gate, cfg).unwrap();
+    let calls = Counter::default();
+    // The grant comes too late: this caller fills without the lease.
+    let s = e
+        .get_or_fill("late", filler(&calls, ms(1), "v", minute()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Bypass);
+    tokio::time::sleep(secs(1)).await;
+    // The lease is free again, not held for 30 s by nobody.
+    match mem
+        .try_acquire(&Digest::of_key("late"), secs(5), 0)
+        .await
+        .unwrap()
+    {
+        Acquire::Acquired { .. } => {}
+        other => panic!("the late grant was kept: {other:?}"),
     }
 }
 
