@@ -513,6 +513,13 @@ fn add_forwarding(h: &mut HeaderMap, peer: SocketAddr, received: http::Version) 
     } else {
         format!("for={ip};proto=http").into_bytes()
     };
+    // The Host the cache keyed this request on, in place of any the client sent: an origin that
+    // builds its links from X-Forwarded-Host (as many frameworks do) would otherwise store, under
+    // this Host, a page with links to whatever host one client named.
+    match h.get(header::HOST).cloned() {
+        Some(host) => h.insert("x-forwarded-host", host),
+        None => h.remove("x-forwarded-host"),
+    };
     // RFC 7239 section 4: the Host as a quoted-string (it may hold a colon). `host_ok` let in
     // no quote or backslash that would need escaping.
     if let Some(host) = h.get(header::HOST) {

@@ -1352,7 +1352,8 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
     let got = exchange(
         &proxy,
         b"GET /a HTTP/1.1\r\nHost: app.test:8080\r\nX-Forwarded-For: 10.0.0.1\r\n\
-          X-Forwarded-For: 10.0.0.2, \x80x\r\nConnection: close\r\n\r\n",
+          X-Forwarded-For: 10.0.0.2, \x80x\r\nX-Forwarded-Host: evil.test\r\n\
+          Connection: close\r\n\r\n",
     )
     .await;
     assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
@@ -1369,6 +1370,9 @@ async fn forwarding_headers_keep_the_whole_chain_and_quote_the_host() {
             [r#"for=127.0.0.1;proto=http;host="app.test:8080""#],
             "RFC 7239: the host a quoted-string (it may hold a colon)"
         );
+        // The Host the cache keyed it on, not the one the client named: an origin building
+        // links from it would have stored them under app.test for everyone.
+        assert_eq!(values(&seen[0], "x-forwarded-host"), ["app.test:8080"]);
     }
     // On a dual-stack listener an IPv4 client is an IPv4-mapped IPv6 address to the socket
     // (`::ffff:127.0.0.1`); the upstream is told the IPv4 address it is.
