@@ -437,16 +437,36 @@ fn box_err(e: hyper::Error) -> BoxError {
 
 /// RFC 9110 section 7.6.1: the headers named in `Connection` (this hop's alone).
 fn strip_connection_named(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_options(h)
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
+        // What says where a message goes and how it is framed is this proxy's to handle, not a
+        // client's to have dropped: without Host the upstream would get its default host's
+        // page under the Host the cache keyed on, and without Transfer-Encoding a body in
+        // another coding would pass the check that refuses it (RFC 9110 section 7.6.1: a
+        // sender must not name a field meant for every recipient).
+        .filter(|n| {
+            *n != header::HOST && *n != header::CONTENT_LENGTH && *n != header::TRANSFER_ENCODING
+        })
         .collect();
     for n in named {
         h.remove(n);
     }
+}
+
+/// The options of every `Connection` line, trimmed, empty ones skipped.
+fn connection_options(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|n| !n.is_empty())
+}
+
+/// Whether `Connection` names a header (an option other than `close` and `keep-alive`, which
+/// name none and are what most clients send).
+fn names_headers(h: &HeaderMap) -> bool {
+    connection_options(h)
+        .any(|n| !n.eq_ignore_ascii_case(b"close") && !n.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// RFC 9110 section 7.6.1: the fixed hop-by-hop headers and those named in `Connection`.
@@ -828,9 +848,9 @@ fn serve(mut svc: StampedeService<Proxy>, req: Request<Incoming>, conn: &Arc<Act
     let (mut parts, body) = req.into_parts();
     // RFC 9110 section 7.6.1: what `Connection` names is not forwarded, so it goes before the
     // layer keys and varies the request: else a client could have the upstream's answer to a
-    // request without its `Accept-Language` stored as that language's variant, or, naming
-    // `Host`, the upstream's default host's page stored under its Host. (One lookup on a hit.)
-    if parts.headers.contains_key(header::CONNECTION) {
+    // request without its `Accept-Language` stored as that language's variant. One lookup on a
+    // hit without `Connection`, no allocation with `close` or `keep-alive`.
+    if names_headers(&parts.headers) {
         strip_connection_named(&mut parts.headers);
     }
     // RFC 9112 section 3.2.2: an absolute-form target names the host; Host is replaced by it,
