@@ -588,12 +588,15 @@ impl Stampede {
         let ttl = cfg
             .tombstone_ttl
             .max(cfg.fill_timeout.saturating_add(cfg.backend_timeout * 2));
+        // A fill that started before this serves what it got to those that joined it, but no
+        // caller from now on joins it: they start afresh and meet the tombstone. Before the
+        // store call too, so a caller that gives this call up halfway (a client gone during
+        // its POST) has detached them even if the tombstone landed.
+        self.inner.flights.detach_where(|(s, _)| s == slot);
         let done = self
             .bcall(self.inner.backend.invalidate(slot, ttl))
             .await
             .map(|_| ());
-        // A fill that started before this serves what it got to those that joined it, but no
-        // caller from now on joins it: they start afresh and meet the tombstone.
         self.inner.flights.detach_where(|(s, _)| s == slot);
         done
     }
@@ -1142,6 +1145,7 @@ impl Stampede {
             if Instant::now() >= deadline {
                 return (Shared::TimedOut, None);
             }
+            let asked = Instant::now();
             let acq = match self.acquire(key.slot, looked.seen_fence).await {
                 Ok(a) => a,
                 Err(_) => {
@@ -1186,7 +1190,7 @@ impl Stampede {
                             .await;
                         return (Shared::Recompete, None);
                     };
-                    return self.run_fill(&key, &looked, f, token, fence).await;
+                    return self.run_fill(&key, &looked, f, token, fence, asked).await;
                 }
                 Acquire::Held { remaining } => {
                     metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
@@ -1303,6 +1307,7 @@ impl Stampede {
         fill: F,
         token: Token,
         fence: u64,
+        asked: Instant,
     ) -> (Shared, Option<Own>)
     where
         F: FnOnce(Option<Prev>) -> Fut + Send + 'static,
@@ -1311,10 +1316,10 @@ impl Stampede {
     {
         let cfg = &self.inner.cfg;
         let started = Instant::now();
-        // Until when the lease is surely still ours: one lease from the grant (about now),
-        // moved on by each extension the store confirmed, and `None` once one was refused
-        // (the lease expired, and another holder may have it now).
-        let held_until = Arc::new(Mutex::new(Some(started + cfg.lease)));
+        // Until when the lease is surely still ours: one lease from when it was asked for
+        // (`asked`, before the grant), moved on by each extension the store confirmed, and
+        // `None` once one was refused (the lease expired, and another holder may have it now).
+        let held_until = Arc::new(Mutex::new(Some(asked + cfg.lease)));
         let extender = cfg.extend_lease.then(|| {
             let this = self.clone();
             let slot = key.slot;
@@ -1511,7 +1516,8 @@ impl Stampede {
             kind: Kind::Pass,
             fence,
             token,
-            epoch: looked.epoch,
+            // Never above our fence (see `build_write`).
+            epoch: looked.epoch.min(fence),
         });
         let w = FencedWrite {
             slot: key.slot,
@@ -1554,8 +1560,11 @@ impl Stampede {
         // Variants hang from a vary head; only one we found carries its epoch forward. Over
         // anything else (nothing, a tombstone, a plain entry) start a new epoch at our fence, so
         // variants written before an invalidation whose tombstone has since expired stay void.
+        // Never above our fence: an epoch is the fence of an invalidation before this grant,
+        // and a head whose epoch is above (forged or damaged bytes) would void every variant
+        // written under it, ours first, so that every request filled again.
         let epoch = if looked.selector.is_some() {
-            looked.epoch
+            looked.epoch.min(fence)
         } else {
             fence
         };
@@ -1609,10 +1618,13 @@ impl Stampede {
         tokio::spawn(
             async move {
                 metrics::counter!("stampede_refresh_total").increment(1);
+                let asked = Instant::now();
                 let acq = this.acquire(key.slot, looked.seen_fence).await;
                 let shared = match acq {
                     Ok(Acquire::Acquired { token, fence }) => {
-                        this.run_fill(&key, &looked, fill, token, fence).await.0
+                        this.run_fill(&key, &looked, fill, token, fence, asked)
+                            .await
+                            .0
                     }
                     _ => Shared::GaveUp,
                 };

@@ -145,6 +145,8 @@ struct Gate {
     write_answered: AtomicBool,
     /// Every `try_acquire` answers this much later than the store decided (a slow network).
     late_acquire: Option<Duration>,
+    /// Every `invalidate` answers this much later than the store wrote the tombstone.
+    late_invalidate: Option<Duration>,
 }
 
 impl Backend for Gate {
@@ -226,7 +228,13 @@ impl Backend for Gate {
         self.inner.write(w)
     }
     fn invalidate<'a>(&'a self, s: &'a Digest, ttl: Duration) -> BoxFuture<'a, BackendResult<u64>> {
-        self.inner.invalidate(s, ttl)
+        Box::pin(async move {
+            let done = self.inner.invalidate(s, ttl).await;
+            if let Some(late) = self.late_invalidate {
+                tokio::time::sleep(late).await;
+            }
+            done
+        })
     }
     fn signal<'a>(&'a self, s: &'a Digest, sig: Signal) -> BoxFuture<'a, BackendResult<()>> {
         self.inner.signal(s, sig)
@@ -330,6 +338,58 @@ async fn a_varying_hit_is_one_fetch_once_its_selector_is_known() {
         1,
         "a plain hit with the memo in use"
     );
+}
+
+/// A vary head whose epoch is above any grant (forged or damaged bytes) is not carried forward:
+/// the fill's own variant counts, and the next request hits it. Before, the rewritten head kept
+/// the epoch, every variant under it was void, and every request filled again.
+#[tokio::test(start_paused = true)]
+async fn a_vary_head_with_an_epoch_above_every_grant_is_not_carried_forward() {
+    let mem = MemoryBackend::default();
+    let slot = Digest::of_key("forged-epoch");
+    let Acquire::Acquired { token, fence } = mem.try_acquire(&slot, secs(5), 0).await.unwrap()
+    else {
+        panic!("a fresh key's lease is free")
+    };
+    let head = Record::encode_vary_head(
+        Header {
+            kind: Kind::VaryHead,
+            fence,
+            token,
+            epoch: u64::MAX - 1,
+        },
+        b"accept-encoding",
+    );
+    let w = FencedWrite {
+        slot,
+        token,
+        fence,
+        entry: head,
+        entry_ttl: secs(60),
+        variant: None,
+        variant_ttl: Duration::ZERO,
+        release: true,
+        signal: Signal::Released,
+    };
+    assert_eq!(mem.write(w).await.unwrap(), WriteOutcome::Stored);
+    let e = engine(&mem, Config::default());
+    let select: Selector = Arc::new(|sel: &[u8]| Some(Digest::of_key([sel, b"=gzip"].concat())));
+    let calls = Counter::default();
+    let varying = || {
+        let calls = calls.clone();
+        let key = CacheKey::new("forged-epoch").with_selector(select.clone());
+        e.get_or_fill_with(key, move |_| async move {
+            calls.inc();
+            Ok::<_, std::io::Error>(Fill::Store {
+                value: Bytes::from_static(b"v"),
+                ttl: minute(),
+                selector: Some(Bytes::from_static(b"accept-encoding")),
+            })
+        })
+    };
+    assert_eq!(varying().await.unwrap().status, Status::Stored);
+    assert_eq!(varying().await.unwrap().status, Status::Hit);
+    assert_eq!(calls.get(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -679,6 +739,34 @@ async fn a_caller_after_an_invalidation_does_not_join_a_fill_from_before_it() {
         .await
         .unwrap();
     assert_eq!((&s.value[..], s.status), (&b"new"[..], Status::Hit));
+}
+
+/// The same when the invalidation's caller gives the call up after the tombstone landed (a
+/// client gone during its POST): the fill from before is detached all the same.
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_given_up_halfway_still_detaches_the_fill_from_before_it() {
+    let mem = MemoryBackend::default();
+    let gate = Arc::new(Gate {
+        inner: mem.clone(),
+        late_invalidate: Some(secs(1)),
+        ..Gate::default()
+    });
+    let e = Stampede::from_arc(gate, Config::default().wait_timeout(secs(30))).unwrap();
+    let calls = Counter::default();
+    let old = tokio::spawn({
+        let e = e.clone();
+        let f = filler(&calls, secs(2), "old", minute());
+        async move { e.get_or_fill("inv", f).await }
+    });
+    tokio::time::sleep(secs(1)).await;
+    let gave_up = tokio::time::timeout(ms(100), e.invalidate("inv")).await;
+    assert!(gave_up.is_err(), "the call was given up before it answered");
+    let after = e
+        .get_or_fill("inv", filler(&calls, ms(10), "new", minute()))
+        .await
+        .unwrap();
+    assert_eq!(&after.value[..], b"new", "{:?}", after.status);
+    assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
 }
 
 #[tokio::test(start_paused = true)]

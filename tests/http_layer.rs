@@ -728,6 +728,18 @@ async fn an_unsafe_request_clears_the_url_under_either_scheme() {
     send(&svc, h2(Method::POST, "/q")).await;
     let g = send(&svc, h1(Method::GET, "/q")).await;
     assert_eq!(&g.body[..], b"run 6", "{}", g.cs());
+    // An absolute target of another scheme is keyed, and cleared, under its own.
+    let other = |method: Method| {
+        Request::builder()
+            .method(method)
+            .uri("ftp://a.test/r")
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(&send(&svc, other(Method::GET)).await.body[..], b"run 7");
+    assert!(send(&svc, other(Method::GET)).await.cs().contains("; hit"));
+    send(&svc, other(Method::POST)).await;
+    assert_eq!(&send(&svc, other(Method::GET)).await.body[..], b"run 9");
 }
 
 #[tokio::test(start_paused = true)]
@@ -1020,6 +1032,33 @@ async fn a_response_with_too_many_headers_is_passed_whole() {
     assert_eq!(g.status, StatusCode::OK);
     assert_eq!(g.body, "run 3");
     assert_eq!(g.headers.keys_len(), 24_576);
+
+    // A request as full (an in-process caller's) revalidating a stale entry with an ETag: its
+    // fill gets no room for If-None-Match, and goes without it instead of panicking.
+    let origin = Origin::new(ms(1), |_, n| {
+        let mut r = ok("max-age=1", format!("run {n}"));
+        r.headers_mut()
+            .insert(header::ETAG, "\"e\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    assert_eq!(send(&svc, get("http://a.test/full")).await.body, "run 1");
+    tokio::time::sleep(ms(1500)).await;
+    let mut req = get("http://a.test/full");
+    let mut i = 0u32;
+    while let Ok(h) = http::HeaderName::try_from(format!("x-{i}")) {
+        if req.headers_mut().try_append(h, i.into()).is_err() {
+            break;
+        }
+        i += 1;
+    }
+    let g = send(&svc, req).await;
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (StatusCode::OK, &b"run 2"[..]),
+        "{}",
+        g.cs()
+    );
 }
 
 #[tokio::test(start_paused = true)]

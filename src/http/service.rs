@@ -392,9 +392,15 @@ fn slots_of(opts: &Options, head: &Parts) -> Vec<Digest> {
         Some(f) => f(head).map(|k| user_slot(&k)).into_iter().collect(),
         None => {
             let host = head.headers.get(header::HOST);
-            ["http", "https"]
-                .map(|scheme| url_slot_as(scheme, &head.uri, host))
-                .to_vec()
+            // Its own (another scheme's, for an absolute target with one), then both of these.
+            let mut slots = vec![url_slot(&head.uri, host)];
+            for scheme in ["http", "https"] {
+                let slot = url_slot_as(scheme, &head.uri, host);
+                if !slots.contains(&slot) {
+                    slots.push(slot);
+                }
+            }
+            slots
         }
     }
 }
@@ -577,12 +583,16 @@ where
     let prev_stored = prev.as_ref().and_then(|p| StoredResponse::decode(&p.value));
     if let Some(ps) = &prev_stored {
         if let Some(etag) = ps.headers.get(header::ETAG) {
-            req.headers_mut()
-                .insert(header::IF_NONE_MATCH, etag.clone());
+            // `try_`: a caller's map may already hold all the names a `HeaderMap` can (an
+            // in-process caller; a server refuses that many): then no validator, no panic.
+            let _ = req
+                .headers_mut()
+                .try_insert(header::IF_NONE_MATCH, etag.clone());
         }
         if let Some(lm) = ps.headers.get(header::LAST_MODIFIED) {
-            req.headers_mut()
-                .insert(header::IF_MODIFIED_SINCE, lm.clone());
+            let _ = req
+                .headers_mut()
+                .try_insert(header::IF_MODIFIED_SINCE, lm.clone());
         }
     }
 
