@@ -1014,9 +1014,6 @@ async fn a_url_with_user_password_and_db_is_honoured() {
     eprintln!("{err}");
 }
 
-/// The near cache (`RedisBackendBuilder::near_cache`): hits that cost no round trip, and
-/// coherence: another instance's write, a `FLUSHALL`, and the loss of the tracking connection
-/// each make the next read go back to Redis.
 /// A TCP relay to `to` that holds every chunk `delay` before passing it on, both ways: a
 /// Redis far away (each round trip at least `2 x delay`).
 async fn slow_relay(to: String, delay: Duration) -> u16 {
@@ -1093,6 +1090,9 @@ async fn a_connection_slower_to_set_up_than_a_calls_timeout_is_still_made() {
     assert_eq!(seen.last(), Some(&Status::Hit), "{seen:?}");
 }
 
+/// The near cache (`RedisBackendBuilder::near_cache`): hits that cost no round trip, and
+/// coherence: another instance's write, a `FLUSHALL`, and the loss of the tracking connection
+/// each make the next read go back to Redis.
 mod near_cache {
     use super::*;
 

@@ -670,16 +670,19 @@ impl Inner {
         // connection whose setup (dial, TLS, AUTH, the scripts) takes longer than that would
         // otherwise be dropped half-made by every caller in turn, and never be made. The task
         // finishes it (bounded by this backend's own connect and response timeouts) for the
-        // callers after.
+        // callers after. Only one at a time: while one runs, a caller waits for it (within its
+        // own timeout) instead of queueing a task of its own, so an outage under load does not
+        // pile up tasks that outlive their callers.
+        let idle = self.held[start].connecting.try_lock().is_ok();
         let live = match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
+            Ok(handle) if idle => {
                 let this = self.clone();
                 handle
                     .spawn(async move { this.reconnect(start, false).await })
                     .await
                     .map_err(|e| BackendError::with_source("redis connect", e))??
             }
-            Err(_) => self.reconnect(start, false).await?,
+            _ => self.reconnect(start, false).await?,
         };
         Ok((start, live))
     }
