@@ -1782,36 +1782,53 @@ impl Stampede {
         self.memo_shard(slot).remove(slot);
     }
 
-    /// One backend call: the breaker, the per-call timeout, the error count.
     /// `try_acquire` of one lease under the per-call timeout. A grant its caller gave up on
     /// (the store answered after the timeout) would be a lease nobody holds, its token known
-    /// to no one: every instance would wait it out, then fill again. So the call runs on a task
-    /// of its own (bounded by one lease: a grant later than that is moot), which gives such a
-    /// grant back at once.
+    /// to no one: every instance would wait it out, then fill again. So a call that does not
+    /// answer on its first poll (an in-process store does, and pays nothing more) goes on on a
+    /// task of its own, bounded by one lease (a grant later than that is moot), and a grant
+    /// its caller no longer takes is given back at once. Nothing runs while the breaker is
+    /// open: the call is made inside `bcall`.
     async fn acquire(&self, slot: Digest, seen_fence: u64) -> BackendResult<Acquire> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let backend = self.inner.backend.clone();
         let lease = self.inner.cfg.lease;
-        tokio::spawn(async move {
-            let got = tokio::time::timeout(lease, backend.try_acquire(&slot, lease, seen_fence))
-                .await
-                .unwrap_or_else(|_| {
+        self.bcall(Box::pin(async move {
+            let mut call: BoxFuture<'static, BackendResult<Acquire>> = {
+                let backend = backend.clone();
+                Box::pin(async move { backend.try_acquire(&slot, lease, seen_fence).await })
+            };
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match call.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => Some(v),
+                    std::task::Poll::Pending => None,
+                })
+            })
+            .await;
+            if let Some(v) = first {
+                return v;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let giver = backend.clone();
+            tokio::spawn(async move {
+                let got = tokio::time::timeout(lease, call).await.unwrap_or_else(|_| {
                     Err(BackendError::new("try_acquire: no answer within a lease"))
                 });
-            if let Err(Ok(Acquire::Acquired { token, .. })) = tx.send(got) {
-                metrics::counter!("stampede_lease_given_back_total").increment(1);
-                let _ =
-                    tokio::time::timeout(lease, backend.release(&slot, token, Signal::Released))
-                        .await;
-            }
-        });
-        self.bcall(Box::pin(async move {
-            rx.await
-                .unwrap_or_else(|_| Err(BackendError::new("try_acquire: its task ended")))
+                if let Err(Ok(Acquire::Acquired { token, .. })) = tx.send(got) {
+                    give_back(giver, slot, token, lease).await;
+                }
+            });
+            let mut pending = PendingGrant {
+                rx: Some(rx),
+                backend,
+                slot,
+                lease,
+            };
+            pending.take().await
         }))
         .await
     }
 
+    /// One backend call: the breaker, the per-call timeout, the error count.
     async fn bcall<T>(&self, mut fut: BoxFuture<'_, BackendResult<T>>) -> BackendResult<T> {
         let breaker = &self.inner.breaker;
         let Some(_permit) = breaker.allow() else {
@@ -1892,6 +1909,55 @@ fn stale_or(st: Option<(Bytes, Meta)>, err: Error) -> Result<Served, Error> {
         )),
         None => Err(err),
     }
+}
+
+/// A grant on its way from a `try_acquire` task (see `Stampede::acquire`). Dropped before it
+/// was taken (its caller gave up, even with the grant already in the channel), it closes the
+/// channel, so a grant sent later fails to arrive and its task gives it back, and it gives back
+/// one that had arrived.
+struct PendingGrant {
+    rx: Option<tokio::sync::oneshot::Receiver<BackendResult<Acquire>>>,
+    backend: Arc<dyn Backend>,
+    slot: Digest,
+    lease: Duration,
+}
+
+impl PendingGrant {
+    async fn take(&mut self) -> BackendResult<Acquire> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(BackendError::new("try_acquire: taken already"));
+        };
+        let got = rx
+            .await
+            .unwrap_or_else(|_| Err(BackendError::new("try_acquire: its task ended")));
+        self.rx = None;
+        got
+    }
+}
+
+impl Drop for PendingGrant {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        rx.close();
+        if let Ok(Ok(Acquire::Acquired { token, .. })) = rx.try_recv() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(give_back(
+                    self.backend.clone(),
+                    self.slot,
+                    token,
+                    self.lease,
+                ));
+            }
+        }
+    }
+}
+
+/// Releases a lease granted to a caller that gave up on it, so others need not wait it out.
+async fn give_back(backend: Arc<dyn Backend>, slot: Digest, token: Token, lease: Duration) {
+    metrics::counter!("stampede_lease_given_back_total").increment(1);
+    let _ = tokio::time::timeout(lease, backend.release(&slot, token, Signal::Released)).await;
 }
 
 enum FillRun {

@@ -769,6 +769,68 @@ async fn an_invalidation_given_up_halfway_still_detaches_the_fill_from_before_it
     assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
 }
 
+/// Through the HTTP layer: a POST the origin applied invalidates every slot of its URL even
+/// when its client goes away while the store is still answering the first invalidation. Before,
+/// the invalidations ran inside the request's future, and the rest were skipped: here the
+/// https copy of the page (keyed apart from the POST's http one) stayed a hit.
+#[tokio::test(start_paused = true)]
+async fn a_posts_invalidations_all_happen_when_its_client_goes_away() {
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+    use tower_layer::Layer;
+    let mem = MemoryBackend::default();
+    let gate = Arc::new(Gate {
+        inner: mem.clone(),
+        late_invalidate: Some(ms(200)),
+        ..Gate::default()
+    });
+    let runs = Counter::default();
+    let origin = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: http::Request<Full<Bytes>>| {
+            runs.inc();
+            let n = runs.get();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .header("cache-control", "max-age=60")
+                        .body(Full::new(Bytes::from(format!("run {n}"))))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let e = Stampede::from_arc(gate, Config::default()).unwrap();
+    let svc = tower_stampede::http::StampedeLayer::new(e).layer(origin);
+    let get = || {
+        let svc = svc.clone();
+        async move {
+            let req = http::Request::get("https://a.test/p")
+                .body(Full::default())
+                .unwrap();
+            let res = svc.oneshot(req).await.unwrap();
+            res.into_body().collect().await.unwrap().to_bytes()
+        }
+    };
+    assert_eq!(&get().await[..], b"run 1");
+    assert_eq!(&get().await[..], b"run 1", "a hit");
+    let post = http::Request::post("/p")
+        .header("host", "a.test")
+        .body(Full::default())
+        .unwrap();
+    let gone = tokio::time::timeout(ms(100), svc.clone().oneshot(post)).await;
+    assert!(
+        gone.is_err(),
+        "the client went away during the invalidations"
+    );
+    tokio::time::sleep(secs(5)).await;
+    assert_eq!(
+        &get().await[..],
+        b"run 3",
+        "the https copy was invalidated too"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     let mem = MemoryBackend::default();

@@ -1066,9 +1066,21 @@ async fn an_http10_client_is_answered_in_10_and_forwarded_in_11() {
     let proxy = Proxy::start(addr, &[]);
     let got = exchange(&proxy, "GET /v HTTP/1.0\r\nHost: app.test\r\n\r\n").await;
     assert!(got.starts_with("HTTP/1.0 200 OK"), "{got}");
+    {
+        let heads = heads.lock().unwrap();
+        assert!(heads[0].starts_with(b"GET /v HTTP/1.1\r\n"));
+        assert_eq!(values(&heads[0], "via"), ["1.0 tower-stampede"]);
+    }
+    // Without a Host (1.0 may leave it out) a client's X-Forwarded-Host is dropped, not passed.
+    let got = exchange(
+        &proxy,
+        "GET /w HTTP/1.0\r\nX-Forwarded-Host: evil.test\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.0 200 OK"), "{got}");
     let heads = heads.lock().unwrap();
-    assert!(heads[0].starts_with(b"GET /v HTTP/1.1\r\n"));
-    assert_eq!(values(&heads[0], "via"), ["1.0 tower-stampede"]);
+    assert_eq!(heads.len(), 2);
+    assert!(values(&heads[1], "x-forwarded-host").is_empty());
 }
 
 type Heads = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;

@@ -358,15 +358,22 @@ where
                     add(&other);
                 }
             }
-            for slot in slots {
-                // Best effort: a failed invalidation leaves the entry to expire, and the store
-                // is not asked again for this response (it is likely down), unless the store
-                // answered and only that key's data was in the way.
-                match shared.engine.invalidate_slot(&slot).await {
-                    Err(e) if !e.is_store_answered() => break,
-                    _ => {}
+            // On a task of its own, awaited: the origin has applied the request, so its
+            // invalidations must all happen even if its client goes away (dropping this future)
+            // halfway through them.
+            let engine = shared.engine.clone();
+            let _ = tokio::spawn(async move {
+                for slot in slots {
+                    // Best effort: a failed invalidation leaves the entry to expire, and the
+                    // store is not asked again for this response (it is likely down), unless
+                    // the store answered and only that key's data was in the way.
+                    match engine.invalidate_slot(&slot).await {
+                        Err(e) if !e.is_store_answered() => break,
+                        _ => {}
+                    }
                 }
-            }
+            })
+            .await;
         }
     }
     let (mut parts, body) = res.into_parts();

@@ -190,7 +190,7 @@ struct Live {
 struct Held {
     conn: Mutex<Option<Live>>,
     /// Serialises (re)connecting this slot; holds the time of the last failed attempt.
-    connecting: tokio::sync::Mutex<Option<Instant>>,
+    connecting: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
 
 struct Scripts {
@@ -523,7 +523,7 @@ impl RedisBackendBuilder {
                 held: (0..self.connections)
                     .map(|_| Held {
                         conn: Mutex::new(None),
-                        connecting: tokio::sync::Mutex::new(None),
+                        connecting: Arc::new(tokio::sync::Mutex::new(None)),
                     })
                     .collect(),
                 rr: AtomicUsize::new(0),
@@ -673,12 +673,12 @@ impl Inner {
         // callers after. Only one at a time: while one runs, a caller waits for it (within its
         // own timeout) instead of queueing a task of its own, so an outage under load does not
         // pile up tasks that outlive their callers.
-        let idle = self.held[start].connecting.try_lock().is_ok();
-        let live = match tokio::runtime::Handle::try_current() {
-            Ok(handle) if idle => {
+        let idle = self.held[start].connecting.clone().try_lock_owned();
+        let live = match (tokio::runtime::Handle::try_current(), idle) {
+            (Ok(handle), Ok(guard)) => {
                 let this = self.clone();
                 handle
-                    .spawn(async move { this.reconnect(start, false).await })
+                    .spawn(async move { this.reconnect_locked(start, false, guard).await })
                     .await
                     .map_err(|e| BackendError::with_source("redis connect", e))??
             }
@@ -689,8 +689,18 @@ impl Inner {
 
     /// Makes slot `i`'s connection if it has none. `force` ignores the failure backoff.
     async fn reconnect(&self, i: usize, force: bool) -> BackendResult<Live> {
+        let guard = self.held[i].connecting.clone().lock_owned().await;
+        self.reconnect_locked(i, force, guard).await
+    }
+
+    /// [`reconnect`](Self::reconnect) with slot `i`'s connecting lock held.
+    async fn reconnect_locked(
+        &self,
+        i: usize,
+        force: bool,
+        mut last_failure: tokio::sync::OwnedMutexGuard<Option<Instant>>,
+    ) -> BackendResult<Live> {
         let held = &self.held[i];
-        let mut last_failure = held.connecting.lock().await;
         if let Some(live) = lock(&held.conn).clone() {
             return Ok(live);
         }
