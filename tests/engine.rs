@@ -64,6 +64,21 @@ fn failing(calls: &Counter, delay: Duration) -> impl FnOnce() -> FillFut + Send 
     }
 }
 
+/// `e.get_or_fill(key, fill)` on a task of its own.
+fn spawn_fill<F, Fut, E>(
+    e: &Stampede,
+    key: &'static str,
+    fill: F,
+) -> tokio::task::JoinHandle<Result<tower_stampede::Served, Error>>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Fill, E>> + Send + 'static,
+    E: Into<tower_stampede::BoxError> + 'static,
+{
+    let e = e.clone();
+    tokio::spawn(async move { e.get_or_fill(key, fill).await })
+}
+
 fn minute() -> Ttl {
     Ttl::fresh(secs(60))
 }
@@ -602,17 +617,9 @@ async fn a_hung_fill_ends_at_fill_timeout_and_waiters_fall_back() {
     let b = engine(&mem, cfg);
     let calls = Counter::default();
     let start = Instant::now();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(3600), "never", minute());
-        async move { a.get_or_fill("hung", f).await }
-    });
+    let ta = spawn_fill(&a, "hung", filler(&calls, secs(3600), "never", minute()));
     tokio::time::sleep(ms(10)).await;
-    let local = tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, ms(1), "x", minute());
-        async move { a.get_or_fill("hung", f).await }
-    });
+    let local = spawn_fill(&a, "hung", filler(&calls, ms(1), "x", minute()));
     let remote = b
         .get_or_fill("hung", filler(&calls, ms(1), "y", minute()))
         .await;
@@ -641,11 +648,7 @@ async fn a_waiter_past_its_deadline_takes_the_fallback_without_calling_the_sourc
     let calls = Counter::default();
 
     // No stale copy: the error.
-    tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(60), "slow", minute());
-        async move { a.get_or_fill("deadline", f).await }
-    });
+    spawn_fill(&a, "deadline", filler(&calls, secs(60), "slow", minute()));
     tokio::time::sleep(ms(10)).await;
     let r = b
         .get_or_fill("deadline", filler(&calls, ms(1), "b", minute()))
@@ -659,11 +662,7 @@ async fn a_waiter_past_its_deadline_takes_the_fallback_without_calling_the_sourc
         .await
         .unwrap();
     tokio::time::advance(secs(2)).await;
-    tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(60), "slow", ttl);
-        async move { a.get_or_fill("deadline-stale", f).await }
-    });
+    spawn_fill(&a, "deadline-stale", filler(&calls, secs(60), "slow", ttl));
     tokio::time::sleep(ms(10)).await;
     let s = b
         .get_or_fill("deadline-stale", filler(&calls, ms(1), "b", ttl))
@@ -687,18 +686,10 @@ async fn a_failure_after_the_lease_passed_on_does_not_fail_the_new_holders_waite
     let b = engine(&mem, cfg.clone());
     let c = engine(&mem, cfg);
     let calls = Counter::default();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        let f = failing(&calls, ms(2500));
-        async move { a.get_or_fill("passed-on", f).await }
-    });
+    let ta = spawn_fill(&a, "passed-on", failing(&calls, ms(2500)));
     // B takes the expired lease at 1.2 s and fills for 2 s.
     tokio::time::sleep(ms(1200)).await;
-    let tb = tokio::spawn({
-        let b = b.clone();
-        let f = filler(&calls, secs(2), "new", minute());
-        async move { b.get_or_fill("passed-on", f).await }
-    });
+    let tb = spawn_fill(&b, "passed-on", filler(&calls, secs(2), "new", minute()));
     // C comes at 1.5 s and waits on B's lease, across A's failure at 2.5 s.
     tokio::time::sleep(ms(300)).await;
     let rc = c
@@ -713,60 +704,45 @@ async fn a_failure_after_the_lease_passed_on_does_not_fail_the_new_holders_waite
 
 /// A caller that comes after an invalidation does not join a fill that started before it:
 /// that fill's content is what the invalidation was for. Before, it was handed the old fill's
-/// value (`Collapsed`), in the same process that had just invalidated the key.
+/// value (`Collapsed`), in the same process that had just invalidated the key. The same when
+/// the invalidation's caller gives the call up after the tombstone landed (a client gone during
+/// its POST).
 #[tokio::test(start_paused = true)]
 async fn a_caller_after_an_invalidation_does_not_join_a_fill_from_before_it() {
-    let mem = MemoryBackend::default();
-    let e = engine(&mem, Config::default().wait_timeout(secs(30)));
-    let calls = Counter::default();
-    let old = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, secs(2), "old", minute());
-        async move { e.get_or_fill("inv", f).await }
-    });
-    tokio::time::sleep(secs(1)).await;
-    e.invalidate("inv").await.unwrap();
-    let after = e
-        .get_or_fill("inv", filler(&calls, ms(10), "new", minute()))
-        .await
-        .unwrap();
-    assert_eq!(&after.value[..], b"new", "{:?}", after.status);
-    // The fill from before still answers the caller that started it.
-    assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
-    assert_eq!(calls.get(), 2);
-    let s = e
-        .get_or_fill("inv", filler(&calls, ms(10), "later", minute()))
-        .await
-        .unwrap();
-    assert_eq!((&s.value[..], s.status), (&b"new"[..], Status::Hit));
-}
-
-/// The same when the invalidation's caller gives the call up after the tombstone landed (a
-/// client gone during its POST): the fill from before is detached all the same.
-#[tokio::test(start_paused = true)]
-async fn an_invalidation_given_up_halfway_still_detaches_the_fill_from_before_it() {
-    let mem = MemoryBackend::default();
-    let gate = Arc::new(Gate {
-        inner: mem.clone(),
-        late_invalidate: Some(secs(1)),
-        ..Gate::default()
-    });
-    let e = Stampede::from_arc(gate, Config::default().wait_timeout(secs(30))).unwrap();
-    let calls = Counter::default();
-    let old = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, secs(2), "old", minute());
-        async move { e.get_or_fill("inv", f).await }
-    });
-    tokio::time::sleep(secs(1)).await;
-    let gave_up = tokio::time::timeout(ms(100), e.invalidate("inv")).await;
-    assert!(gave_up.is_err(), "the call was given up before it answered");
-    let after = e
-        .get_or_fill("inv", filler(&calls, ms(10), "new", minute()))
-        .await
-        .unwrap();
-    assert_eq!(&after.value[..], b"new", "{:?}", after.status);
-    assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
+    for given_up in [false, true] {
+        let gate = Arc::new(Gate {
+            late_invalidate: given_up.then_some(secs(1)),
+            ..Gate::default()
+        });
+        let e = Stampede::from_arc(gate, Config::default().wait_timeout(secs(30))).unwrap();
+        let calls = Counter::default();
+        let old = spawn_fill(&e, "inv", filler(&calls, secs(2), "old", minute()));
+        tokio::time::sleep(secs(1)).await;
+        if given_up {
+            let gone = tokio::time::timeout(ms(100), e.invalidate("inv")).await;
+            assert!(gone.is_err(), "the call was given up before it answered");
+        } else {
+            e.invalidate("inv").await.unwrap();
+        }
+        let after = e
+            .get_or_fill("inv", filler(&calls, ms(10), "new", minute()))
+            .await
+            .unwrap();
+        assert_eq!(
+            &after.value[..],
+            b"new",
+            "given up {given_up}: {:?}",
+            after.status
+        );
+        // The fill from before still answers the caller that started it.
+        assert_eq!(&old.await.unwrap().unwrap().value[..], b"old");
+        assert_eq!(calls.get(), 2);
+        let s = e
+            .get_or_fill("inv", filler(&calls, ms(10), "later", minute()))
+            .await
+            .unwrap();
+        assert_eq!((&s.value[..], s.status), (&b"new"[..], Status::Hit));
+    }
 }
 
 /// Through the HTTP layer: a POST the origin applied invalidates every slot of its URL even
@@ -839,11 +815,7 @@ async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     let b = engine(&mem, cfg);
     let calls = Counter::default();
     let start = Instant::now();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        let f = failing(&calls, ms(200));
-        async move { a.get_or_fill("fail", f).await }
-    });
+    let ta = spawn_fill(&a, "fail", failing(&calls, ms(200)));
     tokio::time::sleep(ms(10)).await;
     let rb = b
         .get_or_fill("fail", filler(&calls, ms(1), "b", minute()))
@@ -936,11 +908,7 @@ async fn an_older_fence_cannot_overwrite_a_newer_entry() {
     let a = engine(&mem, cfg.clone());
     let b = engine(&mem, cfg);
     let calls = Counter::default();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(3), "older", minute());
-        async move { a.get_or_fill("fence", f).await }
-    });
+    let ta = spawn_fill(&a, "fence", filler(&calls, secs(3), "older", minute()));
     tokio::time::sleep(ms(1500)).await;
     let sb = b
         .get_or_fill("fence", filler(&calls, ms(10), "newer", minute()))
@@ -974,11 +942,11 @@ async fn a_tombstone_stops_a_fill_that_started_before_it() {
     let mem = MemoryBackend::default();
     let e = engine(&mem, Config::default());
     let calls = Counter::default();
-    let t = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, secs(2), "pre-invalidation", minute());
-        async move { e.get_or_fill("inv", f).await }
-    });
+    let t = spawn_fill(
+        &e,
+        "inv",
+        filler(&calls, secs(2), "pre-invalidation", minute()),
+    );
     tokio::time::sleep(secs(1)).await;
     e.invalidate("inv").await.unwrap();
     let s = t.await.unwrap().unwrap();
@@ -1132,11 +1100,7 @@ async fn source_after_deadline_is_opt_in() {
     let a = engine(&mem, cfg.clone());
     let b = engine(&mem, cfg);
     let calls = Counter::default();
-    tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(60), "slow", minute());
-        async move { a.get_or_fill("optin", f).await }
-    });
+    spawn_fill(&a, "optin", filler(&calls, secs(60), "slow", minute()));
     tokio::time::sleep(ms(10)).await;
     let s = b
         .get_or_fill("optin", filler(&calls, ms(1), "direct", minute()))
@@ -1192,18 +1156,10 @@ async fn a_late_follower_keeps_its_own_deadline() {
     let a = engine(&mem, cfg.clone());
     let b = engine(&mem, cfg);
     let calls = Counter::default();
-    tokio::spawn({
-        let a = a.clone();
-        let f = filler(&calls, secs(60), "slow", minute());
-        async move { a.get_or_fill("late", f).await }
-    });
+    spawn_fill(&a, "late", filler(&calls, secs(60), "slow", minute()));
     tokio::time::sleep(ms(10)).await;
     let start = Instant::now();
-    let first = tokio::spawn({
-        let b = b.clone();
-        let f = filler(&calls, ms(1), "x", minute());
-        async move { b.get_or_fill("late", f).await }
-    });
+    let first = spawn_fill(&b, "late", filler(&calls, ms(1), "x", minute()));
     tokio::time::sleep(secs(8)).await;
     let late_start = Instant::now();
     let late = b
@@ -1330,11 +1286,11 @@ async fn a_passed_fill_cannot_store_what_an_invalidation_made_old() {
         .unwrap();
     assert_eq!(s.status, Status::Passed);
     let calls = Counter::default();
-    let t = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, secs(1), "pre-invalidation", minute());
-        async move { e.get_or_fill("k", f).await }
-    });
+    let t = spawn_fill(
+        &e,
+        "k",
+        filler(&calls, secs(1), "pre-invalidation", minute()),
+    );
     tokio::time::sleep(ms(10)).await;
     e.invalidate("k").await.unwrap();
     let s = t.await.unwrap().unwrap();
@@ -1394,11 +1350,7 @@ async fn a_failure_signal_under_an_endless_lease_is_the_fallback() {
     });
     let e = Stampede::from_arc(gate, Config::default()).unwrap();
     let calls = Counter::default();
-    let t = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, ms(1), "v", minute());
-        async move { e.get_or_fill("k", f).await }
-    });
+    let t = spawn_fill(&e, "k", filler(&calls, ms(1), "v", minute()));
     tokio::time::sleep(ms(5)).await;
     mem.signal(&Digest::of_key("k"), Signal::Failed)
         .await
@@ -1513,11 +1465,11 @@ async fn a_short_tombstone_ttl_still_outlives_a_slow_fill() {
     let mem = MemoryBackend::default();
     let e = engine(&mem, Config::default().tombstone_ttl(secs(1)));
     let calls = Counter::default();
-    let t = tokio::spawn({
-        let e = e.clone();
-        let f = filler(&calls, secs(5), "pre-invalidation", minute());
-        async move { e.get_or_fill("k", f).await }
-    });
+    let t = spawn_fill(
+        &e,
+        "k",
+        filler(&calls, secs(5), "pre-invalidation", minute()),
+    );
     tokio::time::sleep(secs(1)).await;
     e.invalidate("k").await.unwrap();
     let s = t.await.unwrap().unwrap();
