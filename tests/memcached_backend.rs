@@ -661,6 +661,51 @@ async fn a_pool_keeps_every_part_of_a_slot_on_one_server() {
     assert!(per_server.iter().all(|&n| n > 5), "{per_server:?}");
 }
 
+/// Memcached numbers CAS values from one counter that starts again at every restart, so a CAS
+/// remembered from before a restart may be another lease's after it. A holder from before the
+/// restart must not release or extend the lease a new holder took: before, its remembered CAS
+/// matched the new lease's, and its `md`/`ms` with it deleted or took over that lease.
+#[tokio::test]
+async fn a_lease_cas_from_before_a_restart_is_not_trusted_after_it() {
+    let mut server = Server::memcached();
+    let a = connect(&server).await;
+    let s = Digest::of_key("restart-cas");
+    let ten = Duration::from_secs(10);
+    for op in ["release", "extend"] {
+        let (ta, _) = acquire(&a, &s, ten, 0).await;
+        server.restart();
+        // A's connections to the old process are gone; it reaches the new one again.
+        let mut back = false;
+        for _ in 0..100 {
+            if a.fetch(&s, None).await.is_ok() {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(back, "the backend reconnected");
+        // Another instance takes the lease on the new process: the same CAS sequence.
+        let b = connect(&server).await;
+        let (tb, _) = acquire(&b, &s, ten, 0).await;
+        let took = match op {
+            "release" => a.release(&s, ta, Signal::Released).await.unwrap(),
+            _ => a.extend(&s, ta, ten).await.unwrap(),
+        };
+        assert!(!took, "{op}: A's lease ended with the restart");
+        assert!(
+            matches!(
+                b.try_acquire(&s, ten, 0).await.unwrap(),
+                Acquire::Held { .. }
+            ),
+            "{op}: B's lease survives"
+        );
+        assert!(
+            b.release(&s, tb, Signal::Released).await.unwrap(),
+            "{op}: B still holds it"
+        );
+    }
+}
+
 /// A restart loses the entry and the fence counter together; the counter made anew starts at
 /// the clock, so a holder from before it cannot overwrite what came after.
 #[tokio::test]

@@ -207,6 +207,9 @@ struct HeldLeases {
 #[derive(Clone, Copy)]
 struct HeldLease {
     cas: u64,
+    /// The server's connection bound when the CAS was read (see `Client::bound`): the CAS is
+    /// only sent on a connection from before it, to the same server process.
+    bound: u64,
     until: Instant,
 }
 
@@ -430,7 +433,7 @@ impl MemcachedBackend {
         self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn keep(&self, slot: &Digest, token: Token, cas: u64, secs: u32) {
+    fn keep(&self, slot: &Digest, token: Token, cas: u64, bound: u64, secs: u32) {
         let now = Instant::now();
         let mut h = self.held();
         if h.map.len() >= h.prune_at {
@@ -443,17 +446,25 @@ impl MemcachedBackend {
             (*slot, token),
             HeldLease {
                 cas,
+                bound,
                 until: now + Duration::from_secs(u64::from(secs)),
             },
         );
     }
 
-    fn cas_of(&self, slot: &Digest, token: Token) -> Option<u64> {
-        self.held().map.get(&(*slot, token)).map(|l| l.cas)
+    /// The lease's CAS and the connection bound it was read under.
+    fn cas_of(&self, slot: &Digest, token: Token) -> Option<(u64, u64)> {
+        self.held()
+            .map
+            .get(&(*slot, token))
+            .map(|l| (l.cas, l.bound))
     }
 
-    fn forget(&self, slot: &Digest, token: Token) -> Option<u64> {
-        self.held().map.remove(&(*slot, token)).map(|l| l.cas)
+    fn forget(&self, slot: &Digest, token: Token) -> Option<(u64, u64)> {
+        self.held()
+            .map
+            .remove(&(*slot, token))
+            .map(|l| (l.cas, l.bound))
     }
 
     /// Reads the lease and returns its CAS if the stored token is ours.
@@ -467,26 +478,32 @@ impl MemcachedBackend {
         }
     }
 
-    /// `md <lease> C<cas>`, only while `token` holds it.
+    /// `md <lease> C<cas>`, only while `token` holds it. A CAS is only ever sent to the server
+    /// process it was read from (memcached numbers CAS values afresh at every restart, so after
+    /// one an old CAS may be another holder's lease's): on a connection made before it was read.
     async fn release_lease(&self, slot: &Digest, token: Token) -> BackendResult<bool> {
         let key = self.inner.prefix.lease(slot);
-        if let Some(cas) = self.forget(slot, token) {
-            match self.cmd(del(&key, Some(cas))).await? {
-                Reply::Done(_) => return Ok(true),
-                Reply::NotFound => return Ok(false),
+        let client = &self.inner.client;
+        if let Some((cas, bound)) = self.forget(slot, token) {
+            match client.one_before(del(&key, Some(cas)), bound).await? {
+                Some(Reply::Done(_)) => return Ok(true),
+                Some(Reply::NotFound) => return Ok(false),
                 // Another holder's lease -- or ours under a CAS we never saw (an extend whose
-                // reply was lost). The token tells which.
-                Reply::Exists => {}
-                other => return Err(unexpected("md (lease)", &other)),
+                // reply was lost); or no connection from when the CAS was read. The token
+                // tells.
+                Some(Reply::Exists) | None => {}
+                Some(other) => return Err(unexpected("md (lease)", &other)),
             }
         }
         let Some(cas) = self.ours(&key, token).await? else {
             return Ok(false);
         };
-        match self.cmd(del(&key, Some(cas))).await? {
-            Reply::Done(_) => Ok(true),
-            Reply::Exists | Reply::NotFound => Ok(false),
-            other => Err(unexpected("md (lease)", &other)),
+        // Taken after the read: the connection it came on counts as one from before.
+        let bound = client.bound(&key);
+        match client.one_before(del(&key, Some(cas)), bound).await? {
+            Some(Reply::Done(_)) => Ok(true),
+            Some(Reply::Exists | Reply::NotFound) | None => Ok(false),
+            Some(other) => Err(unexpected("md (lease)", &other)),
         }
     }
 
@@ -498,12 +515,14 @@ impl MemcachedBackend {
     ) -> BackendResult<bool> {
         let key = self.inner.prefix.lease(slot);
         let secs = expiry_secs(ttl);
+        let client = &self.inner.client;
         let mut known = self.cas_of(slot, token);
         for _ in 0..2 {
-            let cas = match known.take() {
+            let (cas, bound) = match known.take() {
                 Some(c) => c,
                 None => match self.ours(&key, token).await? {
-                    Some(c) => c,
+                    // Taken after the read: the connection it came on counts as one from before.
+                    Some(c) => (c, client.bound(&key)),
                     None => break,
                 },
             };
@@ -514,19 +533,20 @@ impl MemcachedBackend {
                 flags: 0,
                 cond: Cond::Cas(cas),
             };
-            match self.cmd(set).await? {
-                Reply::Done(Some(new)) => {
-                    self.keep(slot, token, new, secs);
+            // As for a release: the CAS only to the server process it was read from.
+            match client.one_before(set, bound).await? {
+                Some(Reply::Done(Some(new))) => {
+                    self.keep(slot, token, new, bound, secs);
                     return Ok(true);
                 }
-                Reply::Done(None) => {
+                Some(Reply::Done(None)) => {
                     // Extended, but the new CAS is unknown: later calls go by the token.
                     self.forget(slot, token);
                     return Ok(true);
                 }
-                Reply::NotFound => break,
-                Reply::Exists => continue,
-                other => return Err(unexpected("ms (extend)", &other)),
+                Some(Reply::NotFound) => break,
+                Some(Reply::Exists) | None => continue,
+                Some(other) => return Err(unexpected("ms (extend)", &other)),
             }
         }
         self.forget(slot, token);
@@ -774,7 +794,10 @@ impl MemcachedBackend {
         .await;
         match granted {
             Ok(Some(fence)) => {
-                self.keep(slot, token, cas, secs);
+                // Taken after the add's reply: the connection it came on counts as one from
+                // before (see `release_lease`).
+                let bound = self.inner.client.bound(&lease);
+                self.keep(slot, token, cas, bound, secs);
                 Ok(Acquire::Acquired { token, fence })
             }
             Ok(None) => {

@@ -276,10 +276,39 @@ impl Client {
         let server = self.server_for(&cmd);
         let mut wire = Vec::with_capacity(96);
         let kind = encode(&cmd, &mut wire)?;
-        let mut replies = self.run(server, wire, Kinds::One(kind)).await?;
+        let mut replies = self
+            .run(server, wire, Kinds::One(kind), None)
+            .await?
+            .unwrap_or_default();
         replies
             .pop()
             .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))
+    }
+
+    /// Where `key`'s server's connections are: every connection made from now on is numbered
+    /// at or above what this returns. A CAS read on a connection made before it can only be
+    /// trusted on such a connection: one made later may reach another server process (a
+    /// restart), whose CAS values start again from 1.
+    pub(super) fn bound(&self, key: &str) -> u64 {
+        self.server_for_key(key).next_id.load(Ordering::Relaxed)
+    }
+
+    /// [`one`](Self::one), sent only on a connection made before `bound` (see
+    /// [`bound`](Self::bound)): `None`, and nothing sent, when there is no such connection.
+    pub(super) async fn one_before(&self, cmd: Cmd, bound: u64) -> BackendResult<Option<Reply>> {
+        let server = self.server_for(&cmd);
+        let mut wire = Vec::with_capacity(96);
+        let kind = encode(&cmd, &mut wire)?;
+        match self
+            .run(server, wire, Kinds::One(kind), Some(bound))
+            .await?
+        {
+            Some(mut replies) => replies
+                .pop()
+                .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Several commands pipelined in one round trip. They must share a server (the backend only
@@ -293,7 +322,10 @@ impl Client {
         let server = self.server_for(first);
         let mut wire = Vec::with_capacity(96 * n);
         let sent = match cmds.iter().map(|c| encode(c, &mut wire)).collect() {
-            Ok(kinds) => self.run(server, wire, Kinds::Many(kinds)).await,
+            Ok(kinds) => self
+                .run(server, wire, Kinds::Many(kinds), None)
+                .await
+                .map(Option::unwrap_or_default),
             Err(e) => Err(e),
         };
         // A failure of the whole exchange is every command's failure.
@@ -306,17 +338,24 @@ impl Client {
     }
 
     fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
-        let i = server_index(cmd.key().as_bytes(), &self.inner.ids);
+        self.server_for_key(cmd.key())
+    }
+
+    fn server_for_key(&self, key: &str) -> &Arc<Server> {
+        let i = server_index(key.as_bytes(), &self.inner.ids);
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
     }
 
-    /// Puts one job on a connection of `server` and waits for its replies.
+    /// Puts one job on a connection of `server` and waits for its replies. With `before`, only
+    /// on a connection numbered below it: `None`, with nothing sent, when the slot has none.
     async fn run(
         &self,
         server: &Arc<Server>,
         wire: Vec<u8>,
         kinds: Kinds,
-    ) -> BackendResult<Vec<BackendResult<Reply>>> {
+        before: Option<u64>,
+    ) -> BackendResult<Option<Vec<BackendResult<Reply>>>> {
+        let too_new = |conn: &Conn| before.is_some_and(|b| conn.id >= b);
         let i = server.rr.fetch_add(1, Ordering::Relaxed) % server.slots.len();
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
@@ -330,10 +369,16 @@ impl Client {
         // with the reason, or, if it arrives after the task has stopped reading the queue, is
         // dropped with the queue: its caller sees the connection lost.)
         let mut conn = self.conn(server, i).await?;
+        if too_new(&conn) {
+            return Ok(None);
+        }
         if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
             forget(server, i, conn.id);
             job = back;
             conn = self.conn(server, i).await?;
+            if too_new(&conn) {
+                return Ok(None);
+            }
             if conn.jobs.send(job).is_err() {
                 forget(server, i, conn.id);
                 return Err(BackendError::new("memcached: connection closed"));
@@ -346,7 +391,7 @@ impl Client {
         // No timer of our own: the connection's watchdog ends a connection that owes a reply
         // for longer than the I/O timeout and fails every job on it, with the reason.
         match rx.await {
-            Ok(answer) => answer,
+            Ok(answer) => answer.map(Some),
             Err(_) => Err(BackendError::new(
                 "memcached: connection lost before the reply",
             )),
