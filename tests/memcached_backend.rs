@@ -661,6 +661,22 @@ async fn a_pool_keeps_every_part_of_a_slot_on_one_server() {
     assert!(per_server.iter().all(|&n| n > 5), "{per_server:?}");
 }
 
+/// A server run with `-C` (CAS off) reports every CAS as 0, and `md k C0` deletes whatever is
+/// stored: no lease would be safe. The backend refuses it as configuration at the first lease,
+/// instead of handing out leases that a late release deletes for their next holder.
+#[tokio::test]
+async fn a_server_without_cas_is_refused_as_configuration() {
+    let server = Server::memcached_with(&["-C"]);
+    let b = connect(&server).await;
+    let s = Digest::of_key("no-cas");
+    let err = b
+        .try_acquire(&s, Duration::from_secs(10), 0)
+        .await
+        .expect_err("no lease without CAS");
+    assert!(err.is_config_rejected(), "{err}");
+    assert!(err.to_string().contains("-C"), "{err}");
+}
+
 /// Memcached numbers CAS values from one counter that starts again at every restart, so a CAS
 /// remembered from before a restart may be another lease's after it. A holder from before the
 /// restart must not release or extend the lease a new holder took: before, its remembered CAS

@@ -757,7 +757,7 @@ impl MemcachedBackend {
         let add = next(&mut replies);
         let held = next(&mut replies);
         let cas = match add {
-            Ok(Reply::Done(Some(cas))) => cas,
+            Ok(Reply::Done(Some(cas))) => real_cas(cas)?,
             Ok(Reply::NotStored) => {
                 let remaining = match held {
                     Ok(Reply::Item(it)) => remaining(it.ttl, ttl),
@@ -1094,6 +1094,20 @@ fn header_fence(bytes: &[u8]) -> u64 {
 fn need_cas(item: &Item) -> BackendResult<u64> {
     item.cas
         .ok_or_else(|| BackendError::new("memcached: a reply lacks the CAS it was asked for"))
+        .and_then(real_cas)
+}
+
+/// A CAS value as the server reports it: 0 only from a server run with `-C` (CAS off), where
+/// `md k C0` deletes whatever is stored and `ms k C0` never matches, so no lease or fenced
+/// write would be safe. Refused as configuration, whatever the call.
+fn real_cas(cas: u64) -> BackendResult<u64> {
+    if cas == 0 {
+        return Err(BackendError::new(
+            "memcached: the server runs with CAS off (-C); leases and fenced writes need it",
+        )
+        .config_rejected());
+    }
+    Ok(cas)
 }
 
 /// The holder's remaining time as `mg ... t` reports it, less the second of slack we add.
