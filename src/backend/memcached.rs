@@ -256,7 +256,9 @@ impl MemcachedBuilder {
 
     /// The largest item the servers take, key and item header included: memcached's `-I`
     /// (default 1 MiB). A record that does not fit is refused as
-    /// [`WriteOutcome::TooLarge`] before anything is written.
+    /// [`WriteOutcome::TooLarge`] before anything is written. Never set it above the servers'
+    /// `-I`: memcached answers a larger item with `SERVER_ERROR object too large` and deletes
+    /// the item stored under its key (memcached 1.6.18), which may be a newer holder's record.
     pub fn item_size_limit(mut self, bytes: usize) -> Self {
         self.item_size_limit = bytes;
         self
