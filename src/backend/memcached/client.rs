@@ -516,9 +516,7 @@ async fn drive(
         loop {
             loop {
                 if skip > 0 {
-                    let n = skip.min(buf.len());
-                    buf.advance(n);
-                    skip -= n;
+                    drop_skipped(&mut buf, &mut skip)?;
                     if skip > 0 {
                         break;
                     }
@@ -706,6 +704,26 @@ fn encode(cmd: &Cmd, out: &mut Vec<u8>) -> BackendResult<Kind> {
     Ok(kind)
 }
 
+/// Drops what is there of the `skip` bytes still owed by a value not read (see `parse`): the
+/// value, then its CRLF. Anything else where the CRLF belongs is a stream that lied about the
+/// value's length, whose later replies would go to the wrong commands: an `Err` closes it.
+fn drop_skipped(buf: &mut BytesMut, skip: &mut usize) -> std::io::Result<()> {
+    let n = (*skip).min(buf.len());
+    for (k, &b) in buf[..n].iter().enumerate().skip(n.saturating_sub(2)) {
+        let want = match *skip - k {
+            2 => b'\r',
+            1 => b'\n',
+            _ => continue,
+        };
+        if b != want {
+            return Err(protocol("a value not read ended without its CRLF"));
+        }
+    }
+    buf.advance(n);
+    *skip -= n;
+    Ok(())
+}
+
 /// The largest value a memcached server can hold (`-I` at most 1 GiB): a longer `VA` is a
 /// stream that cannot be trusted.
 const MAX_SERVER_VALUE: usize = 1 << 30;
@@ -811,10 +829,15 @@ fn parse(
                 Err(BackendError::new(format!("memcached: SERVER_ERROR {msg}")))
             }
         }
-        (other, kind) => Err(BackendError::new(format!(
-            "memcached: unexpected reply {:?} to {kind:?}",
-            String::from_utf8_lossy(other)
-        ))),
+        // A status that answers no such command: the server and this client no longer agree
+        // on which reply is whose, so the connection is closed (its commands fail) rather than
+        // a later reply taken for another command's.
+        (other, kind) => {
+            return Err(protocol(&format!(
+                "unexpected reply {:?} to {kind:?}",
+                String::from_utf8_lossy(other)
+            )))
+        }
     };
     buf.advance(nl + 1);
     Ok(Some(reply))
@@ -1046,7 +1069,6 @@ mod tests {
             one(Kind::Incr, "CLIENT_ERROR non-numeric\r\n"),
             Ok(Reply::Rejected(_))
         ));
-        assert!(one(Kind::Get, "NS\r\n").is_err());
         // A stream that cannot be trusted: the connection is closed.
         for bad in [
             "VA 1073741825\r\n",
@@ -1089,6 +1111,40 @@ mod tests {
             Ok(Some(Err(_)))
         ));
         assert_eq!(skip, 10);
+    }
+
+    /// A value not read is dropped with its CRLF, in pieces as it arrives; a stream whose bytes
+    /// where the CRLF belongs are anything else lied about the value's length and is closed.
+    #[test]
+    fn a_skipped_value_must_end_with_its_crlf() {
+        let mut skip = 10;
+        let mut buf = BytesMut::from(&b"0123"[..]);
+        drop_skipped(&mut buf, &mut skip).unwrap();
+        assert_eq!((skip, buf.len()), (6, 0));
+        let mut buf = BytesMut::from(&b"4567\r"[..]);
+        drop_skipped(&mut buf, &mut skip).unwrap();
+        assert_eq!(skip, 1);
+        let mut buf = BytesMut::from(&b"\nHD c7\r\n"[..]);
+        drop_skipped(&mut buf, &mut skip).unwrap();
+        assert_eq!((skip, &buf[..]), (0, &b"HD c7\r\n"[..]));
+        // `VA 8` over five bytes and a CRLF, then the next reply: the length lied.
+        let mut skip = 10;
+        let mut buf = BytesMut::from(&b"abcde\r\nHD c7\r\n"[..]);
+        assert!(drop_skipped(&mut buf, &mut skip).is_err());
+    }
+
+    /// A status that answers no such command closes the connection instead of being taken as
+    /// one command's error while the replies after it go to the wrong commands.
+    #[test]
+    fn a_reply_that_fits_no_command_closes_the_connection() {
+        for (kind, line) in [
+            (Kind::Set, "EN\r\n"),
+            (Kind::Get, "NS\r\n"),
+            (Kind::Delete, "XX 1\r\n"),
+        ] {
+            let mut buf = BytesMut::from(line.as_bytes());
+            assert!(parse(kind, &mut buf, 1 << 20, &mut 0).is_err(), "{line}");
+        }
     }
 
     #[test]
