@@ -675,6 +675,48 @@ async fn a_server_without_cas_is_refused_as_configuration() {
         .expect_err("no lease without CAS");
     assert!(err.is_config_rejected(), "{err}");
     assert!(err.to_string().contains("-C"), "{err}");
+    // The lease that add left behind does not turn the refusal into waiting.
+    let err = b
+        .try_acquire(&s, Duration::from_secs(10), 0)
+        .await
+        .expect_err("no lease without CAS, the second time either");
+    assert!(err.is_config_rejected(), "{err}");
+}
+
+/// A held lease's CAS goes back on a connection from before it was read, never on a new one;
+/// with several connections per server, made as they are first used, the release and the
+/// extension must still find one. A first version sent it only on the slot round-robin chose,
+/// and a slot with no connection yet dialled one that was too new: the release gave up, and the
+/// lease stayed until its expiry.
+#[tokio::test]
+async fn a_lease_is_released_and_extended_on_a_fresh_backend_with_several_connections() {
+    let server = Server::memcached();
+    let ten = Duration::from_secs(10);
+    for op in ["release", "extend"] {
+        let b = MemcachedBackend::builder(server.url())
+            .connections_per_server(8)
+            .build()
+            .await
+            .unwrap();
+        let s = Digest::of_key(format!("several {op}"));
+        let (t, _) = acquire(&b, &s, ten, 0).await;
+        let took = match op {
+            "release" => b.release(&s, t, Signal::Released).await.unwrap(),
+            _ => b.extend(&s, t, ten).await.unwrap(),
+        };
+        assert!(took, "{op}");
+        if op == "extend" {
+            assert!(b.release(&s, t, Signal::Released).await.unwrap());
+        }
+        let other = connect(&server).await;
+        assert!(
+            matches!(
+                other.try_acquire(&s, ten, 0).await.unwrap(),
+                Acquire::Acquired { .. }
+            ),
+            "{op}: the lease was given back"
+        );
+    }
 }
 
 /// Memcached numbers CAS values from one counter that starts again at every restart, so a CAS

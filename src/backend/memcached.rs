@@ -207,8 +207,9 @@ struct HeldLeases {
 #[derive(Clone, Copy)]
 struct HeldLease {
     cas: u64,
-    /// The server's connection bound when the CAS was read (see `Client::bound`): the CAS is
-    /// only sent on a connection from before it, to the same server process.
+    /// One above the number of the connection the CAS was read on: the CAS is only sent on a
+    /// live connection numbered below it, to the same server process (see
+    /// `Client::one_before`).
     bound: u64,
     until: Instant,
 }
@@ -454,7 +455,7 @@ impl MemcachedBackend {
         );
     }
 
-    /// The lease's CAS and the connection bound it was read under.
+    /// The lease's CAS and its bound (see `HeldLease`).
     fn cas_of(&self, slot: &Digest, token: Token) -> Option<(u64, u64)> {
         self.held()
             .map
@@ -469,14 +470,20 @@ impl MemcachedBackend {
             .map(|l| (l.cas, l.bound))
     }
 
-    /// Reads the lease and returns its CAS if the stored token is ours.
-    async fn ours(&self, key: &str, token: Token) -> BackendResult<Option<u64>> {
-        match self.cmd(get(key, true, true, false)).await? {
-            Reply::Item(it) if it.value.as_deref() == Some(&token.to_hex()[..]) => {
-                Ok(Some(need_cas(&it)?))
+    /// Reads the lease and returns its CAS, with its bound (see `HeldLease`), if the stored
+    /// token is ours.
+    async fn ours(&self, key: &str, token: Token) -> BackendResult<Option<(u64, u64)>> {
+        match self
+            .inner
+            .client
+            .one_on(get(key, true, true, false))
+            .await?
+        {
+            (Reply::Item(it), conn) if it.value.as_deref() == Some(&token.to_hex()[..]) => {
+                Ok(Some((need_cas(&it)?, conn + 1)))
             }
-            Reply::Item(_) | Reply::Miss => Ok(None),
-            other => Err(unexpected("mg (lease)", &other)),
+            (Reply::Item(_) | Reply::Miss, _) => Ok(None),
+            (other, _) => Err(unexpected("mg (lease)", &other)),
         }
     }
 
@@ -488,24 +495,22 @@ impl MemcachedBackend {
         let client = &self.inner.client;
         if let Some((cas, bound)) = self.forget(slot, token) {
             match client.one_before(del(&key, Some(cas)), bound).await? {
-                Some(Reply::Done(_)) => return Ok(true),
-                Some(Reply::NotFound) => return Ok(false),
+                Some((Reply::Done(_), _)) => return Ok(true),
+                Some((Reply::NotFound, _)) => return Ok(false),
                 // Another holder's lease -- or ours under a CAS we never saw (an extend whose
-                // reply was lost); or no connection from when the CAS was read. The token
-                // tells.
-                Some(Reply::Exists) | None => {}
-                Some(other) => return Err(unexpected("md (lease)", &other)),
+                // reply was lost); or no connection left from when the CAS was read. The
+                // token tells.
+                Some((Reply::Exists, _)) | None => {}
+                Some((other, _)) => return Err(unexpected("md (lease)", &other)),
             }
         }
-        let Some(cas) = self.ours(&key, token).await? else {
+        let Some((cas, bound)) = self.ours(&key, token).await? else {
             return Ok(false);
         };
-        // Taken after the read: the connection it came on counts as one from before.
-        let bound = client.bound(&key);
         match client.one_before(del(&key, Some(cas)), bound).await? {
-            Some(Reply::Done(_)) => Ok(true),
-            Some(Reply::Exists | Reply::NotFound) | None => Ok(false),
-            Some(other) => Err(unexpected("md (lease)", &other)),
+            Some((Reply::Done(_), _)) => Ok(true),
+            Some((Reply::Exists | Reply::NotFound, _)) | None => Ok(false),
+            Some((other, _)) => Err(unexpected("md (lease)", &other)),
         }
     }
 
@@ -523,8 +528,7 @@ impl MemcachedBackend {
             let (cas, bound) = match known.take() {
                 Some(c) => c,
                 None => match self.ours(&key, token).await? {
-                    // Taken after the read: the connection it came on counts as one from before.
-                    Some(c) => (c, client.bound(&key)),
+                    Some(c) => c,
                     None => break,
                 },
             };
@@ -537,18 +541,18 @@ impl MemcachedBackend {
             };
             // As for a release: the CAS only to the server process it was read from.
             match client.one_before(set, bound).await? {
-                Some(Reply::Done(Some(new))) => {
-                    self.keep(slot, token, new, bound, secs);
+                Some((Reply::Done(Some(new)), conn)) => {
+                    self.keep(slot, token, real_cas(new)?, conn + 1, secs);
                     return Ok(true);
                 }
-                Some(Reply::Done(None)) => {
+                Some((Reply::Done(None), _)) => {
                     // Extended, but the new CAS is unknown: later calls go by the token.
                     self.forget(slot, token);
                     return Ok(true);
                 }
-                Some(Reply::NotFound) => break,
-                Some(Reply::Exists) | None => continue,
-                Some(other) => return Err(unexpected("ms (extend)", &other)),
+                Some((Reply::NotFound, _)) => break,
+                Some((Reply::Exists, _)) | None => continue,
+                Some((other, _)) => return Err(unexpected("ms (extend)", &other)),
             }
         }
         self.forget(slot, token);
@@ -739,10 +743,10 @@ impl MemcachedBackend {
         // One round trip: the add, then (already knowing who won) the lease's remaining time,
         // the entry's fence (from its flags) and a counter bump. A losing attempt burns a fence
         // number, which costs nothing: grants need only be unique and growing.
-        let mut replies = self
+        let (replies, conn) = self
             .inner
             .client
-            .batch(vec![
+            .batch_on(vec![
                 Cmd::Set {
                     key: lease.clone(),
                     value: token_bytes(token),
@@ -750,18 +754,22 @@ impl MemcachedBackend {
                     flags: 0,
                     cond: Cond::Add,
                 },
-                get(&lease, false, false, true),
+                get(&lease, false, true, true),
                 get(&entry, false, false, false),
                 incr_cmd(&p.fence(slot), 1, seen.saturating_add(1).max(clock_floor())),
             ])
-            .await
-            .into_iter();
+            .await;
+        let mut replies = replies.into_iter();
+        // The lease's CAS goes back only to the server process it came from (see `HeldLease`).
+        let bound = conn.map_or(0, |c| c + 1);
         let add = next(&mut replies);
         let held = next(&mut replies);
         let cas = match add {
             Ok(Reply::Done(Some(cas))) => real_cas(cas)?,
             Ok(Reply::NotStored) => {
                 let remaining = match held {
+                    // A server without CAS says so here too, not only to the add that won.
+                    Ok(Reply::Item(it)) if it.cas == Some(0) => return Err(cas_off()),
                     Ok(Reply::Item(it)) => remaining(it.ttl, ttl),
                     // Gone since the add: compete again soon.
                     Ok(Reply::Miss) => Duration::ZERO,
@@ -796,9 +804,6 @@ impl MemcachedBackend {
         .await;
         match granted {
             Ok(Some(fence)) => {
-                // Taken after the add's reply: the connection it came on counts as one from
-                // before (see `release_lease`).
-                let bound = self.inner.client.bound(&lease);
                 self.keep(slot, token, cas, bound, secs);
                 Ok(Acquire::Acquired { token, fence })
             }
@@ -807,11 +812,19 @@ impl MemcachedBackend {
                 // (before the await below, which a caller may give up).
                 self.changed(slot, &entry);
                 // Best effort: a lease we fail to give back ends at its expiry.
-                let _ = self.cmd(del(&lease, Some(cas))).await;
+                let _ = self
+                    .inner
+                    .client
+                    .one_before(del(&lease, Some(cas)), bound)
+                    .await;
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
-                let _ = self.cmd(del(&lease, Some(cas))).await;
+                let _ = self
+                    .inner
+                    .client
+                    .one_before(del(&lease, Some(cas)), bound)
+                    .await;
                 Err(e)
             }
         }
@@ -1104,12 +1117,16 @@ fn need_cas(item: &Item) -> BackendResult<u64> {
 /// write would be safe. Refused as configuration, whatever the call.
 fn real_cas(cas: u64) -> BackendResult<u64> {
     if cas == 0 {
-        return Err(BackendError::new(
-            "memcached: the server runs with CAS off (-C); leases and fenced writes need it",
-        )
-        .config_rejected());
+        return Err(cas_off());
     }
     Ok(cas)
+}
+
+fn cas_off() -> BackendError {
+    BackendError::new(
+        "memcached: the server runs with CAS off (-C); leases and fenced writes need it",
+    )
+    .config_rejected()
 }
 
 /// The holder's remaining time as `mg ... t` reports it, less the second of slack we add.

@@ -273,40 +273,49 @@ impl Client {
 
     /// One command.
     pub(super) async fn one(&self, cmd: Cmd) -> BackendResult<Reply> {
+        self.one_on(cmd).await.map(|(reply, _)| reply)
+    }
+
+    /// [`one`](Self::one), with the number of the connection that carried it: a CAS read on a
+    /// connection may only be sent back on it or on an older one (see
+    /// [`one_before`](Self::one_before)).
+    pub(super) async fn one_on(&self, cmd: Cmd) -> BackendResult<(Reply, u64)> {
         let server = self.server_for(&cmd);
         let mut wire = Vec::with_capacity(96);
         let kind = encode(&cmd, &mut wire)?;
-        let mut replies = self
+        let (mut replies, id) = self
             .run(server, wire, Kinds::One(kind), None)
             .await?
-            .unwrap_or_default();
-        replies
+            .ok_or_else(|| BackendError::new("memcached: not sent"))?;
+        let reply = replies
             .pop()
-            .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))
+            .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))?;
+        Ok((reply, id))
     }
 
-    /// Where `key`'s server's connections are: every connection made from now on is numbered
-    /// at or above what this returns. A CAS read on a connection made before it can only be
-    /// trusted on such a connection: one made later may reach another server process (a
-    /// restart), whose CAS values start again from 1.
-    pub(super) fn bound(&self, key: &str) -> u64 {
-        self.server_for_key(key).next_id.load(Ordering::Relaxed)
-    }
-
-    /// [`one`](Self::one), sent only on a connection made before `bound` (see
-    /// [`bound`](Self::bound)): `None`, and nothing sent, when there is no such connection.
-    pub(super) async fn one_before(&self, cmd: Cmd, bound: u64) -> BackendResult<Option<Reply>> {
+    /// [`one_on`](Self::one_on), sent only on a live connection numbered below `before`, never
+    /// on a new one: `None`, with nothing sent, when there is none. A connection numbered at or
+    /// below the one a CAS was read on that is still alive reaches the same server process; one
+    /// made later may reach another (a restart), whose CAS values start again from 1. So a CAS
+    /// is sent with `before` one above the number of the connection it was read on.
+    pub(super) async fn one_before(
+        &self,
+        cmd: Cmd,
+        before: u64,
+    ) -> BackendResult<Option<(Reply, u64)>> {
         let server = self.server_for(&cmd);
         let mut wire = Vec::with_capacity(96);
         let kind = encode(&cmd, &mut wire)?;
         match self
-            .run(server, wire, Kinds::One(kind), Some(bound))
+            .run(server, wire, Kinds::One(kind), Some(before))
             .await?
         {
-            Some(mut replies) => replies
-                .pop()
-                .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))
-                .map(Some),
+            Some((mut replies, id)) => {
+                let reply = replies
+                    .pop()
+                    .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))?;
+                Ok(Some((reply, id)))
+            }
             None => Ok(None),
         }
     }
@@ -315,9 +324,17 @@ impl Client {
     /// batches the keys of one slot, which the router keeps together); the server runs them in
     /// order. One result per command, in order.
     pub(super) async fn batch(&self, cmds: Vec<Cmd>) -> Vec<BackendResult<Reply>> {
+        self.batch_on(cmds).await.0
+    }
+
+    /// [`batch`](Self::batch), with the number of the connection that carried it, when one did.
+    pub(super) async fn batch_on(
+        &self,
+        cmds: Vec<Cmd>,
+    ) -> (Vec<BackendResult<Reply>>, Option<u64>) {
         let n = cmds.len();
         let Some(first) = cmds.first() else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let server = self.server_for(first);
         let mut wire = Vec::with_capacity(96 * n);
@@ -325,16 +342,20 @@ impl Client {
             Ok(kinds) => self
                 .run(server, wire, Kinds::Many(kinds), None)
                 .await
-                .map(Option::unwrap_or_default),
+                .and_then(|r| r.ok_or_else(|| BackendError::new("memcached: not sent"))),
             Err(e) => Err(e),
         };
-        // A failure of the whole exchange is every command's failure.
-        sent.unwrap_or_else(|e| {
-            let msg = e.to_string();
-            (0..n)
-                .map(|_| Err(BackendError::new(msg.clone())))
-                .collect()
-        })
+        match sent {
+            Ok((replies, id)) => (replies, Some(id)),
+            // A failure of the whole exchange is every command's failure.
+            Err(e) => {
+                let msg = e.to_string();
+                let failed = (0..n)
+                    .map(|_| Err(BackendError::new(msg.clone())))
+                    .collect();
+                (failed, None)
+            }
+        }
     }
 
     fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
@@ -346,16 +367,16 @@ impl Client {
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
     }
 
-    /// Puts one job on a connection of `server` and waits for its replies. With `before`, only
-    /// on a connection numbered below it: `None`, with nothing sent, when the slot has none.
+    /// Puts one job on a connection of `server` and waits for its replies, with the number of
+    /// the connection that carried them. With `before`, only on a live connection numbered
+    /// below it, never a new one: `None`, with nothing sent, when there is none.
     async fn run(
         &self,
         server: &Arc<Server>,
         wire: Vec<u8>,
         kinds: Kinds,
         before: Option<u64>,
-    ) -> BackendResult<Option<Vec<BackendResult<Reply>>>> {
-        let too_new = |conn: &Conn| before.is_some_and(|b| conn.id >= b);
+    ) -> BackendResult<Option<(Vec<BackendResult<Reply>>, u64)>> {
         let i = server.rr.fetch_add(1, Ordering::Relaxed) % server.slots.len();
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
@@ -364,26 +385,56 @@ impl Client {
             kinds,
             reply: tx,
         };
-        // A send that fails found the connection's task already gone, so nothing of this job
-        // was written: dial again and resend, once. (A job sent as the connection ends fails
-        // with the reason, or, if it arrives after the task has stopped reading the queue, is
-        // dropped with the queue: its caller sees the connection lost.)
-        let mut conn = self.conn(server, i).await?;
-        if too_new(&conn) {
-            return Ok(None);
-        }
-        if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
-            forget(server, i, conn.id);
-            job = back;
-            conn = self.conn(server, i).await?;
-            if too_new(&conn) {
-                return Ok(None);
+        let conn = match before {
+            // A send that fails found the connection's task already gone, so nothing of this
+            // job was written: dial again and resend, once. (A job sent as the connection ends
+            // fails with the reason, or, if it arrives after the task has stopped reading the
+            // queue, is dropped with the queue: its caller sees the connection lost.)
+            None => {
+                let mut conn = self.conn(server, i).await?;
+                if let Err(mpsc::error::SendError(back)) = conn.jobs.send(job) {
+                    forget(server, i, conn.id);
+                    job = back;
+                    conn = self.conn(server, i).await?;
+                    if conn.jobs.send(job).is_err() {
+                        forget(server, i, conn.id);
+                        return Err(BackendError::new("memcached: connection closed"));
+                    }
+                }
+                conn
             }
-            if conn.jobs.send(job).is_err() {
-                forget(server, i, conn.id);
-                return Err(BackendError::new("memcached: connection closed"));
+            // The live connections old enough, from slot `i` on: the first that takes the job.
+            Some(before) => {
+                let n = server.slots.len();
+                let mut left = Some(job);
+                let mut took = None;
+                for k in 0..n {
+                    let j = (i + k) % n;
+                    let Some(c) = lock(&server.slots[j].live).clone() else {
+                        continue;
+                    };
+                    if c.id >= before {
+                        continue;
+                    }
+                    let Some(job) = left.take() else { break };
+                    match c.jobs.send(job) {
+                        Ok(()) => {
+                            took = Some(c);
+                            break;
+                        }
+                        Err(mpsc::error::SendError(back)) => {
+                            forget(server, j, c.id);
+                            left = Some(back);
+                        }
+                    }
+                }
+                match took {
+                    Some(c) => c,
+                    None => return Ok(None),
+                }
             }
-        }
+        };
+        let id = conn.id;
         // Not held while waiting: a job that lands in the queue of a connection that has just
         // ended is dropped with the queue once the slot forgets it, instead of keeping the
         // queue (and so this wait) alive.
@@ -391,7 +442,7 @@ impl Client {
         // No timer of our own: the connection's watchdog ends a connection that owes a reply
         // for longer than the I/O timeout and fails every job on it, with the reason.
         match rx.await {
-            Ok(answer) => answer.map(Some),
+            Ok(answer) => answer.map(|replies| Some((replies, id))),
             Err(_) => Err(BackendError::new(
                 "memcached: connection lost before the reply",
             )),
@@ -729,8 +780,9 @@ fn drop_skipped(buf: &mut BytesMut, skip: &mut usize) -> std::io::Result<()> {
 const MAX_SERVER_VALUE: usize = 1 << 30;
 
 /// Parses one reply from the front of `buf`: `Ok(None)` when it is not all there yet. An `Err`
-/// means the stream cannot be trusted any more (the connection is closed); a reply that parses
-/// but does not fit the command is an `Err` for that command only.
+/// means the stream cannot be trusted any more (the connection is closed): so is a status that
+/// answers no such command. An error the server gave for one command (`CLIENT_ERROR`, most
+/// `SERVER_ERROR`s, a counter that is not a number) is an `Err` for that command only.
 ///
 /// A value over `max_value` (another writer's, or an instance's with a larger limit, under a
 /// larger `-I`) is not read: its line is taken, `skip` set to the bytes that follow it (value
@@ -800,9 +852,8 @@ fn parse(
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .map(Reply::Counter)
                 .ok_or_else(|| BackendError::new("memcached: ma returned a non-numeric value")),
-            _ => Err(BackendError::new(format!(
-                "memcached: unexpected VA reply to {kind:?}"
-            ))),
+            // A value where none can come: the replies no longer match the commands.
+            _ => return Err(protocol(&format!("a VA reply to {kind:?}"))),
         }));
     }
     let reply = match (code, kind) {
@@ -1141,6 +1192,8 @@ mod tests {
             (Kind::Set, "EN\r\n"),
             (Kind::Get, "NS\r\n"),
             (Kind::Delete, "XX 1\r\n"),
+            (Kind::Set, "VA 2\r\nok\r\n"),
+            (Kind::Delete, "VA 2\r\nok\r\n"),
         ] {
             let mut buf = BytesMut::from(line.as_bytes());
             assert!(parse(kind, &mut buf, 1 << 20, &mut 0).is_err(), "{line}");
