@@ -700,6 +700,11 @@ async fn a_lease_is_released_and_extended_on_a_fresh_backend_with_several_connec
             .unwrap();
         let s = Digest::of_key(format!("several {op}"));
         let (t, _) = acquire(&b, &s, ten, 0).await;
+        // Every other slot now dials a connection newer than the one the CAS came on: those
+        // are skipped, not used, and the CAS still goes back on its own.
+        for _ in 0..16 {
+            b.fetch(&s, None).await.unwrap();
+        }
         let took = match op {
             "release" => b.release(&s, t, Signal::Released).await.unwrap(),
             _ => b.extend(&s, t, ten).await.unwrap(),

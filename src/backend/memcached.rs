@@ -542,7 +542,11 @@ impl MemcachedBackend {
             // As for a release: the CAS only to the server process it was read from.
             match client.one_before(set, bound).await? {
                 Some((Reply::Done(Some(new)), conn)) => {
-                    self.keep(slot, token, real_cas(new)?, conn + 1, secs);
+                    self.forget(slot, token);
+                    // `conn`, numbered below `bound`, answered after the CAS was read on the
+                    // connection `bound` names: both reach the same process, so the higher
+                    // bound still holds, and stays useful longer.
+                    self.keep(slot, token, real_cas(new)?, bound.max(conn + 1), secs);
                     return Ok(true);
                 }
                 Some((Reply::Done(None), _)) => {
@@ -811,20 +815,16 @@ impl MemcachedBackend {
                 // A newer entry is stored: a near copy of the old one must not be read again
                 // (before the await below, which a caller may give up).
                 self.changed(slot, &entry);
-                // Best effort: a lease we fail to give back ends at its expiry.
-                let _ = self
-                    .inner
-                    .client
-                    .one_before(del(&lease, Some(cas)), bound)
-                    .await;
+                // Best effort: a lease we fail to give back ends at its expiry. As a release
+                // (its CAS on a connection as old, else by the token): the add's connection is
+                // often the one whose loss failed the grant.
+                self.keep(slot, token, cas, bound, secs);
+                let _ = self.release_lease(slot, token).await;
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
-                let _ = self
-                    .inner
-                    .client
-                    .one_before(del(&lease, Some(cas)), bound)
-                    .await;
+                self.keep(slot, token, cas, bound, secs);
+                let _ = self.release_lease(slot, token).await;
                 Err(e)
             }
         }
