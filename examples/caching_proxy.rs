@@ -437,7 +437,7 @@ fn box_err(e: hyper::Error) -> BoxError {
 
 /// RFC 9110 section 7.6.1: the headers named in `Connection` (this hop's alone).
 fn strip_connection_named(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_options(h)
+    let named: Vec<HeaderName> = list_items(h, header::CONNECTION)
         .filter_map(|n| HeaderName::from_bytes(n).ok())
         // What says where a message goes and how it is framed is this proxy's to handle, not a
         // client's to have dropped: without Host the upstream would get its default host's
@@ -453,10 +453,11 @@ fn strip_connection_named(h: &mut HeaderMap) {
     }
 }
 
-/// The options of every `Connection` line, trimmed, empty ones skipped.
-fn connection_options(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    h.get_all(header::CONNECTION)
-        .iter()
+/// The items of every line of the comma-separated list header `name`, trimmed, empty ones
+/// skipped (RFC 9110 section 5.6.1).
+fn list_items(h: &HeaderMap, name: HeaderName) -> impl Iterator<Item = &[u8]> {
+    h.get_all(name)
+        .into_iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|n| !n.is_empty())
@@ -465,7 +466,7 @@ fn connection_options(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
 /// Whether `Connection` names a header (an option other than `close` and `keep-alive`, which
 /// name none and are what most clients send).
 fn names_headers(h: &HeaderMap) -> bool {
-    connection_options(h)
+    list_items(h, header::CONNECTION)
         .any(|n| !n.eq_ignore_ascii_case(b"close") && !n.eq_ignore_ascii_case(b"keep-alive"))
 }
 
@@ -489,12 +490,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Whether `h` has no Transfer-Encoding, or only the chunked framing (in any case, once).
 fn only_chunked(h: &HeaderMap) -> bool {
-    let mut codings = h
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty());
+    let mut codings = list_items(h, header::TRANSFER_ENCODING);
     match codings.next() {
         None => true,
         Some(c) => c.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),

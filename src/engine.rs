@@ -1797,14 +1797,7 @@ impl Stampede {
                 let backend = backend.clone();
                 Box::pin(async move { backend.try_acquire(&slot, lease, seen_fence).await })
             };
-            let first = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(match call.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => Some(v),
-                    std::task::Poll::Pending => None,
-                })
-            })
-            .await;
-            if let Some(v) = first {
+            if let Some(v) = poll_once(&mut call).await {
                 return v;
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1835,14 +1828,7 @@ impl Stampede {
             return Err(BackendError::new("circuit breaker open"));
         };
         // An in-process backend answers on the first poll: skip arming a timer for it.
-        let first = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(match fut.as_mut().poll(cx) {
-                std::task::Poll::Ready(v) => Some(v),
-                std::task::Poll::Pending => None,
-            })
-        })
-        .await;
-        let res = match first {
+        let res = match poll_once(&mut fut).await {
             Some(v) => Ok(v),
             // Boxed: a timer is several hundred bytes, and held inline it would make every
             // request's future that large, hits from an in-process store included.
@@ -1909,6 +1895,17 @@ fn stale_or(st: Option<(Bytes, Meta)>, err: Error) -> Result<Served, Error> {
         )),
         None => Err(err),
     }
+}
+
+/// Polls `fut` once: its output when it is ready at once (an in-process store's call), else
+/// `None`, and `fut` is left to be polled again.
+fn poll_once<F: Future + Unpin>(fut: &mut F) -> impl Future<Output = Option<F::Output>> + '_ {
+    std::future::poll_fn(move |cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut *fut).poll(cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        })
+    })
 }
 
 /// A grant on its way from a `try_acquire` task (see `Stampede::acquire`). Dropped before it

@@ -75,6 +75,11 @@ pub struct Header {
     pub epoch: u64,
 }
 
+/// The fence in a record's header; 0 for bytes that are not a record.
+pub(crate) fn record_fence(bytes: &[u8]) -> u64 {
+    Header::parse(bytes).map_or(0, |h| h.fence)
+}
+
 impl Header {
     /// Reads the header; `None` for anything that is not a record of this version.
     pub fn parse(b: &[u8]) -> Option<Header> {

@@ -103,7 +103,7 @@ use super::{
 };
 use crate::backend::near::{self, NearStore};
 use crate::coalesce::{outcome, Aborted, Flights, Join};
-use crate::entry::{Header, Kind, Record};
+use crate::entry::{record_fence, Header, Kind, Record};
 use crate::error::ConfigError;
 use crate::key::{Digest, Prefix};
 
@@ -491,9 +491,20 @@ impl MemcachedBackend {
     /// process it was read from (memcached numbers CAS values afresh at every restart, so after
     /// one an old CAS may be another holder's lease's): on a connection made before it was read.
     async fn release_lease(&self, slot: &Digest, token: Token) -> BackendResult<bool> {
+        self.release_known(slot, token, self.forget(slot, token))
+            .await
+    }
+
+    /// [`release_lease`](Self::release_lease) with the lease's CAS and bound, if known.
+    async fn release_known(
+        &self,
+        slot: &Digest,
+        token: Token,
+        known: Option<(u64, u64)>,
+    ) -> BackendResult<bool> {
         let key = self.inner.prefix.lease(slot);
         let client = &self.inner.client;
-        if let Some((cas, bound)) = self.forget(slot, token) {
+        if let Some((cas, bound)) = known {
             match client.one_before(del(&key, Some(cas)), bound).await? {
                 Some((Reply::Done(_), _)) => return Ok(true),
                 Some((Reply::NotFound, _)) => return Ok(false),
@@ -574,11 +585,11 @@ impl MemcachedBackend {
             other => return Err(unexpected("mg (entry)", &other)),
         };
         if let Some(v) = &item.value {
-            return Ok((header_fence(v), item.cas));
+            return Ok((record_fence(v), item.cas));
         }
         match self.cmd(get(key, true, true, false)).await? {
             Reply::Miss => Ok((0, None)),
-            Reply::Item(it) => Ok((it.value.as_deref().map_or(0, header_fence), it.cas)),
+            Reply::Item(it) => Ok((it.value.as_deref().map_or(0, record_fence), it.cas)),
             other => Err(unexpected("mg (entry)", &other)),
         }
     }
@@ -818,13 +829,11 @@ impl MemcachedBackend {
                 // Best effort: a lease we fail to give back ends at its expiry. As a release
                 // (its CAS on a connection as old, else by the token): the add's connection is
                 // often the one whose loss failed the grant.
-                self.keep(slot, token, cas, bound, secs);
-                let _ = self.release_lease(slot, token).await;
+                let _ = self.release_known(slot, token, Some((cas, bound))).await;
                 Ok(Acquire::Refreshed)
             }
             Err(e) => {
-                self.keep(slot, token, cas, bound, secs);
-                let _ = self.release_lease(slot, token).await;
+                let _ = self.release_known(slot, token, Some((cas, bound))).await;
                 Err(e)
             }
         }
@@ -1100,10 +1109,6 @@ fn low32(fence: u64) -> u32 {
 /// (see the module docs on fences). 1 on a clock before 1970.
 fn clock_floor() -> u64 {
     crate::clock::now_us().max(1)
-}
-
-fn header_fence(bytes: &[u8]) -> u64 {
-    Header::parse(bytes).map_or(0, |h| h.fence)
 }
 
 fn need_cas(item: &Item) -> BackendResult<u64> {

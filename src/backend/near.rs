@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Fetched;
-use crate::entry::Header;
+use crate::entry::record_fence;
 
 const SHARDS: usize = 16;
 /// The bookkeeping cost of one kept record beyond its key and value.
@@ -137,6 +137,7 @@ impl NearStore {
         // more for a value of a few bytes, for as long as the record is kept. Made before the
         // shard's lock, which hits of this shard wait on.
         let owned = Bytes::copy_from_slice(value);
+        let fence = record_fence(value);
         let mut shard = lock(&self.shards[ticket.shard]);
         if self.epochs[ticket.shard].load(Ordering::SeqCst) != ticket.epoch {
             return;
@@ -144,7 +145,7 @@ impl NearStore {
         if shard
             .map
             .get(key)
-            .is_some_and(|(kept, _)| fence_of(kept) > fence_of(value))
+            .is_some_and(|(kept, _)| record_fence(kept) > fence)
         {
             return;
         }
@@ -191,11 +192,6 @@ impl NearStore {
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).map.len()).sum()
     }
-}
-
-/// The fence in a record's header; 0 for bytes that are not a record.
-fn fence_of(record: &[u8]) -> u64 {
-    Header::parse(record).map_or(0, |h| h.fence)
 }
 
 #[cfg(test)]

@@ -86,18 +86,14 @@ fn directives(cc: &[(String, Option<String>)], headers: &HeaderMap) -> Directive
         // Clamped: a huge number must not overflow a clock downstream, and one too large for
         // any integer is still huge (section 1.2.2), not absent.
         let secs = || {
-            arg.as_deref()
-                .and_then(|a| delta_seconds(a.trim_matches('"')))
+            unquoted
+                .and_then(delta_seconds)
                 .map(|v| Duration::from_secs(u64::from(v)).min(Ttl::MAX))
         };
         // As the policy crate reads it: one that is not a number is 0, one with no argument
         // is not there.
-        let lifetime = || {
-            arg.as_deref().map(|a| {
-                let secs = delta_seconds(a.trim_matches('"')).unwrap_or(0);
-                Duration::from_secs(u64::from(secs))
-            })
-        };
+        let lifetime =
+            || unquoted.map(|a| Duration::from_secs(u64::from(delta_seconds(a).unwrap_or(0))));
         match name.as_str() {
             "no-cache" => d.no_cache = true,
             "no-store" => d.no_store = true,
@@ -157,7 +153,7 @@ fn policy_cache_control(cc: &[(String, Option<String>)]) -> Option<HeaderValue> 
 
 /// The first `Age` as delta-seconds (one too large to hold is [`DELTA_SECONDS_MAX`]); `None`
 /// when absent or not a number.
-fn age_value(headers: &HeaderMap) -> Option<u32> {
+pub(crate) fn age_value(headers: &HeaderMap) -> Option<u32> {
     headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
@@ -255,13 +251,11 @@ pub(crate) fn decide(
     // How long the response has been stale already when it arrives: its stale windows
     // (RFC 5861) count from when it stopped being fresh, not from now.
     let mut late = Duration::ZERO;
+    let age = Duration::from_secs(u64::from(age.unwrap_or(0)));
     let fresh = if d.explicit_age {
         let mut fresh = policy.time_to_live(now);
         match d.lifetime {
-            Some(lifetime) => {
-                let age = Duration::from_secs(u64::from(age.unwrap_or(0)));
-                late = age.saturating_sub(lifetime);
-            }
+            Some(lifetime) => late = age.saturating_sub(lifetime),
             // `Expires` decides. Its lifetime counts from `Date`, and the age includes the
             // apparent age `now - Date` (RFC 9111 section 4.2.3), which the crate leaves out:
             // an `Expires` already past by our clock was stored fresh for `Expires - Date`.
@@ -272,7 +266,6 @@ pub(crate) fn decide(
                     fresh = fresh.min(expires.duration_since(now).unwrap_or_default());
                     let date = http_date(&res.headers, header::DATE).unwrap_or(now);
                     let lifetime = expires.duration_since(date).unwrap_or_default();
-                    let age = Duration::from_secs(u64::from(age.unwrap_or(0)));
                     late = now
                         .duration_since(expires)
                         .unwrap_or_default()
@@ -621,32 +614,20 @@ mod tests {
     /// argument is not there, and `Expires` decides.
     #[test]
     fn the_first_max_age_counts_and_a_bare_one_does_not() {
-        let r = res(
-            200,
-            &[
-                (
-                    "cache-control",
-                    "max-age=60, max-age=0, stale-while-revalidate=100",
-                ),
-                ("age", "30"),
-            ],
-        );
-        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
-        assert_eq!(ttl.fresh, Duration::from_secs(30));
-        assert_eq!(ttl.stale_while_revalidate, Duration::ZERO);
-        let r = res(
-            200,
-            &[
-                (
-                    "cache-control",
-                    "max-age=60, max-age=\"60\", stale-while-revalidate=100",
-                ),
-                ("age", "30"),
-            ],
-        );
-        let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
-        assert_eq!(ttl.fresh, Duration::from_secs(30));
-        assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(100));
+        // A conflicting repeat makes it must-revalidate (no stale window); a quoted repeat of
+        // the same value does not.
+        for (cc, swr) in [
+            ("max-age=60, max-age=0, stale-while-revalidate=100", 0),
+            (
+                "max-age=60, max-age=\"60\", stale-while-revalidate=100",
+                100,
+            ),
+        ] {
+            let r = res(200, &[("cache-control", cc), ("age", "30")]);
+            let ttl = fresh_of(decide(&req(), &r, &defaults(None)));
+            assert_eq!(ttl.fresh, Duration::from_secs(30), "{cc}");
+            assert_eq!(ttl.stale_while_revalidate, Duration::from_secs(swr), "{cc}");
+        }
 
         let now = SystemTime::now();
         let (date, expires) = (http_date_at(now, -10), http_date_at(now, 50));

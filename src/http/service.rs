@@ -396,18 +396,15 @@ fn slot_of(opts: &Options, head: &Parts) -> Option<Digest> {
 /// under http and under https (see [`url_slot_as`]); none when the key function bypasses it.
 fn slots_of(opts: &Options, head: &Parts) -> Vec<Digest> {
     match &opts.key_fn {
-        Some(f) => f(head).map(|k| user_slot(&k)).into_iter().collect(),
+        Some(_) => slot_of(opts, head).into_iter().collect(),
         None => {
             let host = head.headers.get(header::HOST);
-            // Its own (another scheme's, for an absolute target with one), then both of these.
-            let mut slots = vec![url_slot(&head.uri, host)];
-            for scheme in ["http", "https"] {
-                let slot = url_slot_as(scheme, &head.uri, host);
-                if !slots.contains(&slot) {
-                    slots.push(slot);
-                }
-            }
-            slots
+            // Its own scheme (as `url_slot` keys it), then whichever of these it is not.
+            let own = head.uri.scheme_str().unwrap_or("http");
+            std::iter::once(own)
+                .chain(["http", "https"].into_iter().filter(|s| *s != own))
+                .map(|scheme| url_slot_as(scheme, &head.uri, host))
+                .collect()
         }
     }
 }
@@ -638,26 +635,23 @@ where
             *probe.status_mut() = ps.status;
             *probe.headers_mut() = merged;
             let (probe, ()) = probe.into_parts();
-            let stored = StoredResponse::new(ps.status, &probe.headers, ps.body.clone());
-            return Ok(
-                match (decide(&policy_req, &probe, &opts.defaults), stored) {
-                    (Decision::Store { ttl, selector }, Some(stored)) => Fill::Store {
-                        value: stored.encode(),
-                        ttl,
-                        selector: selector.map(Bytes::from),
-                    },
-                    (Decision::Store { .. }, None) => own(
-                        side,
-                        "too-many-headers",
-                        Response::from_parts(probe, ResponseBody::full(ps.body)),
-                    ),
-                    (Decision::Pass(detail), _) => own(
-                        side,
-                        detail,
-                        Response::from_parts(probe, ResponseBody::full(ps.body)),
-                    ),
-                },
-            );
+            let detail = match decide(&policy_req, &probe, &opts.defaults) {
+                Decision::Store { ttl, selector } => {
+                    match StoredResponse::new(ps.status, &probe.headers, ps.body.clone()) {
+                        Some(stored) => {
+                            return Ok(Fill::Store {
+                                value: stored.encode(),
+                                ttl,
+                                selector: selector.map(Bytes::from),
+                            })
+                        }
+                        None => "too-many-headers",
+                    }
+                }
+                Decision::Pass(detail) => detail,
+            };
+            let res = Response::from_parts(probe, ResponseBody::full(ps.body));
+            return Ok(own(side, detail, res));
         }
     }
 
@@ -713,7 +707,7 @@ where
     match buffered {
         Buffered::Overflow { prefix, rest } => {
             let res = Response::from_parts(rparts, ResponseBody::stream(prefix, rest));
-            if store.is_none() {
+            if failed {
                 // Still a failure (stale-if-error, the failed signal), never a pass marker.
                 return Err(relay_failure(side, res));
             }

@@ -7,7 +7,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use super::freshness::delta_seconds;
+use super::freshness::age_value;
 use crate::entry::decimal;
 
 /// A stored response.
@@ -62,11 +62,7 @@ impl StoredResponse {
         if headers.len() > MAX_HEADERS {
             return None;
         }
-        let origin_age = headers
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| delta_seconds(v.trim()))
-            .unwrap_or(0);
+        let origin_age = age_value(headers).unwrap_or(0);
         // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
         let named: Vec<String> = headers
             .get_all(header::CONNECTION)

@@ -280,17 +280,9 @@ impl Client {
     /// connection may only be sent back on it or on an older one (see
     /// [`one_before`](Self::one_before)).
     pub(super) async fn one_on(&self, cmd: Cmd) -> BackendResult<(Reply, u64)> {
-        let server = self.server_for(&cmd);
-        let mut wire = Vec::with_capacity(96);
-        let kind = encode(&cmd, &mut wire)?;
-        let (mut replies, id) = self
-            .run(server, wire, Kinds::One(kind), None)
+        self.one_via(cmd, None)
             .await?
-            .ok_or_else(|| BackendError::new("memcached: not sent"))?;
-        let reply = replies
-            .pop()
-            .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))?;
-        Ok((reply, id))
+            .ok_or_else(|| BackendError::new("memcached: not sent"))
     }
 
     /// [`one_on`](Self::one_on), sent only on a live connection numbered below `before`, never
@@ -303,21 +295,22 @@ impl Client {
         cmd: Cmd,
         before: u64,
     ) -> BackendResult<Option<(Reply, u64)>> {
+        self.one_via(cmd, Some(before)).await
+    }
+
+    /// One command through [`run`](Self::run).
+    async fn one_via(&self, cmd: Cmd, before: Option<u64>) -> BackendResult<Option<(Reply, u64)>> {
         let server = self.server_for(&cmd);
         let mut wire = Vec::with_capacity(96);
         let kind = encode(&cmd, &mut wire)?;
-        match self
-            .run(server, wire, Kinds::One(kind), Some(before))
-            .await?
-        {
-            Some((mut replies, id)) => {
-                let reply = replies
-                    .pop()
-                    .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))?;
-                Ok(Some((reply, id)))
-            }
-            None => Ok(None),
-        }
+        let Some((mut replies, id)) = self.run(server, wire, Kinds::One(kind), before).await?
+        else {
+            return Ok(None);
+        };
+        let reply = replies
+            .pop()
+            .unwrap_or_else(|| Err(BackendError::new("memcached: reply missing")))?;
+        Ok(Some((reply, id)))
     }
 
     /// Several commands pipelined in one round trip. They must share a server (the backend only
@@ -359,11 +352,7 @@ impl Client {
     }
 
     fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
-        self.server_for_key(cmd.key())
-    }
-
-    fn server_for_key(&self, key: &str) -> &Arc<Server> {
-        let i = server_index(key.as_bytes(), &self.inner.ids);
+        let i = server_index(cmd.key().as_bytes(), &self.inner.ids);
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
     }
 
@@ -404,10 +393,8 @@ impl Client {
                 conn
             }
             // The live connections old enough, from slot `i` on: the first that takes the job.
-            Some(before) => {
+            Some(before) => 'found: {
                 let n = server.slots.len();
-                let mut left = Some(job);
-                let mut took = None;
                 for k in 0..n {
                     let j = (i + k) % n;
                     let Some(c) = lock(&server.slots[j].live).clone() else {
@@ -416,22 +403,15 @@ impl Client {
                     if c.id >= before {
                         continue;
                     }
-                    let Some(job) = left.take() else { break };
                     match c.jobs.send(job) {
-                        Ok(()) => {
-                            took = Some(c);
-                            break;
-                        }
+                        Ok(()) => break 'found c,
                         Err(mpsc::error::SendError(back)) => {
                             forget(server, j, c.id);
-                            left = Some(back);
+                            job = back;
                         }
                     }
                 }
-                match took {
-                    Some(c) => c,
-                    None => return Ok(None),
-                }
+                return Ok(None);
             }
         };
         let id = conn.id;
