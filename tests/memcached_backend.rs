@@ -409,8 +409,10 @@ async fn an_oversized_value_is_not_stored_and_the_engine_passes() {
         conformance::entry(f, t, &fits)
     );
 
-    // A backend told the items may be larger than the server takes: the server's refusal gives
-    // the same outcome.
+    // A backend told the items may be larger than the server takes holds them to the server's
+    // own limit, which its connection read: the server is never sent an item it would refuse
+    // (memcached deletes what the key holds when it refuses one). Over a record stored first,
+    // still there after.
     let optimistic = MemcachedBackend::builder(server.url())
         .item_size_limit(4 * 1024 * 1024)
         .build()
@@ -420,12 +422,29 @@ async fn an_oversized_value_is_not_stored_and_the_engine_passes() {
     let (t, f) = acquire(&optimistic, &s, ten, 0).await;
     assert_eq!(
         optimistic
+            .write(write_of(s, t, f, b"small", false))
+            .await
+            .unwrap(),
+        WriteOutcome::Stored
+    );
+    let too_large = server.stat("store_too_large");
+    assert_eq!(
+        optimistic
             .write(write_of(s, t, f, &big, true))
             .await
             .unwrap(),
         WriteOutcome::TooLarge
     );
-    assert!(optimistic.fetch(&s, None).await.unwrap().entry.is_none());
+    assert_eq!(
+        server.stat("store_too_large"),
+        too_large,
+        "the server was sent an item over its -I"
+    );
+    assert_eq!(
+        optimistic.fetch(&s, None).await.unwrap().entry,
+        Some(conformance::entry(f, t, b"small")),
+        "the stored record was lost"
+    );
     assert!(
         optimistic.extend(&s, t, ten).await.unwrap(),
         "still our lease"

@@ -83,10 +83,15 @@
 //! # Item size
 //!
 //! Memcached refuses items over its item size limit (`-I`, 1 MiB by default), key and about 60
-//! bytes of item header included. Records that do not fit the configured limit are refused
-//! before anything is sent ([`WriteOutcome::TooLarge`]); a server that answers
-//! `SERVER_ERROR object too large` (its `-I` is below the configured limit) gives the same
-//! outcome.
+//! bytes of item header included, and answers a larger `ms` with `SERVER_ERROR object too
+//! large` *after deleting the item stored under its key* (memcached 1.6.18), which may be a
+//! newer holder's record. So records that do not fit are refused before anything is sent
+//! ([`WriteOutcome::TooLarge`]). The limit is the configured
+//! [`item_size_limit`](MemcachedBuilder::item_size_limit), or the server's own when that is
+//! lower: each new connection reads it (`stats settings`, `item_size_max`) before its first
+//! command, one round trip per connection, and a lower one is logged as a warning. A server
+//! that does not say (a proxy answering `ERROR`) is held to the configured limit, and its
+//! `SERVER_ERROR object too large` gives the same outcome.
 
 mod client;
 
@@ -255,11 +260,11 @@ impl MemcachedBuilder {
         self
     }
 
-    /// The largest item the servers take, key and item header included: memcached's `-I`
-    /// (default 1 MiB). A record that does not fit is refused as
-    /// [`WriteOutcome::TooLarge`] before anything is written. Never set it above the servers'
-    /// `-I`: memcached answers a larger item with `SERVER_ERROR object too large` and deletes
-    /// the item stored under its key (memcached 1.6.18), which may be a newer holder's record.
+    /// The largest item to store, key and item header included (default 1 MiB, memcached's
+    /// default `-I`). A record that does not fit is refused as [`WriteOutcome::TooLarge`]
+    /// before anything is written. A server whose own limit (`-I`) is lower holds its keys to
+    /// that one: each connection reads it when it is made (see [Item size](self#item-size)).
+    /// Values stored by others above this limit are not read: their keys' calls fail open.
     pub fn item_size_limit(mut self, bytes: usize) -> Self {
         self.item_size_limit = bytes;
         self
@@ -424,8 +429,16 @@ impl MemcachedBackend {
         self.inner.client.one(cmd).await
     }
 
+    /// Whether the record fits the item size limit: the configured one, or the key's server's
+    /// own when that is lower (read by each connection when it is made).
     fn fits(&self, key: &str, record: &[u8]) -> bool {
-        key.len() + record.len() + ITEM_OVERHEAD <= self.inner.item_size_limit
+        let limit = self.inner.item_size_limit;
+        let limit = self
+            .inner
+            .client
+            .item_size_max(key)
+            .map_or(limit, |n| n.min(limit));
+        key.len() + record.len() + ITEM_OVERHEAD <= limit
     }
 
     // --- the held-lease map -------------------------------------------------------------------
@@ -936,17 +949,19 @@ impl MemcachedBackend {
         entry_key: &str,
         variant: Option<&(String, &Bytes)>,
     ) -> BackendResult<WriteOutcome> {
+        let mut reads = vec![get(entry_key, true, true, false)];
+        if let Some((k, _)) = variant {
+            reads.push(get(k, true, true, false));
+        }
+        let mut replies = self.inner.client.batch(reads).await.into_iter();
+        // Checked after the read, which dialled the server if nothing had: a new connection
+        // reads the server's own limit, and a larger `ms` would delete what the key holds.
         if !self.fits(entry_key, &w.entry)
             || variant.as_ref().is_some_and(|(k, b)| !self.fits(k, b))
         {
             // Nothing written, the lease untouched, no signal (see WriteOutcome::TooLarge).
             return Ok(WriteOutcome::TooLarge);
         }
-        let mut reads = vec![get(entry_key, true, true, false)];
-        if let Some((k, _)) = variant {
-            reads.push(get(k, true, true, false));
-        }
-        let mut replies = self.inner.client.batch(reads).await.into_iter();
         let entry_verdict = self
             .judge(entry_key, next(&mut replies)?, w.fence, w.token)
             .await?;

@@ -158,6 +158,9 @@ struct Server {
     slots: Vec<Slot>,
     rr: AtomicUsize,
     next_id: AtomicU64,
+    /// The server's own item size limit (`item_size_max`), as its latest connection read it
+    /// when it was made; 0 until one has, or when the server does not say.
+    item_max: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -260,6 +263,7 @@ impl Client {
                 slots: (0..n).map(|_| Slot::default()).collect(),
                 rr: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
+                item_max: AtomicUsize::new(0),
             }));
         }
         Ok(Client {
@@ -352,8 +356,19 @@ impl Client {
     }
 
     fn server_for(&self, cmd: &Cmd) -> &Arc<Server> {
-        let i = server_index(cmd.key().as_bytes(), &self.inner.ids);
+        self.server_of(cmd.key())
+    }
+
+    fn server_of(&self, key: &str) -> &Arc<Server> {
+        let i = server_index(key.as_bytes(), &self.inner.ids);
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
+    }
+
+    /// The item size limit of the server that holds `key`, as its latest connection read it
+    /// (`stats settings`) when it was made: `None` before any connection to it, or when the
+    /// server does not say.
+    pub(super) fn item_size_max(&self, key: &str) -> Option<usize> {
+        Some(self.server_of(key).item_max.load(Ordering::Relaxed)).filter(|n| *n > 0)
     }
 
     /// Puts one job on a connection of `server` and waits for its replies, with the number of
@@ -441,10 +456,34 @@ impl Client {
             if let Some(c) = lock(&slot.live).as_ref() {
                 return Ok(c.clone());
             }
-            let stream = TcpStream::connect(server.addrs.as_slice())
+            let mut stream = TcpStream::connect(server.addrs.as_slice())
                 .await
                 .map_err(|e| BackendError::with_source("memcached: connect", e))?;
             let _ = stream.set_nodelay(true);
+            // Before any command: the limit applies to what this connection will carry, and
+            // a server restarted with another `-I` is read again by its new connections.
+            // A round trip like any other: bounded by the I/O timeout.
+            let limit = tokio::time::timeout(opts.io_timeout, read_item_size_max(&mut stream))
+                .await
+                .map_err(|_| {
+                    BackendError::new(format!(
+                        "memcached: no reply within {:?} to stats settings",
+                        opts.io_timeout
+                    ))
+                })?
+                .map_err(|e| {
+                    BackendError::with_source("memcached: reading the server's settings", e)
+                })?;
+            let before = server.item_max.swap(limit.unwrap_or(0), Ordering::Relaxed);
+            if let Some(n) = limit.filter(|n| *n < opts.max_value && *n != before) {
+                tracing::warn!(
+                    server = %self.inner.ids[server_position(&self.inner.servers, server)],
+                    item_size_max = n,
+                    item_size_limit = opts.max_value,
+                    "memcached: the server takes smaller items than the configured \
+                     item_size_limit; its keys use the server's limit"
+                );
+            }
             let (jobs, rx) = mpsc::unbounded_channel();
             let conn = Conn {
                 id: server.next_id.fetch_add(1, Ordering::Relaxed),
@@ -469,6 +508,70 @@ impl Client {
                 "memcached: connect: timed out after {:?}",
                 opts.connect_timeout
             ))),
+        }
+    }
+}
+
+/// Where `server` is in `servers` (for its name in logs).
+fn server_position(servers: &[Arc<Server>], server: &Arc<Server>) -> usize {
+    servers
+        .iter()
+        .position(|s| Arc::ptr_eq(s, server))
+        .unwrap_or(0)
+}
+
+/// The longest `stats settings` reply read (memcached 1.6's is about 3 KiB).
+const MAX_SETTINGS: usize = 64 * 1024;
+
+/// Asks a new connection's server for its settings and reads its item size limit
+/// (`STAT item_size_max <bytes>`): the largest item, header and key included, it stores.
+/// memcached answers a larger `ms` with `SERVER_ERROR object too large` and deletes what its key
+/// held, so the backend must never send one. `None` when the server does not say (it answers
+/// `ERROR`, as a proxy may, or lists no such line); an answer that is not a settings list is an
+/// error, as on any connection out of step.
+async fn read_item_size_max(stream: &mut TcpStream) -> std::io::Result<Option<usize>> {
+    stream.write_all(b"stats settings\r\n").await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut found = None;
+    let mut first = true;
+    loop {
+        while let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = buf.split_to(end + 2);
+            let line = &line[..end];
+            let refused = first
+                && [&b"ERROR"[..], b"CLIENT_ERROR", b"SERVER_ERROR"]
+                    .iter()
+                    .any(|p| line.starts_with(p));
+            first = false;
+            if line == b"END" || refused {
+                if !buf.is_empty() {
+                    return Err(protocol("bytes after the reply to stats settings"));
+                }
+                return Ok(found);
+            }
+            let Some(stat) = line.strip_prefix(b"STAT ") else {
+                return Err(protocol(
+                    "a reply to stats settings that is not a STAT line",
+                ));
+            };
+            if let Some(n) = stat.strip_prefix(b"item_size_max ") {
+                let n = std::str::from_utf8(n)
+                    .ok()
+                    .and_then(|n| n.parse::<usize>().ok());
+                found =
+                    Some(n.filter(|n| *n > 0).ok_or_else(|| {
+                        protocol("an item_size_max that is not a positive number")
+                    })?);
+            }
+        }
+        if buf.len() > MAX_SETTINGS {
+            return Err(protocol("a reply to stats settings longer than 64 KiB"));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
         }
     }
 }
@@ -968,6 +1071,66 @@ pub(super) fn valid_host_port(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What [`read_item_size_max`] makes of a server that answers `stats settings` with
+    /// `reply`, written in pieces of `chunk` bytes, then closes the connection.
+    async fn settings_from(reply: &'static [u8], chunk: usize) -> std::io::Result<Option<usize>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut line = [0u8; 16];
+            sock.read_exact(&mut line).await.unwrap();
+            assert_eq!(&line, b"stats settings\r\n");
+            for piece in reply.chunks(chunk) {
+                sock.write_all(piece).await.unwrap();
+                sock.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let got = read_item_size_max(&mut stream).await;
+        drop(stream);
+        server.await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn the_servers_item_size_limit_is_read_from_its_settings() {
+        let list: &[u8] = b"STAT maxbytes 67108864\r\nSTAT item_size_max 65536\r\n\
+                            STAT slab_chunk_max 32768\r\nEND\r\n";
+        for chunk in [1, 7, list.len()] {
+            assert_eq!(settings_from(list, chunk).await.unwrap(), Some(65536));
+        }
+        // A server that does not say is held to the configured limit.
+        let unknown: [&'static [u8]; 4] = [
+            b"ERROR\r\n",
+            b"CLIENT_ERROR no stats here\r\n",
+            b"SERVER_ERROR busy\r\n",
+            b"STAT maxbytes 1\r\nEND\r\n",
+        ];
+        for reply in unknown {
+            assert_eq!(settings_from(reply, 3).await.unwrap(), None);
+        }
+        // Anything else is a stream out of step: the connection is not used.
+        let bad: [&'static [u8]; 6] = [
+            b"STAT item_size_max lots\r\nEND\r\n",
+            b"STAT item_size_max 0\r\nEND\r\n",
+            b"VA 1 c1\r\nx\r\nEND\r\n",
+            b"STAT item_size_max 1024\r\nEND\r\nHD\r\n",
+            b"STAT item_size_max 1024\r\n",
+            b"STAT item_size_max 1024\r\nERROR\r\n",
+        ];
+        for reply in bad {
+            // One write, so bytes after the END arrive with it.
+            let got = settings_from(reply, reply.len()).await;
+            assert!(
+                got.is_err(),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+    }
 
     #[test]
     fn routes_by_the_hash_tag_only() {
