@@ -1011,7 +1011,30 @@ async fn a_server_that_is_down_is_an_error_and_the_engine_fails_open() {
     let url = server.url();
     server.kill();
     let b = MemcachedBackend::connect(url).await.unwrap();
-    assert!(b.fetch(&Digest::of_key("x"), None).await.is_err());
+    fails_open(b, "connect to 127.0.0.1:").await;
+}
+
+/// A server whose name does not resolve (yet: a container not started) is not an error of the
+/// build: its calls fail, naming it, and the engine fails open; every dial resolves the name
+/// again, so the server is reached once it does.
+#[tokio::test]
+async fn a_server_name_that_does_not_resolve_fails_the_calls_not_the_build() {
+    let b = MemcachedBackend::builder("memcache://cache.invalid:11211")
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .expect("built without resolving");
+    fails_open(b, "cache.invalid:11211").await;
+}
+
+/// The backend's calls fail with an error that says `why`, and the engine serves from the
+/// source (`Bypass`).
+async fn fails_open(b: MemcachedBackend, why: &str) {
+    let e = b
+        .fetch(&Digest::of_key("x"), None)
+        .await
+        .expect_err("nothing to reach");
+    assert!(e.to_string().contains(why), "{e}");
     let engine = Stampede::with_config(b, config()).unwrap();
     let served = engine
         .get_or_fill("x", || async {

@@ -300,8 +300,10 @@ impl MemcachedBuilder {
         self
     }
 
-    /// Parses the URLs and resolves the servers. Connections are dialled on first use, so a
-    /// server that is down now makes calls fail (and the engine fail open) until it is back.
+    /// Parses the URLs. Nothing is resolved or dialled here: connections are made on first
+    /// use, each resolving its server's name again, so a server that is down now (or whose
+    /// name does not resolve yet) makes calls fail (and the engine fail open) until it is
+    /// back, and one that comes back at another address (a container restarted) is found.
     pub async fn build(self) -> BackendResult<MemcachedBackend> {
         let mut servers = Vec::new();
         for url in &self.urls {
@@ -316,7 +318,7 @@ impl MemcachedBuilder {
             max_value: self.item_size_limit,
             ..self.opts
         };
-        let client = Client::new(&servers, &opts).await?;
+        let client = Client::new(&servers, &opts)?;
         Ok(MemcachedBackend {
             inner: Arc::new(Inner {
                 client,

@@ -154,7 +154,10 @@ struct Inner {
 }
 
 struct Server {
-    addrs: Vec<SocketAddr>,
+    /// `host:port`, resolved at every dial: a server that comes back at another address (a
+    /// container restarted) is found again, and one whose name does not resolve yet is only
+    /// an error of the calls made meanwhile.
+    name: String,
     slots: Vec<Slot>,
     rr: AtomicUsize,
     next_id: AtomicU64,
@@ -235,31 +238,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Client {
-    /// Resolves the servers (`host:port` each); connections are dialled on first use, so a
-    /// server that is down now surfaces as errors on use, not here.
-    pub(super) async fn new(servers: &[String], opts: &Options) -> BackendResult<Self> {
+    /// A client of the servers (`host:port` each). Nothing is resolved or dialled here:
+    /// connections are made on first use, so a server that is down (or whose name does not
+    /// resolve yet) surfaces as errors of the calls, not here.
+    pub(super) fn new(servers: &[String], opts: &Options) -> BackendResult<Self> {
         if servers.is_empty() {
             return Err(BackendError::new("memcached: no server given"));
         }
         let n = opts.connections_per_server.max(1);
         let mut out = Vec::with_capacity(servers.len());
         for s in servers {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(s.as_str())
-                .await
-                .map_err(|e| {
-                    BackendError::with_source(
-                        format!("memcached: cannot resolve the server {s:?}"),
-                        e,
-                    )
-                })?
-                .collect();
-            if addrs.is_empty() {
-                return Err(BackendError::new(format!(
-                    "memcached: the server {s:?} resolves to no address"
-                )));
-            }
             out.push(Arc::new(Server {
-                addrs,
+                name: s.clone(),
                 slots: (0..n).map(|_| Slot::default()).collect(),
                 rr: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
@@ -456,9 +446,11 @@ impl Client {
             if let Some(c) = lock(&slot.live).as_ref() {
                 return Ok(c.clone());
             }
-            let mut stream = TcpStream::connect(server.addrs.as_slice())
+            let mut stream = TcpStream::connect(server.name.as_str())
                 .await
-                .map_err(|e| BackendError::with_source("memcached: connect", e))?;
+                .map_err(|e| {
+                    BackendError::with_source(format!("memcached: connect to {}", server.name), e)
+                })?;
             let _ = stream.set_nodelay(true);
             // Before any command: the limit applies to what this connection will carry, and
             // a server restarted with another `-I` is read again by its new connections.
@@ -477,7 +469,7 @@ impl Client {
             let before = server.item_max.swap(limit.unwrap_or(0), Ordering::Relaxed);
             if let Some(n) = limit.filter(|n| *n < opts.max_value && *n != before) {
                 tracing::warn!(
-                    server = %self.inner.ids[server_position(&self.inner.servers, server)],
+                    server = %server.name,
                     item_size_max = n,
                     item_size_limit = opts.max_value,
                     "memcached: the server takes smaller items than the configured \
@@ -505,19 +497,11 @@ impl Client {
         match tokio::time::timeout(opts.connect_timeout, dial).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::new(format!(
-                "memcached: connect: timed out after {:?}",
-                opts.connect_timeout
+                "memcached: connect to {}: timed out after {:?}",
+                server.name, opts.connect_timeout
             ))),
         }
     }
-}
-
-/// Where `server` is in `servers` (for its name in logs).
-fn server_position(servers: &[Arc<Server>], server: &Arc<Server>) -> usize {
-    servers
-        .iter()
-        .position(|s| Arc::ptr_eq(s, server))
-        .unwrap_or(0)
 }
 
 /// The longest `stats settings` reply read (memcached 1.6's is about 3 KiB).
