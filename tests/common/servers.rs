@@ -69,7 +69,7 @@ impl Server {
         assert!(
             which(bin),
             "`{bin}` is not on PATH. The tests start their own {bin} processes; run the README's \
-             test command (`bash .ci/test`), which installs it, or `apt-get install {}`.",
+             test command (`./scripts/test`), which installs it, or `apt-get install {}`.",
             if kind == Kind::Redis {
                 "redis-server"
             } else {
