@@ -225,6 +225,16 @@ impl Service<Request<Body>> for Proxy {
             // client for more is the client's fault (408); one the upstream stopped reading
             // (its socket full, no more asked for) is the upstream's (504).
             let progress = (!hyper::body::Body::is_end_stream(req.body())).then(|| {
+                // A body of unknown length goes on chunked: hyper's client chunks it by itself
+                // for most methods, but sends none at all for a GET or HEAD unless told to.
+                if hyper::body::Body::size_hint(req.body()).exact().is_none()
+                    && !req.headers().contains_key(header::CONTENT_LENGTH)
+                {
+                    req.headers_mut().insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
+                }
                 let p = Arc::new(Progress::default());
                 let body = std::mem::take(req.body_mut());
                 *req.body_mut() = BodyExt::boxed(Tracked {
