@@ -612,6 +612,49 @@ async fn a_stale_entry_is_revalidated_with_its_validators() {
     assert_eq!(origin.calls(), 2);
 }
 
+/// RFC 9111 section 4.3.4: a 304 that names another entity-tag (here an origin that moved to
+/// "e2" and answers any conditional request with 304) does not freshen the stored "e1"
+/// response: the layer asks again without conditions and stores what it gets.
+#[tokio::test(start_paused = true)]
+async fn a_304_for_another_entity_tag_does_not_freshen_the_stored_response() {
+    let origin = Origin::new(ms(1), |req, n| {
+        let tag = if n == 1 { "\"e1\"" } else { "\"e2\"" };
+        let mut r = if req.headers().contains_key(header::IF_NONE_MATCH) {
+            let mut r = Response::new(Full::default());
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, "max-age=60".parse().unwrap());
+            r
+        } else {
+            ok("max-age=60", format!("body of {tag}"))
+        };
+        r.headers_mut().insert(header::ETAG, tag.parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let u = "http://a.test/moved";
+    send(&svc, get(u)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let g = send(&svc, get(u)).await;
+    assert_eq!(&g.body[..], b"body of \"e2\"", "{}", g.cs());
+    assert_eq!(g.headers.get(header::ETAG).unwrap(), "\"e2\"");
+    assert!(g.cs().contains("fwd-status=200; stored"), "{}", g.cs());
+    assert_eq!(
+        origin.calls(),
+        3,
+        "the 304, then the request without conditions"
+    );
+    {
+        let seen = origin.seen.lock().unwrap();
+        assert!(seen[1].1.contains_key(header::IF_NONE_MATCH));
+        assert!(!seen[2].1.contains_key(header::IF_NONE_MATCH));
+        assert!(!seen[2].1.contains_key(header::IF_MODIFIED_SINCE));
+    }
+    let g = send(&svc, get(u)).await;
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    assert_eq!(&g.body[..], b"body of \"e2\"");
+}
+
 #[tokio::test(start_paused = true)]
 async fn bodies_above_max_body_stream_through_uncached() {
     let big = Bytes::from(vec![b'x'; 10_000]);

@@ -576,15 +576,21 @@ where
     // HEAD becomes GET, so the entry serves both; but on a URL that is not cacheable nobody
     // else gets this response, and a GET would fetch a body only to drop it.
     let head_pass = parts.method == Method::HEAD && crate::engine::fill_is_pass();
-    let mut req = Request::new(ReqB::default());
-    *req.method_mut() = if head_pass { Method::HEAD } else { Method::GET };
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = sent;
-    // The leader's extensions (connection info...) travel with the fill, like its headers.
-    *req.extensions_mut() = parts.extensions.clone();
+    let request = |headers: HeaderMap| {
+        let mut req = Request::new(ReqB::default());
+        *req.method_mut() = if head_pass { Method::HEAD } else { Method::GET };
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = headers;
+        // The leader's extensions (connection info...) travel with the fill, like its headers.
+        *req.extensions_mut() = parts.extensions.clone();
+        req
+    };
     // Revalidate a stale entry with its validators.
-    let prev_stored = prev.as_ref().and_then(|p| StoredResponse::decode(&p.value));
+    let mut prev_stored = prev.as_ref().and_then(|p| StoredResponse::decode(&p.value));
+    // The request without them, for a 304 that answers another representation (below).
+    let unconditional = prev_stored.as_ref().map(|_| sent.clone());
+    let mut req = request(sent);
     if let Some(ps) = &prev_stored {
         if let Some(etag) = ps.headers.get(header::ETAG) {
             // `try_`: a caller's map may already hold all the names a `HeaderMap` can (an
@@ -603,7 +609,30 @@ where
     std::future::poll_fn(|cx| inner.poll_ready(cx))
         .await
         .map_err(Into::into)?;
-    let res = inner.call(req).await.map_err(Into::into)?;
+    let mut res = inner.call(req).await.map_err(Into::into)?;
+    // RFC 9111 section 4.3.4: a 304 whose entity-tag is not the stored response's (another
+    // origin server's representation, answering the If-Modified-Since sent beside) must not
+    // freshen it. Asked again without conditions, and that answer judged on its own.
+    if let (Some(ps), Some(headers)) = (&prev_stored, unconditional) {
+        if res.status() == StatusCode::NOT_MODIFIED
+            && !same_representation(
+                ps.headers.get(header::ETAG),
+                res.headers().get(header::ETAG),
+            )
+        {
+            tracing::debug!(
+                path = %parts.uri.path(),
+                "a 304 named another entity-tag than the stored response's; asked again without \
+                 conditions"
+            );
+            prev_stored = None;
+            drop(res);
+            std::future::poll_fn(|cx| inner.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            res = inner.call(request(headers)).await.map_err(Into::into)?;
+        }
+    }
     let (rparts, body) = res.into_parts();
     if prev.is_some() {
         lock(side).revalidated = Some(rparts.status);
@@ -1081,6 +1110,22 @@ fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Whether a 304 with entity-tag `new` may freshen a stored response with entity-tag `stored`
+/// (RFC 9111 section 4.3.4): a 304 without one may (the origin kept no validator, or answered
+/// an If-Modified-Since); one with a strong tag needs the same strong tag stored, one with a
+/// weak tag the same tag by the weak comparison (RFC 9110 section 8.8.3.2).
+fn same_representation(stored: Option<&HeaderValue>, new: Option<&HeaderValue>) -> bool {
+    let Some(new) = new else { return true };
+    let Some(stored) = stored else { return false };
+    let (new, stored) = (new.as_bytes().trim_ascii(), stored.as_bytes().trim_ascii());
+    if new.starts_with(b"W/") {
+        let weak = |t: &'_ [u8]| t.strip_prefix(b"W/").unwrap_or(t).to_vec();
+        weak(new) == weak(stored)
+    } else {
+        new == stored
+    }
+}
+
 fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }
@@ -1263,6 +1308,33 @@ mod tests {
         let junk = Bytes::from_static(b"\xff\xff\x00\x00\x00\x00\x09\x00");
         for _ in 0..3 {
             assert!(decoded(junk.clone()).is_none());
+        }
+    }
+
+    #[test]
+    fn a_304_freshens_only_the_representation_it_names() {
+        let h = |s: &'static str| Some(HeaderValue::from_static(s));
+        let cases = [
+            // (stored, 304's, may freshen)
+            (h("\"a\""), h("\"a\""), true),
+            (h("\"a\""), h(" \"a\" "), true),
+            (h("\"a\""), h("\"b\""), false),
+            // A strong tag needs the same strong tag stored; a weak one compares weakly.
+            (h("W/\"a\""), h("\"a\""), false),
+            (h("\"a\""), h("W/\"a\""), true),
+            (h("W/\"a\""), h("W/\"a\""), true),
+            (h("W/\"a\""), h("W/\"b\""), false),
+            // None stored: only a 304 without a tag.
+            (None, h("\"a\""), false),
+            (None, None, true),
+            (h("\"a\""), None, true),
+        ];
+        for (stored, new, want) in cases {
+            assert_eq!(
+                same_representation(stored.as_ref(), new.as_ref()),
+                want,
+                "{stored:?} {new:?}"
+            );
         }
     }
 
