@@ -1027,6 +1027,47 @@ async fn a_server_name_that_does_not_resolve_fails_the_calls_not_the_build() {
     fails_open(b, "cache.invalid:11211").await;
 }
 
+/// A server far away (100 ms each way) behind a tight connect timeout: dialling is quick, and
+/// the new connection's first round trip (reading the server's settings) is bounded by the
+/// I/O timeout, not the connect timeout, so the server is reached; a server that answers
+/// nothing is given up on at the I/O timeout, saying so.
+#[tokio::test]
+async fn a_far_server_is_reached_though_a_round_trip_exceeds_the_connect_timeout() {
+    let server = Server::memcached();
+    let port = common::slow_relay(server.addr(), Duration::from_millis(100)).await;
+    let b = MemcachedBackend::builder(format!("memcache://127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(50))
+        .io_timeout(Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let s = Digest::of_key("far");
+    let (t, f) = acquire(&b, &s, Duration::from_secs(10), 0).await;
+    assert_eq!(
+        b.write(write_of(s, t, f, b"v", true)).await.unwrap(),
+        WriteOutcome::Stored
+    );
+
+    let silent = common::raw_server(|sock| async move {
+        // Accepts, reads nothing, answers nothing, until the client goes.
+        let mut sock = sock;
+        let mut buf = [0u8; 64];
+        use tokio::io::AsyncReadExt;
+        while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let b = MemcachedBackend::builder(format!("memcache://{silent}"))
+        .io_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let e = b.fetch(&s, None).await.expect_err("nothing answers");
+    assert!(
+        e.to_string().contains("no reply to stats settings") && e.to_string().contains("200ms"),
+        "{e}"
+    );
+}
+
 /// The backend's calls fail with an error that says `why`, and the engine serves from the
 /// source (`Bypass`).
 async fn fails_open(b: MemcachedBackend, why: &str) {
@@ -1054,7 +1095,9 @@ async fn sigstop_fails_open_and_sigcont_brings_hits_back() {
         .await
         .unwrap();
     // The backend's own call to a stopped server ends with an error (bounded by its I/O
-    // timeout; the outer timeout only keeps a regression from hanging the suite).
+    // timeout; the outer timeout only keeps a regression from hanging the suite). Connected
+    // first, so the call waits on a live connection.
+    backend.fetch(&Digest::of_key("k"), None).await.unwrap();
     server.pause();
     let direct = tokio::time::timeout(
         Duration::from_secs(20),

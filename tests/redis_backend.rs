@@ -1014,46 +1014,6 @@ async fn a_url_with_user_password_and_db_is_honoured() {
     eprintln!("{err}");
 }
 
-/// A TCP relay to `to` that holds every chunk `delay` before passing it on, both ways: a
-/// Redis far away (each round trip at least `2 x delay`).
-async fn slow_relay(to: String, delay: Duration) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    async fn pipe(
-        mut r: tokio::net::tcp::OwnedReadHalf,
-        mut w: tokio::net::tcp::OwnedWriteHalf,
-        delay: Duration,
-    ) {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            tokio::time::sleep(delay).await;
-            if w.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let to = to.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(&to).await else {
-                    return;
-                };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, delay));
-                pipe(sr, cw, delay).await;
-            });
-        }
-    });
-    port
-}
-
 /// A connection whose setup (dial, handshake, loading the scripts) takes longer than the
 /// engine's per-call timeout, while each command fits in it, is still made: the caller that
 /// started it gives up, and the callers after use it. Before, each caller's timeout dropped
@@ -1063,7 +1023,7 @@ async fn slow_relay(to: String, delay: Duration) -> u16 {
 async fn a_connection_slower_to_set_up_than_a_calls_timeout_is_still_made() {
     let server = Server::redis();
     // 100 ms a round trip; a command takes one, the setup at least three.
-    let port = slow_relay(server.addr(), Duration::from_millis(50)).await;
+    let port = common::slow_relay(server.addr(), Duration::from_millis(50)).await;
     let b = RedisBackend::builder(format!("redis://127.0.0.1:{port}"))
         .timeout(Duration::from_secs(5))
         .build()

@@ -90,8 +90,10 @@
 //! [`item_size_limit`](MemcachedBuilder::item_size_limit), or the server's own when that is
 //! lower: each new connection reads it (`stats settings`, `item_size_max`) before its first
 //! command, one round trip per connection, and a lower one is logged as a warning. A server
-//! that does not say (a proxy answering `ERROR`) is held to the configured limit, and its
-//! `SERVER_ERROR object too large` gives the same outcome.
+//! that does not say (mcrouter answers `CLIENT_ERROR`) is held to the configured limit, and
+//! its `SERVER_ERROR object too large` gives the same outcome. Behind a proxy (memcached's
+//! own proxy answers `stats settings` itself, with its own limit), never configure a limit
+//! above the servers' `-I`.
 
 mod client;
 
@@ -118,7 +120,7 @@ const MAX_RELATIVE_SECS: u64 = 30 * 24 * 60 * 60;
 const COUNTER_SECS: u32 = MAX_RELATIVE_SECS as u32;
 /// Memcached's per-item overhead counted against the item size limit (item header, CAS, the
 /// key's terminator, the value's CRLF, client flags), rounded up. Measured on 1.6.18: 59 bytes
-/// without client flags, 66 with.
+/// without client flags, 63 with.
 const ITEM_OVERHEAD: usize = 72;
 /// CAS races a fenced write or an invalidation retries before it reports an error.
 const CAS_ATTEMPTS: usize = 8;
@@ -285,7 +287,9 @@ impl MemcachedBuilder {
         self
     }
 
-    /// How long dialling a server (or waiting for a pooled connection) may take (default 1 s).
+    /// How long resolving and dialling a server may take (default 1 s). The new connection's
+    /// first round trip (reading the server's settings) is an I/O round trip, bounded by
+    /// [`io_timeout`](Self::io_timeout).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.opts.connect_timeout = d;
         self
@@ -301,9 +305,12 @@ impl MemcachedBuilder {
     }
 
     /// Parses the URLs. Nothing is resolved or dialled here: connections are made on first
-    /// use, each resolving its server's name again, so a server that is down now (or whose
-    /// name does not resolve yet) makes calls fail (and the engine fail open) until it is
-    /// back, and one that comes back at another address (a container restarted) is found.
+    /// use, resolving their server's name (again at most once a second; the last addresses
+    /// found are kept while it does not resolve), so a server that is down now (or whose name
+    /// does not resolve yet) makes calls fail (and the engine fail open) until it is back, and
+    /// one that comes back at another address (a container restarted) is found. A name must
+    /// reach one memcached process: when it reaches a new address, the connections to the old
+    /// one are closed.
     pub async fn build(self) -> BackendResult<MemcachedBackend> {
         let mut servers = Vec::new();
         for url in &self.urls {
@@ -904,6 +911,11 @@ impl MemcachedBackend {
                 Verdict::Absent => Cond::Add,
                 Verdict::Replace(cas) => Cond::Cas(cas),
             };
+            // Again before each `ms`: a re-read may have dialled a server restarted with a
+            // lower limit.
+            if !self.fits(key, record) {
+                return Ok(WriteOutcome::TooLarge);
+            }
             let set = Cmd::Set {
                 key: key.to_string(),
                 value: record.clone(),
@@ -951,17 +963,22 @@ impl MemcachedBackend {
         entry_key: &str,
         variant: Option<&(String, &Bytes)>,
     ) -> BackendResult<WriteOutcome> {
+        // Nothing written, the lease untouched, no signal (see WriteOutcome::TooLarge).
+        let too_large = || {
+            !self.fits(entry_key, &w.entry)
+                || variant.as_ref().is_some_and(|(k, b)| !self.fits(k, b))
+        };
+        if too_large() {
+            return Ok(WriteOutcome::TooLarge);
+        }
         let mut reads = vec![get(entry_key, true, true, false)];
         if let Some((k, _)) = variant {
             reads.push(get(k, true, true, false));
         }
         let mut replies = self.inner.client.batch(reads).await.into_iter();
-        // Checked after the read, which dialled the server if nothing had: a new connection
+        // Again after the read, which dialled the server if nothing had: a new connection
         // reads the server's own limit, and a larger `ms` would delete what the key holds.
-        if !self.fits(entry_key, &w.entry)
-            || variant.as_ref().is_some_and(|(k, b)| !self.fits(k, b))
-        {
-            // Nothing written, the lease untouched, no signal (see WriteOutcome::TooLarge).
+        if too_large() {
             return Ok(WriteOutcome::TooLarge);
         }
         let entry_verdict = self

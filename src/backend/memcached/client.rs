@@ -158,11 +158,15 @@ struct Server {
     /// container restarted) is found again, and one whose name does not resolve yet is only
     /// an error of the calls made meanwhile.
     name: String,
+    /// The addresses its name last resolved to, and when (see [`Server::resolve`]).
+    resolved: Mutex<Option<(Vec<SocketAddr>, Instant)>>,
+    /// The address its latest connection reached.
+    peer: Mutex<Option<SocketAddr>>,
     slots: Vec<Slot>,
     rr: AtomicUsize,
     next_id: AtomicU64,
-    /// The server's own item size limit (`item_size_max`), as its latest connection read it
-    /// when it was made; 0 until one has, or when the server does not say.
+    /// The server's own item size limit (`item_size_max`), as the latest connection that
+    /// could read it read it when it was made; 0 until one has.
     item_max: AtomicUsize,
 }
 
@@ -250,6 +254,8 @@ impl Client {
         for s in servers {
             out.push(Arc::new(Server {
                 name: s.clone(),
+                resolved: Mutex::new(None),
+                peer: Mutex::new(None),
                 slots: (0..n).map(|_| Slot::default()).collect(),
                 rr: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
@@ -441,70 +447,122 @@ impl Client {
             return Ok(c.clone());
         }
         let opts = &self.inner.opts;
-        let dial = async {
-            let _dialing = slot.dialing.lock().await;
-            if let Some(c) = lock(&slot.live).as_ref() {
-                return Ok(c.clone());
-            }
-            let mut stream = TcpStream::connect(server.name.as_str())
+        let name = &server.name;
+        let timed_out = |what: &str, d: Duration| {
+            BackendError::new(format!("memcached: {what} {name}: timed out after {d:?}"))
+        };
+        // Bounded by the longest a dial in progress may take: one caller dials, the others
+        // wait for its connection.
+        let _dialing =
+            tokio::time::timeout(opts.connect_timeout + opts.io_timeout, slot.dialing.lock())
                 .await
-                .map_err(|e| {
-                    BackendError::with_source(format!("memcached: connect to {}", server.name), e)
-                })?;
-            let _ = stream.set_nodelay(true);
-            // Before any command: the limit applies to what this connection will carry, and
-            // a server restarted with another `-I` is read again by its new connections.
-            // A round trip like any other: bounded by the I/O timeout.
-            let limit = tokio::time::timeout(opts.io_timeout, read_item_size_max(&mut stream))
-                .await
-                .map_err(|_| {
-                    BackendError::new(format!(
-                        "memcached: no reply within {:?} to stats settings",
-                        opts.io_timeout
-                    ))
-                })?
-                .map_err(|e| {
-                    BackendError::with_source("memcached: reading the server's settings", e)
-                })?;
-            let before = server.item_max.swap(limit.unwrap_or(0), Ordering::Relaxed);
-            if let Some(n) = limit.filter(|n| *n < opts.max_value && *n != before) {
+                .map_err(|_| timed_out("waiting for the connection to", opts.connect_timeout))?;
+        if let Some(c) = lock(&slot.live).as_ref() {
+            return Ok(c.clone());
+        }
+        let mut stream = tokio::time::timeout(opts.connect_timeout, async {
+            let addrs = server.resolve().await?;
+            TcpStream::connect(addrs.as_slice()).await
+        })
+        .await
+        .map_err(|_| timed_out("connect to", opts.connect_timeout))?
+        .map_err(|e| BackendError::with_source(format!("memcached: connect to {name}"), e))?;
+        let _ = stream.set_nodelay(true);
+        // Before any command: the limit applies to what this connection will carry, and a
+        // server restarted with another `-I` is read again by its new connections. A round trip
+        // like any other: bounded by the I/O timeout, not the connect timeout.
+        let limit = tokio::time::timeout(opts.io_timeout, read_item_size_max(&mut stream))
+            .await
+            .map_err(|_| timed_out("no reply to stats settings from", opts.io_timeout))?
+            .map_err(|e| {
+                BackendError::with_source(format!("memcached: the settings of {name}"), e)
+            })?;
+        // A server that does not say keeps what an earlier connection read.
+        if let Some(n) = limit {
+            let before = server.item_max.swap(n, Ordering::Relaxed);
+            if n < opts.max_value && n != before {
                 tracing::warn!(
-                    server = %server.name,
+                    server = %name,
                     item_size_max = n,
                     item_size_limit = opts.max_value,
                     "memcached: the server takes smaller items than the configured \
                      item_size_limit; its keys use the server's limit"
                 );
             }
-            let (jobs, rx) = mpsc::unbounded_channel();
-            let conn = Conn {
-                id: server.next_id.fetch_add(1, Ordering::Relaxed),
-                jobs,
-            };
-            *lock(&slot.live) = Some(conn.clone());
-            // The task holds the server weakly: when the client is dropped, the slots and their
-            // senders go with it, and every connection task ends.
-            let (server, id) = (Arc::downgrade(server), conn.id);
-            let (io_timeout, max_value) = (opts.io_timeout, opts.max_value);
-            tokio::spawn(async move {
-                drive(stream, rx, io_timeout, max_value).await;
-                if let Some(server) = server.upgrade() {
-                    forget(&server, i, id);
-                }
-            });
-            Ok(conn)
+        }
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let conn = Conn {
+            id: server.next_id.fetch_add(1, Ordering::Relaxed),
+            jobs,
         };
-        match tokio::time::timeout(opts.connect_timeout, dial).await {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::new(format!(
-                "memcached: connect to {}: timed out after {:?}",
-                server.name, opts.connect_timeout
-            ))),
+        // A name that now reaches another address (a server moved) may reach another
+        // process: the connections to the old one are closed, so no CAS read on one is sent on
+        // the other (see `one_before`) and the limit read is the only one in use.
+        let peer = stream.peer_addr().ok();
+        let moved = {
+            let mut last = lock(&server.peer);
+            let moved = last.is_some() && *last != peer;
+            *last = peer;
+            moved
+        };
+        if moved {
+            tracing::warn!(server = %name, peer = ?peer, "memcached: the server's name now reaches another address; its older connections are closed");
+            for (j, other) in server.slots.iter().enumerate() {
+                if j != i {
+                    *lock(&other.live) = None;
+                }
+            }
+        }
+        *lock(&slot.live) = Some(conn.clone());
+        // The task holds the server weakly: when the client is dropped, the slots and their
+        // senders go with it, and every connection task ends.
+        let (server, id) = (Arc::downgrade(server), conn.id);
+        let (io_timeout, max_value) = (opts.io_timeout, opts.max_value);
+        tokio::spawn(async move {
+            drive(stream, rx, io_timeout, max_value).await;
+            if let Some(server) = server.upgrade() {
+                forget(&server, i, id);
+            }
+        });
+        Ok(conn)
+    }
+}
+
+impl Server {
+    /// The server's addresses: its name resolved again at most once a second (a server that
+    /// is down is dialled by every call, and should not cost a DNS query each time), and the
+    /// last ones found while the name does not resolve (a DNS outage does not end a server
+    /// that has not moved).
+    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let cached = lock(&self.resolved).clone();
+        if let Some((addrs, at)) = &cached {
+            if at.elapsed() < RESOLVE_EVERY {
+                return Ok(addrs.clone());
+            }
+        }
+        let found = tokio::net::lookup_host(self.name.as_str())
+            .await
+            .map(|a| a.collect::<Vec<_>>());
+        match (found, cached) {
+            (Ok(addrs), _) if !addrs.is_empty() => {
+                *lock(&self.resolved) = Some((addrs.clone(), Instant::now()));
+                Ok(addrs)
+            }
+            (_, Some((addrs, _))) => Ok(addrs),
+            (Err(e), None) => Err(e),
+            (Ok(_), None) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name resolves to no address",
+            )),
         }
     }
 }
 
-/// The longest `stats settings` reply read (memcached 1.6's is about 3 KiB).
+/// How long a server's resolved addresses are used before its name is resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The most of a `stats settings` reply kept unread (memcached 1.6.18's whole reply is about
+/// 2 KiB; the read is also bounded in time).
 const MAX_SETTINGS: usize = 64 * 1024;
 
 /// Asks a new connection's server for its settings and reads its item size limit
