@@ -12,8 +12,8 @@ pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-
 /// Sets `ours` as the response's `Cache-Status`, after the members already there: RFC 9211
 /// section 2 asks a cache adding its member to keep the existing value, so the whole chain of
 /// caches can be read (the one nearest the origin first). Earlier lines are trimmed, and those
-/// that are not [`well_formed`] are dropped (as are the empty placeholders of a remembered hit),
-/// so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
+/// that are not [`well_formed`] (RFC 8941 Lists) are dropped (as are the empty placeholders of
+/// a remembered hit), so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
 /// earlier cache, costs one lookup.
 pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
     // `Err` only for a map already holding the most names a `HeaderMap` can (an in-process
@@ -81,36 +81,152 @@ fn after_earlier(mut e: OccupiedEntry<'_, HeaderValue>, ours: HeaderValue) {
     e.insert(value);
 }
 
-/// Whether one trimmed `Cache-Status` line reads as a list that a member of ours can follow:
-/// visible ASCII, SP and HTAB only, no empty member, every string and inner list closed. Not a
-/// full RFC 8941 parser, only what keeps the joined list's members apart.
+/// Whether one trimmed `Cache-Status` line parses as a non-empty RFC 8941 List (section 4.2.1,
+/// validating only): every member a token, string, number, byte sequence or boolean, or an
+/// inner list of them, each with its parameters (lowercase keys). Joined with `, `, such lines
+/// and ours make a field that parses, which a strict parser drops whole otherwise.
 fn well_formed(v: &[u8]) -> bool {
-    let (mut quoted, mut escaped, mut depth, mut member) = (false, false, 0u32, false);
-    for &b in v {
-        if !(b == b'\t' || (b' '..=b'~').contains(&b)) {
-            return false;
-        }
-        if quoted {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => quoted = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => (quoted, member) = (true, true),
-            b'(' => (depth, member) = (depth + 1, true),
-            b')' if depth > 0 => depth -= 1,
-            b')' => return false,
-            b',' if depth > 0 || !member => return false,
-            b',' => member = false,
-            b' ' | b'\t' => {}
-            _ => member = true,
+    Sf { s: v, i: 0 }.list()
+}
+
+/// A cursor over a Structured Field value.
+struct Sf<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Sf<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn eat(&mut self, b: u8) -> bool {
+        let hit = self.peek() == Some(b);
+        self.i += usize::from(hit);
+        hit
+    }
+
+    /// Skips bytes while `f` holds.
+    fn skip(&mut self, f: impl Fn(u8) -> bool) {
+        while self.peek().is_some_and(&f) {
+            self.i += 1;
         }
     }
-    !quoted && depth == 0 && member
+
+    fn list(&mut self) -> bool {
+        self.skip(|b| b == b' ');
+        if self.peek().is_none() {
+            return false;
+        }
+        loop {
+            let member = if self.peek() == Some(b'(') {
+                self.inner_list()
+            } else {
+                self.item()
+            };
+            self.skip(|b| b == b' ' || b == b'\t');
+            if !member {
+                return false;
+            }
+            if self.peek().is_none() {
+                return true;
+            }
+            if !self.eat(b',') {
+                return false;
+            }
+            self.skip(|b| b == b' ' || b == b'\t');
+            if self.peek().is_none() {
+                return false;
+            }
+        }
+    }
+
+    fn inner_list(&mut self) -> bool {
+        self.i += 1;
+        loop {
+            self.skip(|b| b == b' ');
+            if self.eat(b')') {
+                return self.params();
+            }
+            if !self.item() || !matches!(self.peek(), Some(b' ' | b')')) {
+                return false;
+            }
+        }
+    }
+
+    fn item(&mut self) -> bool {
+        self.bare_item() && self.params()
+    }
+
+    fn params(&mut self) -> bool {
+        while self.eat(b';') {
+            self.skip(|b| b == b' ');
+            if !matches!(self.peek(), Some(b'a'..=b'z' | b'*')) {
+                return false;
+            }
+            self.skip(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' | b'*'));
+            if self.eat(b'=') && !self.bare_item() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn bare_item(&mut self) -> bool {
+        match self.peek() {
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b'"') => self.string(),
+            Some(b'*' | b'A'..=b'Z' | b'a'..=b'z') => {
+                self.skip(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
+                true
+            }
+            Some(b':') => {
+                self.i += 1;
+                self.skip(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+                self.eat(b':')
+            }
+            Some(b'?') => {
+                self.i += 1;
+                self.eat(b'0') || self.eat(b'1')
+            }
+            _ => false,
+        }
+    }
+
+    /// RFC 8941 section 4.2.4: an integer of 1 to 15 digits, or a decimal of 1 to 12 digits, a
+    /// dot, and 1 to 3 digits.
+    fn number(&mut self) -> bool {
+        self.eat(b'-');
+        let start = self.i;
+        self.skip(|b| b.is_ascii_digit());
+        let int = self.i - start;
+        if !self.eat(b'.') {
+            return (1..=15).contains(&int);
+        }
+        let start = self.i;
+        self.skip(|b| b.is_ascii_digit());
+        (1..=12).contains(&int) && (1..=3).contains(&(self.i - start))
+    }
+
+    fn string(&mut self) -> bool {
+        self.i += 1;
+        loop {
+            match self.peek() {
+                Some(b'"') => {
+                    self.i += 1;
+                    return true;
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    if !(self.eat(b'"') || self.eat(b'\\')) {
+                        return false;
+                    }
+                }
+                Some(0x20..=0x7e) => self.i += 1,
+                _ => return false,
+            }
+        }
+    }
 }
 
 /// Makes a cache name safe as an sf-token.
@@ -307,6 +423,8 @@ mod tests {
             r#"edge; detail="a, b \" (c""#,
             "(a b); x=1, c",
             "a,\tb",
+            "*x; n=-12; d=1.5; b=?0; y=:aGk=:, ( ); e",
+            "cdn; key=\"k\"; fwd=uri-miss; fwd-status=200; stored; ttl=123456789012345",
         ] {
             assert!(well_formed(ok.as_bytes()), "{ok}");
         }
@@ -322,6 +440,23 @@ mod tests {
             "(a, b)",
             "edge; detail=\u{e9}",
             "a\u{7f}",
+            // Found by a review: each made the joined field unparsable.
+            "1edge; hit",
+            "edge; Hit",
+            "edge ;hit",
+            "edge;;hit",
+            // Numbers, byte sequences, booleans, strings and inner lists out of shape.
+            "a; ttl=1234567890123456",
+            "a; d=1.2345",
+            "a; d=1.",
+            "a; n=-",
+            "a; b=:abc",
+            "a; b=?2",
+            "a; s=\"x\\y\"",
+            "(a\tb)",
+            "(a)b",
+            "a b",
+            "a; =1",
         ] {
             assert!(!well_formed(bad.as_bytes()), "{bad:?}");
         }
