@@ -243,6 +243,15 @@ impl Service<Request<Body>> for Proxy {
                 });
                 p
             });
+            // An idempotent request without a body, kept to be sent once more if the connection
+            // it went on closes before an answer (below).
+            let again = (progress.is_none() && req.method().is_idempotent()).then(|| {
+                let mut again = Request::new(Body::default());
+                *again.method_mut() = req.method().clone();
+                *again.uri_mut() = req.uri().clone();
+                *again.headers_mut() = req.headers().clone();
+                again
+            });
             let timeout = this.shared.timeout;
             let call = this.shared.client.request(req);
             tokio::pin!(call);
@@ -258,6 +267,20 @@ impl Service<Request<Body>> for Proxy {
                     break Err(!p.done.load(Ordering::Relaxed) && p.waiting.load(Ordering::Relaxed));
                 }
                 deadline = until;
+            };
+            // RFC 9112 section 9.3.1.1: a kept-alive connection the upstream closed as the
+            // request went on it (its idle timeout racing our reuse) ends with no answer; the
+            // request is sent once more, on a new connection, as nginx and Varnish do. (The
+            // pool does not say whether the connection was a reused one: an upstream that
+            // closes a new one on a request gets that request twice.)
+            let answered = match (answered, again) {
+                (Ok(Err(e)), Some(again)) if closed_unanswered(&e) => {
+                    tracing::debug!(error = ?e, "upstream connection closed before an answer; sending the request again");
+                    tokio::time::timeout(timeout, this.shared.client.request(again))
+                        .await
+                        .map_err(|_| false)
+                }
+                (answered, _) => answered,
             };
             match answered {
                 // As for requests: the coding's bytes would be served, and stored, as the
@@ -496,6 +519,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     ] {
         h.remove(n);
     }
+}
+
+/// Whether the upstream connection closed before the response was complete (hyper's
+/// `IncompleteMessage`), the request having gone on it.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    !e.is_connect()
+        && std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(hyper::Error::is_incomplete_message)
 }
 
 /// Whether `h` has no Transfer-Encoding, or only the chunked framing (in any case, once).

@@ -474,6 +474,59 @@ async fn an_unreachable_or_broken_upstream_is_a_502_and_a_hanging_one_a_504() {
     assert_eq!(up.calls(), 1);
 }
 
+/// An upstream that closes a kept-alive connection as the next request goes on it (its idle
+/// timeout racing the reuse) answers nothing; an idempotent request without a body is sent
+/// once more, on a new connection, and answered. A POST is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_closed_under_a_request_is_retried_once() {
+    let heads = Heads::default();
+    let seen = heads.clone();
+    // Answers the first request of each connection, keeping it alive, then reads the next
+    // and closes without an answer.
+    let addr = common::raw_server(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            use tokio::io::AsyncWriteExt;
+            let Some(head) = read_head(&mut s).await else {
+                return;
+            };
+            seen.lock().unwrap().push(head);
+            let ok = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok";
+            if s.write_all(ok).await.is_err() {
+                return;
+            }
+            if let Some(head) = read_head(&mut s).await {
+                seen.lock().unwrap().push(head);
+            }
+        }
+    })
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    let c = client();
+    for path in ["/warm", "/next", "/third"] {
+        let (s, h, body) = send(&c, http::Method::GET, proxy.url(path)).await;
+        assert_eq!(
+            (s, &body[..]),
+            (StatusCode::OK, &b"ok"[..]),
+            "{path}: {}",
+            cache_status(&h)
+        );
+    }
+    let paths: Vec<String> = heads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| String::from_utf8_lossy(h.split(|&b| b == b' ').nth(1).unwrap()).into_owned())
+        .collect();
+    // Each later request went on the kept connection first, then on a new one.
+    assert_eq!(paths, ["/warm", "/next", "/next", "/third", "/third"]);
+
+    // A POST that meets the closing connection is not sent again: 502.
+    let (s, _, _) = send(&c, http::Method::POST, proxy.url("/post")).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    assert_eq!(heads.lock().unwrap().len(), 6, "the POST went once");
+}
+
 /// An upstream that closes in the middle of a body it announced: the client gets a 502 (not
 /// the part that came), nothing is stored, and the proxy says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
