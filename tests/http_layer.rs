@@ -685,6 +685,46 @@ async fn age_counts_time_in_the_cache() {
     assert_eq!(g.cs(), "tower-stampede; hit; ttl=54");
 }
 
+/// RFC 9110 section 6.6.1: an origin response without `Date` gets the time it was received,
+/// stored with it, so a hit carries the fill's `Date`; an origin's own `Date` is kept as sent.
+#[tokio::test(start_paused = true)]
+async fn a_response_without_date_is_stored_with_the_time_it_was_received() {
+    const DATED: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+    let origin = Origin::new(ms(1), |req, _| {
+        let mut r = ok("max-age=60", "x");
+        if req.uri().path() == "/dated" {
+            r.headers_mut()
+                .insert(header::DATE, http::HeaderValue::from_static(DATED));
+        }
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let filled = send(&svc, get("http://a.test/undated")).await;
+    let date = filled
+        .headers
+        .get(header::DATE)
+        .expect("a Date was added")
+        .clone();
+    assert!(
+        httpdate::parse_http_date(date.to_str().unwrap()).is_ok(),
+        "{date:?}"
+    );
+    let hit = send(&svc, get("http://a.test/undated")).await;
+    assert!(hit.cs().contains("; hit"), "{}", hit.cs());
+    assert_eq!(
+        hit.headers.get_all(header::DATE).iter().collect::<Vec<_>>(),
+        [&date]
+    );
+    for _ in 0..2 {
+        let g = send(&svc, get("http://a.test/dated")).await;
+        assert_eq!(
+            g.headers.get_all(header::DATE).iter().collect::<Vec<_>>(),
+            [DATED]
+        );
+    }
+    assert_eq!(origin.calls(), 2);
+}
+
 /// Hits decode a hot entry once per thread and remember it: every hit still gets its own `Age`
 /// and `Cache-Status` (one of each), the response that stored the entry has no `Age`, and a new
 /// value for the URL, of the same length, is served instead of the remembered one.

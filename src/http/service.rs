@@ -633,9 +633,18 @@ where
             res = inner.call(request(headers)).await.map_err(Into::into)?;
         }
     }
-    let (rparts, body) = res.into_parts();
+    let (mut rparts, body) = res.into_parts();
     if prev.is_some() {
         lock(side).revalidated = Some(rparts.status);
+    }
+    // RFC 9110 section 6.6.1: a response without `Date` gets the time it was received, when
+    // it is cached or forwarded, so a hit's `Date` is not the time of the hit. (`try_`: a
+    // full map goes without.)
+    if !rparts.headers.contains_key(header::DATE) {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        if let Ok(v) = HeaderValue::from_str(&now) {
+            let _ = rparts.headers.try_insert(header::DATE, v);
+        }
     }
 
     if rparts.status == StatusCode::NOT_MODIFIED {
