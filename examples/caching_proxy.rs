@@ -296,6 +296,15 @@ impl Service<Request<Body>> for Proxy {
                         "upstream used a transfer coding other than chunked\n",
                     ))
                 }
+                // The client's Upgrade is not passed on (hop-by-hop, and no tunnel here), so a
+                // 101 answers a switch nobody asked for (RFC 9110 section 15.2.2).
+                Ok(Ok(res)) if res.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    tracing::warn!("upstream answered 101 to a request that asked no upgrade");
+                    Ok(status(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream switched protocols, which this proxy does not relay\n",
+                    ))
+                }
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     let received = parts.version;

@@ -527,6 +527,30 @@ async fn a_kept_alive_connection_closed_under_a_request_is_retried_once() {
     assert_eq!(heads.lock().unwrap().len(), 6, "the POST went once");
 }
 
+/// The client's `Upgrade` is not passed on (no tunnels here), so an upstream's 101 switches to
+/// a protocol nobody asked for (RFC 9110 section 15.2.2): 502, never relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_101_is_a_502() {
+    let (addr, heads) = recording_upstream_answering(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let proxy = Proxy::start(addr, &[]);
+    let res = exchange(
+        &proxy,
+        "GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: upgrade, close\r\n\r\n",
+    )
+    .await;
+    assert!(res.starts_with("HTTP/1.1 502"), "{res}");
+    assert!(res.contains("upstream switched protocols"), "{res}");
+    let heads = heads.lock().unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(
+        values(&heads[0], "upgrade").is_empty(),
+        "Upgrade went upstream"
+    );
+}
+
 /// An upstream that closes in the middle of a body it announced: the client gets a 502 (not
 /// the part that came), nothing is stored, and the proxy says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
