@@ -692,6 +692,11 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         assert!(Instant::now() < deadline, "the admin port never opened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Requests the layer does not handle are counted by reason.
+    for _ in 0..2 {
+        let (s, _, _) = send(&c, http::Method::POST, proxy.url("/slow?ms=1")).await;
+        assert_eq!(s, StatusCode::OK);
+    }
     let (s, _, _) = send(&c, http::Method::GET, format!("http://{admin}/healthz")).await;
     assert_eq!(s, StatusCode::OK);
     let (s, h, metrics) = send(&c, http::Method::GET, format!("http://{admin}/metrics")).await;
@@ -706,9 +711,13 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         metrics.contains("stampede_requests_total{outcome=\"stored\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("stampede_http_bypass_total{reason=\"method\"} 2"),
+        "{metrics}"
+    );
     assert_eq!(
         up.calls(),
-        1,
+        3,
         "the admin endpoints never reach the upstream"
     );
 }

@@ -332,6 +332,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let opts = &shared.opts;
+    metrics::counter!("stampede_http_bypass_total", "reason" => detail).increment(1);
     let unsafe_head = (opts.invalidate_on_unsafe && !req.method().is_safe())
         .then(|| head_only(&req).into_parts().0);
     std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
