@@ -30,7 +30,10 @@ use clap::Parser;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::connect::{
+    capture_connection, CaptureConnection, HttpConnector, HttpInfo,
+};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tower::Service;
@@ -155,6 +158,39 @@ struct ProxyInner {
     client: Client<HttpConnector, Body>,
     upstream: Uri,
     timeout: Duration,
+    /// The local addresses of upstream connections that have carried an answer: a request
+    /// that fails on one of those went on a reused connection (see `closed_unanswered`).
+    answered_on: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
+}
+
+/// How many upstream connections `ProxyInner::answered_on` remembers before it starts again
+/// (forgetting one only costs a retry it would have made).
+const ANSWERED_ON_MAX: usize = 4096;
+
+impl ProxyInner {
+    /// Notes that the connection `res` came on has carried an answer.
+    fn answered(&self, res: &Response<hyper::body::Incoming>) {
+        if let Some(info) = res.extensions().get::<HttpInfo>() {
+            let mut seen = self.answered_on.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.len() >= ANSWERED_ON_MAX {
+                seen.clear();
+            }
+            seen.insert(info.local_addr());
+        }
+    }
+
+    /// Whether the captured connection had carried an answer before: reused.
+    fn reused(&self, captured: &CaptureConnection) -> bool {
+        let Some(local) = captured.connection_metadata().as_ref().and_then(|c| {
+            let mut ext = http::Extensions::new();
+            c.get_extras(&mut ext);
+            ext.get::<HttpInfo>().map(HttpInfo::local_addr)
+        }) else {
+            return false;
+        };
+        let seen = self.answered_on.lock().unwrap_or_else(|e| e.into_inner());
+        seen.contains(&local)
+    }
 }
 
 impl Service<Request<Body>> for Proxy {
@@ -243,14 +279,15 @@ impl Service<Request<Body>> for Proxy {
                 });
                 p
             });
-            // An idempotent request without a body, kept to be sent once more if the connection
-            // it went on closes before an answer (below).
-            let again = (progress.is_none() && req.method().is_idempotent()).then(|| {
+            // A safe request without a body, kept to be sent once more if the reused
+            // connection it went on closes before an answer (below), with a handle on that
+            // connection.
+            let again = (progress.is_none() && req.method().is_safe()).then(|| {
                 let mut again = Request::new(Body::default());
                 *again.method_mut() = req.method().clone();
                 *again.uri_mut() = req.uri().clone();
                 *again.headers_mut() = req.headers().clone();
-                again
+                (again, capture_connection(&mut req))
             });
             let timeout = this.shared.timeout;
             let call = this.shared.client.request(req);
@@ -269,19 +306,24 @@ impl Service<Request<Body>> for Proxy {
                 deadline = until;
             };
             // RFC 9112 section 9.3.1.1: a kept-alive connection the upstream closed as the
-            // request went on it (its idle timeout racing our reuse) ends with no answer; the
-            // request is sent once more, on a new connection, as nginx and Varnish do. (The
-            // pool does not say whether the connection was a reused one: an upstream that
-            // closes a new one on a request gets that request twice.)
+            // request went on it (its idle timeout racing our reuse) ends with no answer. A
+            // safe request is sent once more, within the same deadline, as nginx and Go's
+            // client do: only when that connection had carried an answer before (a new
+            // connection closed on a request is the upstream failing it).
             let answered = match (answered, again) {
-                (Ok(Err(e)), Some(again)) if closed_unanswered(&e) => {
-                    tracing::debug!(error = ?e, "upstream connection closed before an answer; sending the request again");
-                    tokio::time::timeout(timeout, this.shared.client.request(again))
+                (Ok(Err(e)), Some((again, captured)))
+                    if closed_unanswered(&e) && this.shared.reused(&captured) =>
+                {
+                    tracing::debug!(error = ?e, "a reused upstream connection closed before an answer; sending the request again");
+                    tokio::time::timeout_at(deadline, this.shared.client.request(again))
                         .await
                         .map_err(|_| false)
                 }
                 (answered, _) => answered,
             };
+            if let Ok(Ok(res)) = &answered {
+                this.shared.answered(res);
+            }
             match answered {
                 // As for requests: the coding's bytes would be served, and stored, as the
                 // content. An upstream may only use one the request's TE offered (RFC 9112
@@ -1211,6 +1253,7 @@ async fn run() -> Result<(), BoxError> {
         client,
         upstream,
         timeout: args.fill_timeout,
+        answered_on: Default::default(),
     });
 
     let draining = Arc::new(AtomicBool::new(false));

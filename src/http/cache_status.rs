@@ -180,10 +180,18 @@ impl Sf<'_> {
                 self.skip(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
                 true
             }
+            // RFC 8941 section 4.2.7: base64 that decodes, its `=` padding optional.
             Some(b':') => {
                 self.i += 1;
-                self.skip(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
-                self.eat(b':')
+                let start = self.i;
+                self.skip(|b| b.is_ascii_alphanumeric() || b"+/".contains(&b));
+                let data = self.i - start;
+                let pad = self.s[self.i..].iter().take_while(|&&b| b == b'=').count();
+                self.i += pad;
+                data % 4 != 1
+                    && pad <= 2
+                    && (pad == 0 || (data + pad).is_multiple_of(4))
+                    && self.eat(b':')
             }
             Some(b'?') => {
                 self.i += 1;
@@ -424,6 +432,7 @@ mod tests {
             "(a b); x=1, c",
             "a,\tb",
             "*x; n=-12; d=1.5; b=?0; y=:aGk=:, ( ); e",
+            "a; y=:aGk:; z=::; w=:aGVsbG8=:",
             "cdn; key=\"k\"; fwd=uri-miss; fwd-status=200; stored; ttl=123456789012345",
         ] {
             assert!(well_formed(ok.as_bytes()), "{ok}");
@@ -451,6 +460,9 @@ mod tests {
             "a; d=1.",
             "a; n=-",
             "a; b=:abc",
+            "a; b=:a:",
+            "a; b=:a=b:",
+            "a; b=:aGk===:",
             "a; b=?2",
             "a; s=\"x\\y\"",
             "(a\tb)",

@@ -453,15 +453,15 @@ impl Client {
         };
         // Bounded by the longest a dial in progress may take: one caller dials, the others
         // wait for its connection.
-        let _dialing =
-            tokio::time::timeout(opts.connect_timeout + opts.io_timeout, slot.dialing.lock())
-                .await
-                .map_err(|_| timed_out("waiting for the connection to", opts.connect_timeout))?;
+        let most = opts.connect_timeout + opts.io_timeout;
+        let _dialing = tokio::time::timeout(most, slot.dialing.lock())
+            .await
+            .map_err(|_| timed_out("waiting for the connection to", most))?;
         if let Some(c) = lock(&slot.live).as_ref() {
             return Ok(c.clone());
         }
         let mut stream = tokio::time::timeout(opts.connect_timeout, async {
-            let addrs = server.resolve().await?;
+            let addrs = server.resolve(opts.connect_timeout / 2).await?;
             TcpStream::connect(addrs.as_slice()).await
         })
         .await
@@ -491,29 +491,30 @@ impl Client {
             }
         }
         let (jobs, rx) = mpsc::unbounded_channel();
-        let conn = Conn {
-            id: server.next_id.fetch_add(1, Ordering::Relaxed),
-            jobs,
-        };
         // A name that now reaches another address (a server moved) may reach another
         // process: the connections to the old one are closed, so no CAS read on one is sent on
-        // the other (see `one_before`) and the limit read is the only one in use.
+        // the other (see `one_before`) and the limit read is the only one in use. Numbered,
+        // checked and published under one lock: numbers grow in the order connections are
+        // published, so every connection older than the move is closed by it.
         let peer = stream.peer_addr().ok();
-        let moved = {
+        let conn = {
             let mut last = lock(&server.peer);
-            let moved = last.is_some() && *last != peer;
-            *last = peer;
-            moved
-        };
-        if moved {
-            tracing::warn!(server = %name, peer = ?peer, "memcached: the server's name now reaches another address; its older connections are closed");
-            for (j, other) in server.slots.iter().enumerate() {
-                if j != i {
-                    *lock(&other.live) = None;
+            let conn = Conn {
+                id: server.next_id.fetch_add(1, Ordering::Relaxed),
+                jobs,
+            };
+            if last.is_some() && *last != peer {
+                tracing::warn!(server = %name, peer = ?peer, "memcached: the server's name now reaches another address; its older connections are closed");
+                for (j, other) in server.slots.iter().enumerate() {
+                    if j != i {
+                        *lock(&other.live) = None;
+                    }
                 }
             }
-        }
-        *lock(&slot.live) = Some(conn.clone());
+            *last = peer;
+            *lock(&slot.live) = Some(conn.clone());
+            conn
+        };
         // The task holds the server weakly: when the client is dropped, the slots and their
         // senders go with it, and every connection task ends.
         let (server, id) = (Arc::downgrade(server), conn.id);
@@ -531,30 +532,40 @@ impl Client {
 impl Server {
     /// The server's addresses: its name resolved again at most once a second (a server that
     /// is down is dialled by every call, and should not cost a DNS query each time), and the
-    /// last ones found while the name does not resolve (a DNS outage does not end a server
-    /// that has not moved).
-    async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+    /// last ones found while the name does not resolve, or not within `budget` (a DNS outage
+    /// does not end a server that has not moved).
+    async fn resolve(&self, budget: Duration) -> std::io::Result<Vec<SocketAddr>> {
         let cached = lock(&self.resolved).clone();
         if let Some((addrs, at)) = &cached {
             if at.elapsed() < RESOLVE_EVERY {
                 return Ok(addrs.clone());
             }
         }
-        let found = tokio::net::lookup_host(self.name.as_str())
-            .await
-            .map(|a| a.collect::<Vec<_>>());
-        match (found, cached) {
-            (Ok(addrs), _) if !addrs.is_empty() => {
-                *lock(&self.resolved) = Some((addrs.clone(), Instant::now()));
-                Ok(addrs)
-            }
-            (_, Some((addrs, _))) => Ok(addrs),
-            (Err(e), None) => Err(e),
-            (Ok(_), None) => Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the name resolves to no address",
-            )),
+        let lookup = tokio::net::lookup_host(self.name.as_str());
+        let found = match &cached {
+            Some(_) => tokio::time::timeout(budget, lookup)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+            None => lookup.await,
         }
+        .map(|a| a.collect::<Vec<_>>());
+        let addrs = match (found, cached) {
+            (Ok(addrs), _) if !addrs.is_empty() => addrs,
+            (found, Some((addrs, _))) => {
+                tracing::debug!(server = %self.name, result = ?found.map(|_| ()), "memcached: the name did not resolve; using its last addresses");
+                addrs
+            }
+            (Err(e), None) => return Err(e),
+            (Ok(_), None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the name resolves to no address",
+                ))
+            }
+        };
+        // A failed lookup counts too: the next is a second away either way.
+        *lock(&self.resolved) = Some((addrs.clone(), Instant::now()));
+        Ok(addrs)
     }
 }
 
