@@ -277,6 +277,137 @@ async fn acquire(b: &dyn Backend, slot: &Digest, ttl: Duration, seen: u64) -> (T
     }
 }
 
+/// A relay to `server` that, before passing on each `ms` of `key` with a CAS (` C<cas>`),
+/// stores the key's current value again on a connection of its own, as another writer racing
+/// ours would: the CAS the client read is stale whenever its `ms` arrives. Counts the races.
+async fn racing_relay(server: &Server, key: String) -> (u16, Counter) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn restore(side: &mut tokio::net::TcpStream, key: &str) {
+        side.write_all(format!("mg {key} v f\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (eol, len, flags) = loop {
+            let n = side.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the side connection closed");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(eol) = got.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&got[..eol]).into_owned();
+                let mut t = line.split(' ');
+                assert_eq!(t.next(), Some("VA"), "{line}");
+                let len: usize = t.next().unwrap().parse().unwrap();
+                let flags = t
+                    .find_map(|f| f.strip_prefix('f'))
+                    .unwrap_or("0")
+                    .to_string();
+                if got.len() >= eol + 2 + len + 2 {
+                    break (eol, len, flags);
+                }
+            }
+        };
+        let value = got[eol + 2..eol + 2 + len].to_vec();
+        let mut set = format!("ms {key} {len} F{flags} T0\r\n").into_bytes();
+        set.extend_from_slice(&value);
+        set.extend_from_slice(b"\r\n");
+        side.write_all(&set).await.unwrap();
+        let n = side.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HD"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    let to = server.addr();
+    let races = Counter::default();
+    let counted = races.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (to, key, races) = (to.clone(), key.clone(), counted.clone());
+            tokio::spawn(async move {
+                let upstream = tokio::net::TcpStream::connect(&to).await.unwrap();
+                let mut side = tokio::net::TcpStream::connect(&to).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = upstream.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    match cr.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    // Whole commands only: a line, and an `ms`'s data block after it.
+                    while let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+                        let line = String::from_utf8_lossy(&buf[..eol]).into_owned();
+                        let t: Vec<&str> = line.split(' ').collect();
+                        let mut len = eol + 2;
+                        if t[0] == "ms" {
+                            len += t[2].parse::<usize>().unwrap() + 2;
+                            if buf.len() < len {
+                                break;
+                            }
+                            if t[1] == key && t.iter().any(|f| f.starts_with('C')) {
+                                races.inc();
+                                restore(&mut side, &key).await;
+                            }
+                        }
+                        let cmd: Vec<u8> = buf.drain(..len).collect();
+                        if sw.write_all(&cmd).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, races)
+}
+
+/// A fill whose write loses every CAS race (another writer rewrites the entry each time) ends
+/// with an error that says the store answered: the engine gives the lease back at once (the
+/// store is not down; nothing will be written under it), instead of every instance waiting it
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_loses_every_cas_race_gives_its_lease_back() {
+    let server = Server::memcached();
+    let direct = connect(&server).await;
+    let s = Digest::of_key("racing");
+    // A tombstone to race over: the fill replaces it with a CAS.
+    direct
+        .invalidate(&s, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (port, races) = racing_relay(&server, direct.prefix().entry(&s)).await;
+    let raced = MemcachedBackend::connect(format!("memcache://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let engine = Stampede::with_config(raced, config()).unwrap();
+    let served = engine
+        .get_or_fill("racing", || async {
+            Ok::<_, std::io::Error>(Fill::store("v", Ttl::fresh(Duration::from_secs(60))))
+        })
+        .await
+        .unwrap();
+    assert_eq!(&served.value[..], b"v");
+    // The write runs after the value is served: wait for it.
+    assert!(engine.drain(Duration::from_secs(10)).await);
+    assert!(races.get() >= 8, "{} races", races.get());
+    // Won, whatever it then says of the entry (`Refreshed`: the tombstone is not the fence
+    // this caller saw); `Held` if the fill had kept its lease.
+    let next = direct
+        .try_acquire(&s, Duration::from_secs(10), 0)
+        .await
+        .unwrap();
+    assert!(
+        !matches!(next, Acquire::Held { .. }),
+        "the lease was kept: {next:?}"
+    );
+    assert!(!engine.breaker_open());
+}
+
 /// A value over this backend's item size limit (the server takes larger items: another
 /// writer's, or another instance's configured with a larger limit) is not read, and not taken
 /// for "nothing stored" either: it may be a newer record of ours, so a write over it is refused

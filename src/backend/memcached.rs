@@ -122,7 +122,8 @@ const COUNTER_SECS: u32 = MAX_RELATIVE_SECS as u32;
 /// key's terminator, the value's CRLF, client flags), rounded up. Measured on 1.6.18: 59 bytes
 /// without client flags, 63 with.
 const ITEM_OVERHEAD: usize = 72;
-/// CAS races a fenced write or an invalidation retries before it reports an error.
+/// CAS races a fenced write or an invalidation retries before it reports an error (marked as
+/// the store answering: the engine gives a fill's lease back, and the breaker does not count it).
 const CAS_ATTEMPTS: usize = 8;
 /// The default item size limit: memcached's default `-I 1m`.
 pub const DEFAULT_ITEM_SIZE_LIMIT: usize = 1024 * 1024;
@@ -933,9 +934,12 @@ impl MemcachedBackend {
                 other => return Err(unexpected("ms", &other)),
             }
         }
+        // The store answered every time: this key's data is busy, the store is not down (the
+        // engine gives the lease back, and the breaker does not count it).
         Err(BackendError::new(format!(
             "memcached: the fenced write to {key} lost {CAS_ATTEMPTS} CAS races in a row"
-        )))
+        ))
+        .store_answered())
     }
 
     async fn do_write(&self, w: FencedWrite) -> BackendResult<WriteOutcome> {
@@ -1075,7 +1079,8 @@ impl MemcachedBackend {
         }
         Err(BackendError::new(format!(
             "memcached: the tombstone for {entry} lost {CAS_ATTEMPTS} CAS races in a row"
-        )))
+        ))
+        .store_answered())
     }
 }
 
