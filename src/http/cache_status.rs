@@ -59,20 +59,17 @@ pub(crate) fn add_detail(headers: &mut HeaderMap, detail: &str) {
 #[cold]
 fn after_earlier(mut e: OccupiedEntry<'_, HeaderValue>, ours: HeaderValue) {
     let value = {
-        let earlier = || {
-            e.iter()
-                .map(|v| v.as_bytes().trim_ascii())
-                .filter(|v| well_formed(v))
-        };
-        let len: usize = earlier().map(|v| v.len() + 2).sum();
-        if len == 0 {
-            ours
-        } else {
-            let mut chain = Vec::with_capacity(len + ours.len());
-            for v in earlier() {
+        // Each line parsed once.
+        let mut chain = Vec::new();
+        for v in e.iter().map(|v| v.as_bytes().trim_ascii()) {
+            if well_formed(v) {
                 chain.extend_from_slice(v);
                 chain.extend_from_slice(b", ");
             }
+        }
+        if chain.is_empty() {
+            ours
+        } else {
             chain.extend_from_slice(ours.as_bytes());
             // Visible ASCII and spaces only: this cannot fail, and would fall back to ours.
             HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)).unwrap_or(ours)
