@@ -180,6 +180,9 @@ pub enum Status {
     /// This call's fill ran; the value was cacheable but not stored (a newer fence had landed, or
     /// the store refused its size).
     NotStored,
+    /// This call's fill ran; the value was cacheable, but the store failed the write (slow,
+    /// down or full, or this key's data in the way): not stored.
+    WriteFailed,
     /// Another call's fill, in this process or another instance.
     Collapsed,
     /// This call's fill ran, and its value was not cacheable.
@@ -261,7 +264,7 @@ struct Inner {
     hot: std::sync::OnceLock<HotMetrics>,
 }
 
-const OUTCOMES: [&str; 8] = [
+const OUTCOMES: [&str; 9] = [
     "hit",
     "stale",
     "stored",
@@ -270,6 +273,7 @@ const OUTCOMES: [&str; 8] = [
     "passed",
     "bypass",
     "error",
+    "write_failed",
 ];
 
 struct HotMetrics {
@@ -327,6 +331,16 @@ impl<T: Future<Output = Result<Served, Error>>> Future for Counted<'_, T> {
 }
 
 /// A flight's outcome, shared by every caller that joined it.
+/// What became of a fill's cacheable value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Filled {
+    Stored,
+    /// Fenced out by a newer fill or an invalidation, or too large for the store.
+    NotStored,
+    /// The write failed (the store slow, down or full, or this key's data in the way).
+    WriteFailed,
+}
+
 #[derive(Clone, Debug)]
 enum Shared {
     Value {
@@ -334,8 +348,8 @@ enum Shared {
         meta: Option<Meta>,
         selector: Option<Bytes>,
         variant: Option<Digest>,
-        /// `Some(stored)` when this flight ran the fill.
-        filled: Option<bool>,
+        /// What became of the value, when this flight ran the fill.
+        filled: Option<Filled>,
         bypass: bool,
     },
     Stale {
@@ -785,8 +799,9 @@ impl Stampede {
                     }
                     let status = match (leader, filled, bypass) {
                         (_, _, true) => Status::Bypass,
-                        (true, Some(true), _) => Status::Stored,
-                        (true, Some(false), _) => Status::NotStored,
+                        (true, Some(Filled::Stored), _) => Status::Stored,
+                        (true, Some(Filled::NotStored), _) => Status::NotStored,
+                        (true, Some(Filled::WriteFailed), _) => Status::WriteFailed,
                         _ => Status::Collapsed,
                     };
                     if status == Status::Collapsed {
@@ -1103,7 +1118,7 @@ impl Stampede {
                         meta: None,
                         selector,
                         variant,
-                        filled: Some(false),
+                        filled: Some(Filled::NotStored),
                         bypass: true,
                     },
                     own,
@@ -1411,7 +1426,7 @@ impl Stampede {
                     return self.pass(key, looked, token, fence, value).await;
                 };
                 let variant = w.variant.as_ref().map(|(d, _)| *d);
-                let stored = match self.bcall(backend.write(w)).await {
+                let filled = match self.bcall(backend.write(w)).await {
                     Ok(WriteOutcome::Stored) => {
                         metrics::counter!("stampede_fills_total", "outcome" => "stored")
                             .increment(1);
@@ -1419,17 +1434,17 @@ impl Stampede {
                         if let Some(sel) = &selector {
                             self.memo_set(&key.slot, sel.clone());
                         }
-                        true
+                        Filled::Stored
                     }
                     Ok(WriteOutcome::Fenced) => {
                         metrics::counter!("stampede_fence_rejections_total").increment(1);
-                        false
+                        Filled::NotStored
                     }
                     Ok(WriteOutcome::TooLarge) => {
                         metrics::counter!("stampede_fills_total", "outcome" => "too_large")
                             .increment(1);
                         self.write_pass_marker(key, looked, token, fence).await;
-                        false
+                        Filled::NotStored
                     }
                     // The store is up, but this key's data is in the way (see
                     // `BackendError::is_store_answered`): give the lease back, as nothing
@@ -1439,9 +1454,9 @@ impl Stampede {
                         let _ = self
                             .bcall(backend.release(&key.slot, token, Signal::Released))
                             .await;
-                        false
+                        Filled::WriteFailed
                     }
-                    Err(_) => false,
+                    Err(_) => Filled::WriteFailed,
                 };
                 (
                     Shared::Value {
@@ -1449,7 +1464,7 @@ impl Stampede {
                         meta: Some(meta),
                         selector,
                         variant,
-                        filled: Some(stored),
+                        filled: Some(filled),
                         bypass: false,
                     },
                     None,
@@ -1871,6 +1886,7 @@ fn status_index(s: Status) -> usize {
         Status::Collapsed => 4,
         Status::Passed => 5,
         Status::Bypass => 6,
+        Status::WriteFailed => 8,
     }
 }
 

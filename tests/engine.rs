@@ -569,10 +569,13 @@ async fn a_fill_longer_than_its_lease_keeps_it_by_extension() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_extend_does_not_stop_the_fill_and_the_fence_decides() {
     let mem = MemoryBackend::default();
+    // The breaker would open on the failed extends and skip A's write (`WriteFailed`): kept
+    // closed, so the write reaches the store and the fence refuses it.
     let cfg = Config::default()
         .lease(secs(1))
         .wait_timeout(secs(10))
-        .backend_timeout(secs(5));
+        .backend_timeout(secs(5))
+        .breaker(1000, secs(1));
     let extends = Counter::default();
     let a = Stampede::with_config(
         Gate {
@@ -1497,7 +1500,8 @@ async fn a_write_refused_by_a_healthy_store_gives_the_lease_back() {
             .await
             .unwrap();
         assert_eq!(&s.value[..], b"v");
-        assert_eq!(s.status, Status::NotStored);
+        // Not `NotStored` (fenced out, or too large): the write failed.
+        assert_eq!(s.status, Status::WriteFailed);
     }
     assert!(!e.breaker_open());
     let slot = Digest::of_key("in-the-way");

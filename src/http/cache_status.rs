@@ -269,6 +269,7 @@ pub(crate) fn for_status(
         Status::Stale(StaleReason::Deadline) => ("; hit", true, "; detail=wait-timeout"),
         Status::Stored => ("; fwd=uri-miss; stored", true, ""),
         Status::NotStored => ("; fwd=uri-miss; detail=superseded", false, ""),
+        Status::WriteFailed => ("; fwd=uri-miss; detail=store-write-failed", false, ""),
         Status::Collapsed => ("; fwd=uri-miss; collapsed", true, ""),
         Status::Passed => (
             "; fwd=uri-miss; detail=",
@@ -374,6 +375,10 @@ mod tests {
         assert_eq!(
             v(Status::Collapsed, None, None),
             "tower-stampede; fwd=uri-miss; collapsed"
+        );
+        assert_eq!(
+            v(Status::WriteFailed, Some(60), None),
+            "tower-stampede; fwd=uri-miss; detail=store-write-failed"
         );
     }
 
