@@ -171,7 +171,7 @@ impl ProxyInner {
     /// Notes that the connection `res` came on has carried an answer.
     fn answered(&self, res: &Response<hyper::body::Incoming>) {
         if let Some(info) = res.extensions().get::<HttpInfo>() {
-            let mut seen = self.answered_on.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = lock(&self.answered_on);
             if seen.len() >= ANSWERED_ON_MAX {
                 seen.clear();
             }
@@ -188,7 +188,7 @@ impl ProxyInner {
         }) else {
             return false;
         };
-        let seen = self.answered_on.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = lock(&self.answered_on);
         seen.contains(&local)
     }
 }
@@ -419,11 +419,17 @@ impl Default for Progress {
 
 impl Progress {
     fn last(&self) -> tokio::time::Instant {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.last)
     }
     fn advance(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        *lock(&self.last) = tokio::time::Instant::now();
     }
+}
+
+/// Locks `m`; a panic elsewhere while it was held leaves nothing half-done in what these
+/// mutexes guard (a time, a set of addresses).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A request body that records its progress (see [`Progress`]).

@@ -331,16 +331,6 @@ impl<T: Future<Output = Result<Served, Error>>> Future for Counted<'_, T> {
 }
 
 /// A flight's outcome, shared by every caller that joined it.
-/// What became of a fill's cacheable value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Filled {
-    Stored,
-    /// Fenced out by a newer fill or an invalidation, or too large for the store.
-    NotStored,
-    /// The write failed (the store slow, down or full, or this key's data in the way).
-    WriteFailed,
-}
-
 #[derive(Clone, Debug)]
 enum Shared {
     Value {
@@ -348,8 +338,9 @@ enum Shared {
         meta: Option<Meta>,
         selector: Option<Bytes>,
         variant: Option<Digest>,
-        /// What became of the value, when this flight ran the fill.
-        filled: Option<Filled>,
+        /// What became of the value (`Stored`, `NotStored` or `WriteFailed`), when this flight
+        /// ran the fill: the status of the caller that ran it.
+        filled: Option<Status>,
         bypass: bool,
     },
     Stale {
@@ -799,9 +790,7 @@ impl Stampede {
                     }
                     let status = match (leader, filled, bypass) {
                         (_, _, true) => Status::Bypass,
-                        (true, Some(Filled::Stored), _) => Status::Stored,
-                        (true, Some(Filled::NotStored), _) => Status::NotStored,
-                        (true, Some(Filled::WriteFailed), _) => Status::WriteFailed,
+                        (true, Some(filled), _) => filled,
                         _ => Status::Collapsed,
                     };
                     if status == Status::Collapsed {
@@ -1118,7 +1107,7 @@ impl Stampede {
                         meta: None,
                         selector,
                         variant,
-                        filled: Some(Filled::NotStored),
+                        filled: Some(Status::NotStored),
                         bypass: true,
                     },
                     own,
@@ -1434,17 +1423,17 @@ impl Stampede {
                         if let Some(sel) = &selector {
                             self.memo_set(&key.slot, sel.clone());
                         }
-                        Filled::Stored
+                        Status::Stored
                     }
                     Ok(WriteOutcome::Fenced) => {
                         metrics::counter!("stampede_fence_rejections_total").increment(1);
-                        Filled::NotStored
+                        Status::NotStored
                     }
                     Ok(WriteOutcome::TooLarge) => {
                         metrics::counter!("stampede_fills_total", "outcome" => "too_large")
                             .increment(1);
                         self.write_pass_marker(key, looked, token, fence).await;
-                        Filled::NotStored
+                        Status::NotStored
                     }
                     // The store is up, but this key's data is in the way (see
                     // `BackendError::is_store_answered`): give the lease back, as nothing
@@ -1454,9 +1443,9 @@ impl Stampede {
                         let _ = self
                             .bcall(backend.release(&key.slot, token, Signal::Released))
                             .await;
-                        Filled::WriteFailed
+                        Status::WriteFailed
                     }
-                    Err(_) => Filled::WriteFailed,
+                    Err(_) => Status::WriteFailed,
                 };
                 (
                     Shared::Value {

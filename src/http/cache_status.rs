@@ -13,8 +13,8 @@ pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-
 /// section 2 asks a cache adding its member to keep the existing value, so the whole chain of
 /// caches can be read (the one nearest the origin first). Earlier lines are trimmed, and those
 /// that are not [`well_formed`] (RFC 8941 Lists) are dropped (as are the empty placeholders of
-/// a remembered hit), so a bad value can neither swallow ours nor make a parser drop the field. The common case, no
-/// earlier cache, costs one lookup.
+/// a remembered hit), so a bad value can neither swallow ours nor make a parser drop the field.
+/// The common case, no earlier cache, costs one lookup.
 pub(crate) fn add(headers: &mut HeaderMap, ours: HeaderValue) {
     // `Err` only for a map already holding the most names a `HeaderMap` can (an in-process
     // origin's passed response): it goes without ours rather than panic.
@@ -174,7 +174,7 @@ impl Sf<'_> {
             Some(b'-' | b'0'..=b'9') => self.number(),
             Some(b'"') => self.string(),
             Some(b'*' | b'A'..=b'Z' | b'a'..=b'z') => {
-                self.skip(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
+                self.skip(|b| b.is_ascii_alphanumeric() || TOKEN_PUNCT.contains(&b));
                 true
             }
             // RFC 8941 section 4.2.7: base64 that decodes, its `=` padding optional.
@@ -234,12 +234,17 @@ impl Sf<'_> {
     }
 }
 
+/// The bytes an sf-token may hold besides letters and digits (RFC 8941 section 3.3.4: tchar,
+/// `:` and `/`).
+const TOKEN_PUNCT: &[u8] = b"!#$%&'*+-.^_`|~:/";
+
 /// Makes a cache name safe as an sf-token.
 pub(crate) fn sanitize_name(name: &str) -> String {
     let s: String = name
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c) {
+            if c.is_ascii_alphanumeric() || u8::try_from(c).is_ok_and(|b| TOKEN_PUNCT.contains(&b))
+            {
                 c
             } else {
                 '-'

@@ -589,8 +589,6 @@ where
     };
     // Revalidate a stale entry with its validators.
     let mut prev_stored = prev.as_ref().and_then(|p| StoredResponse::decode(&p.value));
-    // The request without them, for a 304 that answers another representation (below).
-    let unconditional = prev_stored.as_ref().map(|_| sent.clone());
     let mut req = request(sent);
     if let Some(ps) = &prev_stored {
         if let Some(etag) = ps.headers.get(header::ETAG) {
@@ -614,7 +612,7 @@ where
     // RFC 9111 section 4.3.4: a 304 whose entity-tag is not the stored response's (another
     // origin server's representation, answering the If-Modified-Since sent beside) must not
     // freshen it. Asked again without conditions, and that answer judged on its own.
-    if let (Some(ps), Some(headers)) = (&prev_stored, unconditional) {
+    if let Some(ps) = &prev_stored {
         if res.status() == StatusCode::NOT_MODIFIED
             && !same_representation(
                 ps.headers.get(header::ETAG),
@@ -631,7 +629,12 @@ where
             std::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            res = inner.call(request(headers)).await.map_err(Into::into)?;
+            // A revalidation is never `alone`: it sent the policy request's headers, and
+            // sends them again without the validators added above.
+            res = inner
+                .call(request(policy_req.headers().clone()))
+                .await
+                .map_err(Into::into)?;
         }
     }
     let (mut rparts, body) = res.into_parts();

@@ -154,9 +154,9 @@ struct Inner {
 }
 
 struct Server {
-    /// `host:port`, resolved at every dial: a server that comes back at another address (a
-    /// container restarted) is found again, and one whose name does not resolve yet is only
-    /// an error of the calls made meanwhile.
+    /// `host:port`, resolved when connections are made (see [`Server::resolve`]): a server
+    /// that comes back at another address (a container restarted) is found again, and one
+    /// whose name does not resolve yet is only an error of the calls made meanwhile.
     name: String,
     /// The addresses its name last resolved to, and when (see [`Server::resolve`]).
     resolved: Mutex<Option<(Vec<SocketAddr>, Instant)>>,
@@ -360,9 +360,8 @@ impl Client {
         &self.inner.servers[i.min(self.inner.servers.len() - 1)]
     }
 
-    /// The item size limit of the server that holds `key`, as its latest connection read it
-    /// (`stats settings`) when it was made: `None` before any connection to it, or when the
-    /// server does not say.
+    /// The item size limit of the server that holds `key`, as the latest connection that could
+    /// read it (`stats settings`) read it when it was made: `None` until one has.
     pub(super) fn item_size_max(&self, key: &str) -> Option<usize> {
         Some(self.server_of(key).item_max.load(Ordering::Relaxed)).filter(|n| *n > 0)
     }
