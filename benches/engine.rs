@@ -96,8 +96,13 @@ impl Backend for PollingOnly {
     fn invalidate<'a>(&'a self, s: &'a Digest, t: Duration) -> BoxFuture<'a, BackendResult<u64>> {
         self.0.invalidate(s, t)
     }
-    fn signal<'a>(&'a self, s: &'a Digest, g: Signal) -> BoxFuture<'a, BackendResult<()>> {
-        self.0.signal(s, g)
+    fn fail<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        d: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        self.0.fail(s, t, d)
     }
     fn subscribe<'a>(
         &'a self,

@@ -7,7 +7,8 @@
 //!        -> missing / beyond policy    : join the local flight, which runs try_acquire:
 //!             Refreshed -> read again
 //!             Acquired  -> fill detached, extend the lease, fenced write, signal
-//!             Held      -> in-policy stale copy: serve it; else wait (signal + backoff polling)
+//!             Held      -> marked failed: the fallback now; in-policy stale copy: serve it;
+//!                          else wait (signal + backoff polling)
 //! ```
 
 use std::collections::HashMap;
@@ -1196,12 +1197,17 @@ impl Stampede {
                     };
                     return self.run_fill(&key, &looked, f, token, fence, asked).await;
                 }
-                Acquire::Held { remaining } => {
+                Acquire::Held { remaining, failed } => {
                     metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
-                    // The lease is held by a fill that failed (here, or signalled from another
-                    // instance): take the fallback now instead of waiting out the lease.
+                    // The lease is held by a fill that failed (here, signalled, or marked in the
+                    // store by another instance): take the fallback now instead of waiting out
+                    // the lease.
                     if let Some(f) = self.recent_failure(&key.slot) {
                         return (Shared::Failed(f), None);
+                    }
+                    if failed {
+                        self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
+                        return (Shared::Failed(Failure::Elsewhere), None);
                     }
                     waited = true;
                     if let Some((value, meta)) = looked.stale_in(now_ms(), false) {
@@ -1378,13 +1384,13 @@ impl Stampede {
             FillRun::TimedOut => {
                 metrics::counter!("stampede_fills_total", "outcome" => "timeout").increment(1);
                 let f = Failure::Timeout(cfg.fill_timeout);
-                self.failed_holding(&key.slot, &held_until, &f).await;
+                self.failed_holding(&key.slot, token, &held_until, &f).await;
                 (Shared::Failed(f), None)
             }
             FillRun::Done(Err(e)) => {
                 metrics::counter!("stampede_fills_total", "outcome" => "error").increment(1);
                 let f = Failure::Fill(Arc::from(e));
-                self.failed_holding(&key.slot, &held_until, &f).await;
+                self.failed_holding(&key.slot, token, &held_until, &f).await;
                 (Shared::Failed(f), None)
             }
             FillRun::Done(Ok(Fill::Unshared { value })) => {
@@ -1467,12 +1473,14 @@ impl Stampede {
     }
 
     /// Our fill failed. The lease is kept until it expires, so the source sees at most one call
-    /// per lease: while it is surely still ours, every waiter on it is told (`Failed`) and this
-    /// instance's callers fail at once until it ends. A lease that may have passed to another
-    /// holder is not ours to speak for: its waiters wait on that holder's fill.
+    /// per lease: while it is surely still ours, it is marked failed in the store (every waiter
+    /// is told, and every instance's callers that find it held take their fallback at once)
+    /// and this instance's callers fail at once until it ends. A lease that may have passed to
+    /// another holder is not ours to speak for: its waiters wait on that holder's fill.
     async fn failed_holding(
         &self,
         slot: &Digest,
+        token: Token,
         held_until: &Mutex<Option<Instant>>,
         f: &Failure,
     ) {
@@ -1483,10 +1491,13 @@ impl Stampede {
         else {
             return;
         };
-        let _ = self
-            .bcall(self.inner.backend.signal(slot, Signal::Failed))
-            .await;
-        self.remember_failure(slot, left, f);
+        // Marked for the rest of the lease as this instance counts it, which is no longer than
+        // the store's. If the store says the lease is not ours after all (it ended early: a
+        // restart, an eviction), the slot is free: this instance's callers compete again.
+        let marked = self.bcall(self.inner.backend.fail(slot, token, left)).await;
+        if !matches!(marked, Ok(false)) {
+            self.remember_failure(slot, left, f);
+        }
     }
 
     /// The fill was not cacheable: a pass marker, unless an in-policy stale copy is stored.

@@ -199,6 +199,7 @@ impl Backend for Gate {
             return Box::pin(async {
                 Ok(Acquire::Held {
                     remaining: Duration::MAX,
+                    failed: false,
                 })
             });
         }
@@ -251,8 +252,13 @@ impl Backend for Gate {
             done
         })
     }
-    fn signal<'a>(&'a self, s: &'a Digest, sig: Signal) -> BoxFuture<'a, BackendResult<()>> {
-        self.inner.signal(s, sig)
+    fn fail<'a>(
+        &'a self,
+        s: &'a Digest,
+        t: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        self.inner.fail(s, t, ttl)
     }
     fn subscribe<'a>(
         &'a self,
@@ -876,6 +882,72 @@ async fn a_failing_fill_tells_waiters_at_once_and_keeps_its_lease() {
     assert_eq!(calls.get(), before, "one source call per lease");
 }
 
+/// A failed fill's lease is marked failed in the store, so an instance that was not waiting
+/// when the fill failed (no signal reached it) takes its fallback at once too: the error, or
+/// its stale-if-error copy, with no call to the source and no wait for the lease to end.
+/// Before, it found the lease held, waited it out, and then called the source.
+#[tokio::test(start_paused = true)]
+async fn an_instance_that_comes_after_a_failure_takes_its_fallback_at_once() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(5)).wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let c = engine(&mem, cfg.clone());
+    let calls = Counter::default();
+    let r = a.get_or_fill("late", failing(&calls, ms(200))).await;
+    assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
+    let rc = c
+        .get_or_fill("late", filler(&calls, ms(1), "c", minute()))
+        .await;
+    assert!(matches!(rc, Err(Error::FailedElsewhere)), "{rc:?}");
+    assert_eq!(
+        calls.get(),
+        1,
+        "no call to the source inside the failed lease"
+    );
+    // C remembers it: its next callers do not ask the store again, nor call the source.
+    let rc = c
+        .get_or_fill("late", filler(&calls, ms(1), "c", minute()))
+        .await;
+    assert!(matches!(rc, Err(Error::FailedElsewhere)), "{rc:?}");
+    assert_eq!(calls.get(), 1);
+    tokio::time::sleep(secs(5)).await;
+    let s = c
+        .get_or_fill("late", filler(&calls, ms(1), "recovered", minute()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.status, &s.value[..]),
+        (Status::Stored, &b"recovered"[..])
+    );
+
+    // With a stale copy inside stale-if-error: another instance serves it, marked so.
+    let d = engine(&mem, cfg);
+    let ttl = Ttl::fresh(secs(1)).with_sie(secs(600));
+    a.get_or_fill("late-sie", filler(&calls, ms(1), "old", ttl))
+        .await
+        .unwrap();
+    tokio::time::advance(secs(2)).await;
+    let before = calls.get();
+    let s = a
+        .get_or_fill("late-sie", failing(&calls, ms(1)))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Stale(StaleReason::Error));
+    let s = d
+        .get_or_fill("late-sie", filler(&calls, ms(1), "new", ttl))
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.status, &s.value[..]),
+        (Status::Stale(StaleReason::Error), &b"old"[..])
+    );
+    assert_eq!(
+        calls.get(),
+        before + 1,
+        "only A's failed fill called the source"
+    );
+}
+
 fn stored_fence(mem: &MemoryBackend, key: &str) -> (u64, Option<Vec<u8>>) {
     let rt = mem.clone();
     let d = Digest::of_key(key);
@@ -1353,11 +1425,14 @@ async fn a_failure_signal_under_an_endless_lease_is_the_fallback() {
     });
     let e = Stampede::from_arc(gate, Config::default()).unwrap();
     let calls = Counter::default();
+    // Another instance's holder, whose fill failed (the gate hides its lease from the flight).
+    let slot = Digest::of_key("k");
+    let Acquire::Acquired { token, .. } = mem.try_acquire(&slot, secs(60), 0).await.unwrap() else {
+        panic!("the lease was free");
+    };
     let t = spawn_fill(&e, "k", filler(&calls, ms(1), "v", minute()));
     tokio::time::sleep(ms(5)).await;
-    mem.signal(&Digest::of_key("k"), Signal::Failed)
-        .await
-        .unwrap();
+    assert!(mem.fail(&slot, token, secs(60)).await.unwrap());
     let r = t.await.unwrap();
     assert!(matches!(r, Err(Error::FailedElsewhere)), "{r:?}");
     assert_eq!(calls.get(), 0);

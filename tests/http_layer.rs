@@ -952,11 +952,12 @@ impl tower_stampede::backend::Backend for Down {
         self.invalidations.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
     }
-    fn signal<'a>(
+    fn fail<'a>(
         &'a self,
         _: &'a tower_stampede::Digest,
-        _: tower_stampede::backend::Signal,
-    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<()>> {
+        _: tower_stampede::backend::Token,
+        _: Duration,
+    ) -> tower_stampede::backend::BoxFuture<'a, tower_stampede::backend::BackendResult<bool>> {
         Box::pin(async { Err(tower_stampede::backend::BackendError::new("down")) })
     }
     fn subscribe<'a>(
@@ -2041,8 +2042,13 @@ mod slow_invalidate {
                 self.0.invalidate(s, ttl).await
             })
         }
-        fn signal<'a>(&'a self, s: &'a Digest, sig: Signal) -> BoxFuture<'a, BackendResult<()>> {
-            self.0.signal(s, sig)
+        fn fail<'a>(
+            &'a self,
+            s: &'a Digest,
+            t: Token,
+            d: Duration,
+        ) -> BoxFuture<'a, BackendResult<bool>> {
+            self.0.fail(s, t, d)
         }
         fn subscribe<'a>(
             &'a self,

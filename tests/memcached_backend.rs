@@ -219,6 +219,17 @@ async fn four_engines_share_one_memcached_and_fill_once() {
     assert_eq!(stored, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fill_reaches_every_instance_at_once() {
+    let server = Server::memcached();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(Arc::new(connect(&server).await) as Arc<dyn Backend>);
+    }
+    common::a_failure_reaches_every_instance_at_once(backends.try_into().ok().unwrap(), config())
+        .await;
+}
+
 #[tokio::test]
 async fn keys_from_hostile_urls_work_end_to_end() {
     let server = Server::memcached();

@@ -545,6 +545,20 @@ async fn a_waiter_is_woken_by_the_filled_signal() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fill_reaches_every_instance_at_once() {
+    let server = Server::redis();
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(Arc::new(backend(&server).await) as Arc<dyn Backend>);
+    }
+    common::a_failure_reaches_every_instance_at_once(
+        backends.try_into().ok().unwrap(),
+        Config::default().backend_timeout(Duration::from_secs(2)),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn subscriptions_end_when_the_connection_breaks_and_work_again_after() {
     let mut server = Server::redis();
@@ -571,13 +585,15 @@ async fn subscriptions_end_when_the_connection_breaks_and_work_again_after() {
     let mut sub = sub.expect("subscribed again after the restart");
     let mut ok = false;
     for _ in 0..50 {
-        if b.signal(&s, Signal::Released).await.is_ok() {
-            ok = true;
+        if let Ok(Acquire::Acquired { token, .. }) =
+            b.try_acquire(&s, Duration::from_secs(10), 0).await
+        {
+            ok = b.release(&s, token, Signal::Released).await.unwrap();
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(ok);
+    assert!(ok, "took and released the lease after the restart");
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(5), sub.recv())
             .await

@@ -16,10 +16,11 @@
 //! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
 //! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`); if it differs from `seen_fence`, give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
 //! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
+//! | `fail` | `ms <l> 16 c F1 T<s> C<cas>`: the lease, flagged failed (client flags 1), which `try_acquire`'s `mg <l> f t` reports; the CAS is not kept, so an `extend` reads the lease and refuses a failed one |
 //! | `release` | `md <l> C<cas>` |
 //! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
 //! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race |
-//! | `signal`, `subscribe` | nothing: memcached has no pub/sub, waiters poll with backoff |
+//! | `subscribe` | nothing: memcached has no pub/sub, waiters poll with backoff (and see a failed lease at their next poll) |
 //!
 //! Where the commands of one operation are several round trips, each step is guarded by CAS,
 //! so none of them needs the others to be atomic with it.
@@ -494,15 +495,23 @@ impl MemcachedBackend {
     }
 
     /// Reads the lease and returns its CAS, with its bound (see `HeldLease`), if the stored
-    /// token is ours.
-    async fn ours(&self, key: &str, token: Token) -> BackendResult<Option<(u64, u64)>> {
+    /// token is ours (and the lease not marked failed, unless `failed_too`).
+    async fn ours(
+        &self,
+        key: &str,
+        token: Token,
+        failed_too: bool,
+    ) -> BackendResult<Option<(u64, u64)>> {
         match self
             .inner
             .client
             .one_on(get(key, true, true, false))
             .await?
         {
-            (Reply::Item(it), conn) if it.value.as_deref() == Some(&token.to_hex()[..]) => {
+            (Reply::Item(it), conn)
+                if it.value.as_deref() == Some(&token.to_hex()[..])
+                    && (failed_too || it.flags != LEASE_FAILED) =>
+            {
                 Ok(Some((need_cas(&it)?, conn + 1)))
             }
             (Reply::Item(_) | Reply::Miss, _) => Ok(None),
@@ -538,7 +547,7 @@ impl MemcachedBackend {
                 Some((other, _)) => return Err(unexpected("md (lease)", &other)),
             }
         }
-        let Some((cas, bound)) = self.ours(&key, token).await? else {
+        let Some((cas, bound)) = self.ours(&key, token, true).await? else {
             return Ok(false);
         };
         match client.one_before(del(&key, Some(cas)), bound).await? {
@@ -548,11 +557,15 @@ impl MemcachedBackend {
         }
     }
 
-    async fn extend_lease(
+    /// Sets the lease to `ttl` from now, only while `token` holds it: `extend` (`failed`
+    /// false: a lease marked failed is not ours to extend), or `fail` (marks it failed; its CAS
+    /// is then forgotten, so a later `extend` reads the flag and refuses).
+    async fn rewrite_lease(
         &self,
         slot: &Digest,
         token: Token,
         ttl: Duration,
+        failed: bool,
     ) -> BackendResult<bool> {
         let key = self.inner.prefix.lease(slot);
         let secs = expiry_secs(ttl);
@@ -561,7 +574,7 @@ impl MemcachedBackend {
         for _ in 0..2 {
             let (cas, bound) = match known.take() {
                 Some(c) => c,
-                None => match self.ours(&key, token).await? {
+                None => match self.ours(&key, token, failed).await? {
                     Some(c) => c,
                     None => break,
                 },
@@ -570,11 +583,15 @@ impl MemcachedBackend {
                 key: key.clone(),
                 value: token_bytes(token),
                 secs,
-                flags: 0,
+                flags: if failed { LEASE_FAILED } else { 0 },
                 cond: Cond::Cas(cas),
             };
             // As for a release: the CAS only to the server process it was read from.
             match client.one_before(set, bound).await? {
+                Some((Reply::Done(_), _)) if failed => {
+                    self.forget(slot, token);
+                    return Ok(true);
+                }
                 Some((Reply::Done(Some(new)), conn)) => {
                     self.forget(slot, token);
                     // `conn`, numbered below `bound`, answered after the CAS was read on the
@@ -805,15 +822,15 @@ impl MemcachedBackend {
         let cas = match add {
             Ok(Reply::Done(Some(cas))) => real_cas(cas)?,
             Ok(Reply::NotStored) => {
-                let remaining = match held {
+                let (remaining, failed) = match held {
                     // A server without CAS says so here too, not only to the add that won.
                     Ok(Reply::Item(it)) if it.cas == Some(0) => return Err(cas_off()),
-                    Ok(Reply::Item(it)) => remaining(it.ttl, ttl),
+                    Ok(Reply::Item(it)) => (remaining(it.ttl, ttl), it.flags == LEASE_FAILED),
                     // Gone since the add: compete again soon.
-                    Ok(Reply::Miss) => Duration::ZERO,
-                    _ => ttl,
+                    Ok(Reply::Miss) => (Duration::ZERO, false),
+                    _ => (ttl, false),
                 };
-                return Ok(Acquire::Held { remaining });
+                return Ok(Acquire::Held { remaining, failed });
             }
             Ok(other) => return Err(unexpected("ms (lease)", &other)),
             Err(e) => return Err(e),
@@ -1129,6 +1146,9 @@ fn incr_cmd(key: &str, delta: u64, initial: u64) -> Cmd {
     }
 }
 
+/// The client flags of a lease marked failed by `fail` (an add stores 0).
+const LEASE_FAILED: u32 = 1;
+
 fn token_bytes(token: Token) -> Bytes {
     Bytes::copy_from_slice(&token.to_hex())
 }
@@ -1241,7 +1261,7 @@ impl Backend for MemcachedBackend {
         token: Token,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<bool>> {
-        Box::pin(self.extend_lease(slot, token, ttl))
+        Box::pin(self.rewrite_lease(slot, token, ttl, false))
     }
 
     fn release<'a>(
@@ -1266,12 +1286,14 @@ impl Backend for MemcachedBackend {
         Box::pin(self.do_invalidate(slot, ttl))
     }
 
-    fn signal<'a>(
+    fn fail<'a>(
         &'a self,
-        _slot: &'a Digest,
-        _signal: Signal,
-    ) -> BoxFuture<'a, BackendResult<()>> {
-        Box::pin(std::future::ready(Ok(())))
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        // No pub/sub: waiters see the flag at their next poll.
+        Box::pin(self.rewrite_lease(slot, token, ttl, true))
     }
 
     fn subscribe<'a>(

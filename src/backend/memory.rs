@@ -55,11 +55,19 @@ struct Shard {
 struct Slot {
     entry: Option<Item>,
     variants: Vec<(Digest, Item)>,
-    lease: Option<(Token, Instant)>,
+    lease: Option<Lease>,
     counter: u64,
     last_used: Instant,
     idx: usize,
     accounted: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Lease {
+    token: Token,
+    expires: Instant,
+    /// Marked by [`Backend::fail`]: the holder's fill failed.
+    failed: bool,
 }
 
 struct Item {
@@ -84,8 +92,8 @@ impl Slot {
                 .sum::<usize>()
     }
 
-    fn live_lease(&self, now: Instant) -> Option<(Token, Instant)> {
-        self.lease.filter(|(_, exp)| now < *exp)
+    fn live_lease(&self, now: Instant) -> Option<Lease> {
+        self.lease.filter(|l| now < l.expires)
     }
 
     fn entry_header(&self, now: Instant) -> Option<Header> {
@@ -168,6 +176,27 @@ impl MemoryBackend {
 
     fn shard(&self, slot: &Digest) -> &Mutex<Shard> {
         &self.shared.shards[slot.as_bytes()[0] as usize % SHARDS]
+    }
+
+    /// Sets the lease to end `ttl` from now, only while `token` holds it: `extend` (`failed`
+    /// false: a lease marked failed is not extended) or `fail` (marks it failed).
+    fn rewrite_lease(&self, slot: &Digest, token: Token, ttl: Duration, failed: bool) -> bool {
+        let now = Instant::now();
+        let mut shard = lock(self.shard(slot));
+        let Some(s) = shard.slots.get_mut(slot) else {
+            return false;
+        };
+        match s.live_lease(now) {
+            Some(l) if l.token == token && (failed || !l.failed) => {
+                s.lease = Some(Lease {
+                    token,
+                    expires: until(now, ttl),
+                    failed,
+                });
+                true
+            }
+            _ => false,
+        }
     }
 
     fn publish(&self, slot: &Digest, signal: Signal) {
@@ -322,9 +351,10 @@ impl Backend for MemoryBackend {
         let now = Instant::now();
         let mut shard = lock(self.shard(slot));
         let s = shard.slot_mut(slot, now);
-        let out = if let Some((_, exp)) = s.live_lease(now) {
+        let out = if let Some(l) = s.live_lease(now) {
             Acquire::Held {
-                remaining: exp - now,
+                remaining: l.expires - now,
+                failed: l.failed,
             }
         } else {
             let stored = s.entry_header(now).map_or(0, |h| h.fence);
@@ -334,7 +364,11 @@ impl Backend for MemoryBackend {
                 let fence = next_fence(s.counter, stored);
                 s.counter = fence;
                 let token = Token::random();
-                s.lease = Some((token, until(now, ttl)));
+                s.lease = Some(Lease {
+                    token,
+                    expires: until(now, ttl),
+                    failed: false,
+                });
                 Acquire::Acquired { token, fence }
             }
         };
@@ -351,19 +385,7 @@ impl Backend for MemoryBackend {
         token: Token,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<bool>> {
-        let now = Instant::now();
-        let mut shard = lock(self.shard(slot));
-        let ok = match shard.slots.get_mut(slot) {
-            Some(s) => match s.live_lease(now) {
-                Some((t, _)) if t == token => {
-                    s.lease = Some((token, until(now, ttl)));
-                    true
-                }
-                _ => false,
-            },
-            None => false,
-        };
-        drop(shard);
+        let ok = self.rewrite_lease(slot, token, ttl, false);
         Box::pin(std::future::ready(Ok(ok)))
     }
 
@@ -377,7 +399,7 @@ impl Backend for MemoryBackend {
         let mut shard = lock(self.shard(slot));
         let ok = match shard.slots.get_mut(slot) {
             Some(s) => match s.live_lease(now) {
-                Some((t, _)) if t == token => {
+                Some(l) if l.token == token => {
                     s.lease = None;
                     true
                 }
@@ -424,7 +446,7 @@ impl Backend for MemoryBackend {
             drop(shard);
             return Box::pin(std::future::ready(Ok(outcome)));
         }
-        if w.release && matches!(s.live_lease(now), Some((t, _)) if t == w.token) {
+        if w.release && matches!(s.live_lease(now), Some(l) if l.token == w.token) {
             s.lease = None;
         }
         shard.account(&w.slot);
@@ -461,9 +483,17 @@ impl Backend for MemoryBackend {
         Box::pin(std::future::ready(Ok(fence)))
     }
 
-    fn signal<'a>(&'a self, slot: &'a Digest, signal: Signal) -> BoxFuture<'a, BackendResult<()>> {
-        self.publish(slot, signal);
-        Box::pin(std::future::ready(Ok(())))
+    fn fail<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        let ok = self.rewrite_lease(slot, token, ttl, true);
+        if ok {
+            self.publish(slot, Signal::Failed);
+        }
+        Box::pin(std::future::ready(Ok(ok)))
     }
 
     fn subscribe<'a>(

@@ -201,6 +201,9 @@ pub enum Acquire {
     Held {
         /// How long the lease has left, as the store sees it.
         remaining: Duration,
+        /// The holder's fill failed and it keeps the lease until it ends (see
+        /// [`Backend::fail`]): take your fallback now instead of waiting.
+        failed: bool,
     },
     /// The entry changed since the caller's lookup (its fence differs from the one seen): read
     /// again instead of filling a value that just landed. No lease was taken.
@@ -214,7 +217,8 @@ pub enum Signal {
     Filled,
     /// The fill was not cacheable and a pass marker is stored: go to the source yourself.
     Pass,
-    /// The fill failed; its lease is kept until it expires: take your fallback now.
+    /// The fill failed; its lease is kept until it expires, marked failed (see
+    /// [`Backend::fail`]): take your fallback now.
     Failed,
     /// The lease was released with nothing stored: compete again.
     Released,
@@ -368,8 +372,19 @@ pub trait Backend: Send + Sync + 'static {
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<u64>>;
 
-    /// Publishes a signal without touching the lease (`Failed`: the holder keeps its lease).
-    fn signal<'a>(&'a self, slot: &'a Digest, signal: Signal) -> BoxFuture<'a, BackendResult<()>>;
+    /// The holder's fill failed: marks the lease failed, only while `token` holds it, with `ttl`
+    /// left, and publishes [`Signal::Failed`]. Until the lease ends, `try_acquire` answers
+    /// `Held { failed: true }` on every instance, so callers that arrive after the signal take
+    /// their fallback at once too, and the source still sees one call per lease. A failed lease
+    /// stays failed: `extend` refuses it (`false`), `release` by its token ends it. Returns
+    /// whether it marked the lease (`false`: the lease had ended, or another holder has it, and
+    /// nothing was published).
+    fn fail<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>>;
 
     /// Subscribes to a slot's signals. `Ok(None)` when the backend has no signals (waiters poll).
     /// The subscription is live when the future resolves, so a caller that subscribes, then
@@ -425,8 +440,13 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     ) -> BoxFuture<'a, BackendResult<u64>> {
         (**self).invalidate(slot, ttl)
     }
-    fn signal<'a>(&'a self, slot: &'a Digest, signal: Signal) -> BoxFuture<'a, BackendResult<()>> {
-        (**self).signal(slot, signal)
+    fn fail<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
+        (**self).fail(slot, token, ttl)
     }
     fn subscribe<'a>(
         &'a self,

@@ -82,6 +82,7 @@ pub async fn run_all(h: &Harness) {
     lease_is_exclusive(h).await;
     lease_expires(h).await;
     release_and_extend_need_the_token(h).await;
+    a_failed_lease_is_reported_until_it_ends(h).await;
     fences_grow_also_after_the_counter_is_deleted(h).await;
     refreshed_after_a_concurrent_fill(h).await;
     fenced_fill_refuses_older_and_accepts_same_token(h).await;
@@ -96,11 +97,12 @@ pub async fn lease_is_exclusive(h: &Harness) {
     let (_t, f) = acquire(h, &s, ttl, 0).await;
     assert!(f >= 1);
     match h.backend.try_acquire(&s, ttl, 0).await.unwrap() {
-        Acquire::Held { remaining } => {
+        Acquire::Held { remaining, failed } => {
             assert!(
                 remaining <= ttl && remaining > Duration::from_secs(5),
                 "{remaining:?}"
-            )
+            );
+            assert!(!failed, "a fresh lease is not failed");
         }
         other => panic!("second acquire: {other:?}"),
     }
@@ -354,6 +356,51 @@ pub async fn put_get_ttl_and_variants(h: &Harness) {
     assert!(got.variant.is_none(), "variant expired with its ttl");
 }
 
+pub async fn a_failed_lease_is_reported_until_it_ends(h: &Harness) {
+    let s = slot("failed");
+    let ttl = Duration::from_secs(10);
+    let held = |a: Acquire| match a {
+        Acquire::Held { failed, .. } => Some(failed),
+        _ => None,
+    };
+    let (t, _) = acquire(h, &s, ttl, 0).await;
+    // Only the holder marks it.
+    assert!(!h.backend.fail(&s, Token::random(), ttl).await.unwrap());
+    assert_eq!(
+        held(h.backend.try_acquire(&s, ttl, 0).await.unwrap()),
+        Some(false)
+    );
+    assert!(h.backend.fail(&s, t, h.short_lease).await.unwrap());
+    match h.backend.try_acquire(&s, ttl, 0).await.unwrap() {
+        Acquire::Held { remaining, failed } => {
+            assert!(failed, "every instance sees the failure");
+            assert!(remaining <= h.short_lease + h.expiry_slack, "{remaining:?}");
+        }
+        other => panic!("a failed lease is still held: {other:?}"),
+    }
+    // A failed lease stays failed: it is not extended, even by its holder.
+    assert!(!h.backend.extend(&s, t, ttl).await.unwrap());
+    assert_eq!(
+        held(h.backend.try_acquire(&s, ttl, 0).await.unwrap()),
+        Some(true)
+    );
+    // It ends with the time `fail` gave it, and the next grant is a plain lease.
+    tokio::time::sleep(h.short_lease + h.expiry_slack).await;
+    let (t2, _) = acquire(h, &s, ttl, 0).await;
+    assert!(
+        !h.backend.fail(&s, t, ttl).await.unwrap(),
+        "the old holder's is gone"
+    );
+    assert_eq!(
+        held(h.backend.try_acquire(&s, ttl, 0).await.unwrap()),
+        Some(false)
+    );
+    // Its holder can still release it.
+    assert!(h.backend.fail(&s, t2, ttl).await.unwrap());
+    assert!(h.backend.release(&s, t2, Signal::Released).await.unwrap());
+    acquire(h, &s, ttl, 0).await;
+}
+
 pub async fn signals_are_delivered(h: &Harness) {
     let s = slot("signals");
     let sub = h.backend.subscribe(&s).await.unwrap();
@@ -373,7 +420,7 @@ pub async fn signals_are_delivered(h: &Harness) {
     );
 
     let (t, f) = acquire(h, &s, ttl, 0).await;
-    h.backend.signal(&s, Signal::Failed).await.unwrap();
+    assert!(h.backend.fail(&s, t, ttl).await.unwrap());
     assert_eq!(
         tokio::time::timeout(within, sub.recv()).await.unwrap(),
         Some(Signal::Failed)
@@ -381,9 +428,9 @@ pub async fn signals_are_delivered(h: &Harness) {
     assert!(
         matches!(
             h.backend.try_acquire(&s, ttl, 0).await.unwrap(),
-            Acquire::Held { .. }
+            Acquire::Held { failed: true, .. }
         ),
-        "signalling failed keeps the lease"
+        "failing keeps the lease, marked failed"
     );
 
     h.backend

@@ -71,6 +71,58 @@ pub async fn pause_fails_open_and_resume_brings_hits_back(
     assert!(!engine.breaker_open());
 }
 
+/// Three instances (`a`, `b`, `c`: engines on backends of their own, one store) and a source
+/// that fails. `a` holds the lease and fails; `b` was waiting on it, `c` comes after. Both take
+/// their fallback at once -- the failure, marked on the lease in the store, reaches every
+/// instance, with or without pub/sub -- and the source sees one call. Before the mark, `c` (and
+/// with memcached `b`) waited the 30 s lease out and then called the source; the 15 s bound
+/// fails the test then.
+pub async fn a_failure_reaches_every_instance_at_once(
+    backends: [std::sync::Arc<dyn tower_stampede::backend::Backend>; 3],
+    config: tower_stampede::Config,
+) {
+    use std::time::Duration;
+    use tower_stampede::{Error, Fill, Stampede};
+    let config = config
+        .lease(Duration::from_secs(30))
+        .wait_timeout(Duration::from_secs(60))
+        .fill_timeout(Duration::from_secs(60));
+    let [a, b, c] = backends.map(|b| Stampede::from_arc(b, config.clone()).unwrap());
+    let calls = Counter::default();
+    let fill = |delay: u64| {
+        let calls = calls.clone();
+        move || async move {
+            calls.inc();
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            Err::<Fill, _>(std::io::Error::other("origin down"))
+        }
+    };
+    let key = "fails-everywhere";
+    let holder = {
+        let (a, f) = (a.clone(), fill(500));
+        tokio::spawn(async move { a.get_or_fill(key, f).await })
+    };
+    // `b` starts waiting while `a` fills.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = {
+        let (b, f) = (b.clone(), fill(0));
+        tokio::spawn(async move { b.get_or_fill(key, f).await })
+    };
+    let held = holder.await.unwrap();
+    assert!(matches!(held, Err(Error::Fill(_))), "{held:?}");
+    let bound = Duration::from_secs(15);
+    let waited = tokio::time::timeout(bound, waiter)
+        .await
+        .expect("the waiter was told of the failure, not left to wait out the lease")
+        .unwrap();
+    assert!(matches!(waited, Err(Error::FailedElsewhere)), "{waited:?}");
+    let late = tokio::time::timeout(bound, c.get_or_fill(key, fill(0)))
+        .await
+        .expect("a later caller on another instance saw the failed lease at once");
+    assert!(matches!(late, Err(Error::FailedElsewhere)), "{late:?}");
+    assert_eq!(calls.get(), 1, "one source call for the lease");
+}
+
 /// A TCP server on a free loopback port that runs `serve` on each connection it accepts, for
 /// peers that speak a protocol by hand (garbage, an old HTTP version). Returns its address.
 pub async fn raw_server<F, Fut>(serve: F) -> std::net::SocketAddr

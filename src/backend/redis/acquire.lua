@@ -1,6 +1,6 @@
 -- try_acquire. KEYS: lease, fence counter, entry.
 -- ARGV: token (16 hex), lease ttl ms, seen fence (20 digits), counter ttl ms.
--- Returns {0, pttl} held, {1, fence} acquired, {2} refreshed.
+-- Returns {0, pttl, failed (0/1)} held, {1, fence} acquired, {2} refreshed.
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl == -1 then
   -- A lease without an expiry would block the key for ever: give it one.
@@ -8,7 +8,12 @@ if pttl == -1 then
   pttl = tonumber(ARGV[2])
 end
 if pttl >= 0 then
-  return {0, pttl}
+  local v = get(KEYS[1])
+  local failed = 0
+  if v and string.sub(v, -1) == '!' then
+    failed = 1
+  end
+  return {0, pttl, failed}
 end
 local stored = header(get(KEYS[3])) or ZERO20
 if stored ~= ARGV[3] then

@@ -103,3 +103,9 @@ end
 local function digits(fence, width)
   return string.format('%0' .. width .. '.0f', fence)
 end
+
+-- Does `token` hold the lease whose value is `v`? A failed lease (fail.lua) holds its token
+-- and '!', so `try_acquire` can tell every instance that the fill failed.
+local function holds(v, token)
+  return v == token or v == token .. '!'
+end

@@ -12,7 +12,7 @@
 //! | [`extend`](Backend::extend) / [`release`](Backend::release) | 1 | token-checked `PEXPIRE` / `DEL` (+ publish) |
 //! | [`write`](Backend::write) | 1 | `write.lua`: fenced `SET PX` (+ variant), release, publish |
 //! | [`invalidate`](Backend::invalidate) | 1 | `invalidate.lua`: fence bump + tombstone |
-//! | [`signal`](Backend::signal) | 1 | `SPUBLISH` |
+//! | [`fail`](Backend::fail) | 1 | `fail.lua`: token-checked rewrite of the lease as failed (its token and `!`, `SET PX`) + publish |
 //!
 //! **Connections.** The hit path never checks a connection out of the pool (a deadpool checkout
 //! pings the server first, which doubles the cost of a `GET`). The backend holds one multiplexed
@@ -144,6 +144,7 @@ const COMMON_LUA: &str = include_str!("common.lua");
 const ACQUIRE_LUA: &str = include_str!("acquire.lua");
 const EXTEND_LUA: &str = include_str!("extend.lua");
 const RELEASE_LUA: &str = include_str!("release.lua");
+const FAIL_LUA: &str = include_str!("fail.lua");
 const WRITE_LUA: &str = include_str!("write.lua");
 const INVALIDATE_LUA: &str = include_str!("invalidate.lua");
 
@@ -197,6 +198,7 @@ struct Scripts {
     acquire: Lua,
     extend: Lua,
     release: Lua,
+    fail: Lua,
     write: Lua,
     invalidate: Lua,
 }
@@ -220,16 +222,18 @@ impl Scripts {
             acquire: build(ACQUIRE_LUA),
             extend: build(EXTEND_LUA),
             release: build(RELEASE_LUA),
+            fail: build(FAIL_LUA),
             write: build(WRITE_LUA),
             invalidate: build(INVALIDATE_LUA),
         }
     }
 
-    fn all(&self) -> [&Lua; 5] {
+    fn all(&self) -> [&Lua; 6] {
         [
             &self.acquire,
             &self.extend,
             &self.release,
+            &self.fail,
             &self.write,
             &self.invalidate,
         ]
@@ -813,12 +817,6 @@ impl Inner {
         handle.spawn(watch_held(Arc::downgrade(self)));
     }
 
-    async fn query(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> BackendResult<Value> {
-        let (i, mut live) = self.conn().await?;
-        let res = cmd.query_async::<Value>(&mut live.conn).await;
-        self.checked(i, live.id, what, res)
-    }
-
     /// A reply from held connection `id` in slot `i`: an error also tells the slot (see
     /// [`on_error`](Self::on_error)).
     fn checked<T>(
@@ -1093,8 +1091,9 @@ impl Backend for RedisBackend {
                 return Err(unexpected("acquire", &v));
             };
             match items.as_slice() {
-                [code, pttl] if int_of("acquire", code)? == 0 => Ok(Acquire::Held {
+                [code, pttl, failed] if int_of("acquire", code)? == 0 => Ok(Acquire::Held {
                     remaining: Duration::from_millis(int_of("acquire", pttl)?.max(0) as u64),
+                    failed: int_of("acquire", failed)? == 1,
                 }),
                 [code, fence] if int_of("acquire", code)? == 1 => {
                     let fence = int_of("acquire", fence)?;
@@ -1252,12 +1251,30 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn signal<'a>(&'a self, slot: &'a Digest, signal: Signal) -> BoxFuture<'a, BackendResult<()>> {
+    fn fail<'a>(
+        &'a self,
+        slot: &'a Digest,
+        token: Token,
+        ttl: Duration,
+    ) -> BoxFuture<'a, BackendResult<bool>> {
         Box::pin(async move {
-            let mut cmd = redis::cmd(self.inner.publish);
-            cmd.arg(self.inner.prefix.channel(slot))
-                .arg(signal.as_str());
-            self.inner.query(self.inner.publish, &cmd).await.map(|_| ())
+            let inner = &self.inner;
+            let lease = inner.prefix.lease(slot);
+            let channel = inner.prefix.channel(slot);
+            let v = inner
+                .eval(
+                    "fail",
+                    &inner.scripts.fail,
+                    &[&lease],
+                    &[
+                        &token.to_hex(),
+                        ttl_ms(ttl).to_string().as_bytes(),
+                        channel.as_bytes(),
+                        Signal::Failed.as_str().as_bytes(),
+                    ],
+                )
+                .await?;
+            Ok(int_of("fail", &v)? == 1)
         })
     }
 

@@ -15,7 +15,7 @@ if ok then
     redis.call('SET', KEYS[3], digits(f, 1), 'PX', ARGV[8])
   end
 end
-if ARGV[5] == '1' and get(KEYS[2]) == ARGV[2] then
+if ARGV[5] == '1' and holds(get(KEYS[2]), ARGV[2]) then
   redis.call('DEL', KEYS[2])
 end
 redis.call('{{PUBLISH}}', ARGV[6], ARGV[7])
