@@ -1631,10 +1631,71 @@ async fn two_proxies(store: &str, a_extra: &[&str], b_extra: &[&str]) -> (Upstre
     (up, a, b)
 }
 
+/// Two proxies sharing `store`, the upstream failing: once a fill through A has failed, B
+/// answers from what is left at once (its stale-if-error copy, else a 502 saying the origin
+/// failed elsewhere), with no upstream call and no wait for A's lease (10 s) to end. Before,
+/// B found the lease held, waited it out, and called the upstream itself.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+async fn a_failure_through_one_proxy_is_the_others_fallback_at_once(store: &str) {
+    let flags = [
+        "--ttl",
+        "1s",
+        "--sie",
+        "60s",
+        "--lease",
+        "10s",
+        "--wait-timeout",
+        "12s",
+    ];
+    let (up, a, b) = two_proxies(store, &flags, &flags).await;
+    let c = client();
+    let (_, h, _) = send(&c, http::Method::GET, a.url("/plain?ms=1")).await;
+    assert!(cache_status(&h).contains("stored"), "{h:?}");
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    up.failing.store(true, Ordering::SeqCst);
+    let bound = Duration::from_secs(15);
+    let (s, h, body) = send(&c, http::Method::GET, a.url("/plain?ms=1")).await;
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]), "{h:?}");
+    assert!(cache_status(&h).contains("stale-if-error"), "{h:?}");
+    assert_eq!(up.calls(), 2, "A's failed fill");
+    let (s, h, body) =
+        tokio::time::timeout(bound, send(&c, http::Method::GET, b.url("/plain?ms=1")))
+            .await
+            .expect("B answered without waiting out A's failed lease");
+    assert_eq!((s, &body[..]), (StatusCode::OK, &b"call 1"[..]), "{h:?}");
+    assert!(cache_status(&h).contains("stale-if-error"), "{h:?}");
+    assert_eq!(up.calls(), 2, "B did not call the upstream");
+    // A URL with nothing stored: A relays the origin's 500, B says where it failed.
+    let (s, _, body) = send(&c, http::Method::GET, a.url("/slow?ms=1")).await;
+    assert_eq!(
+        (s, &body[..]),
+        (StatusCode::INTERNAL_SERVER_ERROR, &b"down"[..])
+    );
+    let (s, h, _) = tokio::time::timeout(bound, send(&c, http::Method::GET, b.url("/slow?ms=1")))
+        .await
+        .expect("B answered without waiting out A's failed lease");
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{h:?}");
+    assert!(
+        cache_status(&h).contains("origin-failed-elsewhere"),
+        "{h:?}"
+    );
+    assert_eq!(
+        up.calls(),
+        3,
+        "one upstream call per failed lease, none from B"
+    );
+}
+
 #[cfg(feature = "redis")]
 mod with_redis {
     use super::*;
     use common::servers::Server;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_through_one_proxy_sharing_redis_is_the_others_fallback_at_once() {
+        let redis = Server::redis();
+        a_failure_through_one_proxy_is_the_others_fallback_at_once(&redis.url()).await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_proxies_sharing_redis_reach_the_upstream_once() {
@@ -1870,6 +1931,12 @@ mod with_redis {
 mod with_memcached {
     use super::*;
     use common::servers::Server;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failure_through_one_proxy_sharing_memcached_is_the_others_fallback_at_once() {
+        let mc = Server::memcached();
+        a_failure_through_one_proxy_is_the_others_fallback_at_once(&mc.url()).await;
+    }
 
     /// `--near-max-age` turns the Memcached near cache on: hits stop reaching memcached, and a
     /// POST through another proxy reaches them within a bounded time.
