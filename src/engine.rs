@@ -277,6 +277,9 @@ const OUTCOMES: [&str; 9] = [
     "write_failed",
 ];
 
+/// The index in [`OUTCOMES`] of a call that ended in an error.
+const ERROR_OUTCOME: usize = 7;
+
 struct HotMetrics {
     /// `stampede_requests_total{outcome}`, indexed like [`OUTCOMES`].
     requests: [metrics::Counter; OUTCOMES.len()],
@@ -317,7 +320,7 @@ impl<T: Future<Output = Result<Served, Error>>> Future for Counted<'_, T> {
         };
         let i = match &res {
             Ok(s) => status_index(s.status),
-            Err(_) => OUTCOMES.len() - 1,
+            Err(_) => ERROR_OUTCOME,
         };
         this.call.span().record("outcome", OUTCOMES[i]);
         let hot = this.engine.inner.hot.get_or_init(HotMetrics::register);
@@ -2133,5 +2136,30 @@ impl Breaker {
                 tracing::warn!(cooldown = ?self.cooldown, "backend circuit breaker opened");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every outcome is counted under its own name. (A `write_failed` appended after `error`
+    /// once made every error count as `write_failed`.)
+    #[test]
+    fn outcomes_are_counted_under_their_names() {
+        let names = [
+            (Status::Hit, "hit"),
+            (Status::Stale(StaleReason::Error), "stale"),
+            (Status::Stored, "stored"),
+            (Status::NotStored, "not_stored"),
+            (Status::Collapsed, "collapsed"),
+            (Status::Passed, "passed"),
+            (Status::Bypass, "bypass"),
+            (Status::WriteFailed, "write_failed"),
+        ];
+        for (status, name) in names {
+            assert_eq!(OUTCOMES[status_index(status)], name, "{status:?}");
+        }
+        assert_eq!(OUTCOMES[ERROR_OUTCOME], "error");
     }
 }

@@ -701,6 +701,11 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         assert!(Instant::now() < deadline, "the admin port never opened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A request that ends in an error (the origin's 500, relayed) is counted as one.
+    up.failing.store(true, Ordering::SeqCst);
+    let (s, _, _) = send(&c, http::Method::GET, proxy.url("/failing?ms=1")).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR);
+    up.failing.store(false, Ordering::SeqCst);
     // Requests the layer does not handle are counted by reason.
     for _ in 0..2 {
         let (s, _, _) = send(&c, http::Method::POST, proxy.url("/slow?ms=1")).await;
@@ -721,12 +726,20 @@ async fn admin_from_the_environment_serves_metrics_and_healthz_never_proxied() {
         "{metrics}"
     );
     assert!(
+        metrics.contains("stampede_requests_total{outcome=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("stampede_requests_total{outcome=\"write_failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
         metrics.contains("stampede_http_bypass_total{reason=\"method\"} 2"),
         "{metrics}"
     );
     assert_eq!(
         up.calls(),
-        3,
+        4,
         "the admin endpoints never reach the upstream"
     );
 }
