@@ -581,6 +581,30 @@ impl Stampede {
         }
     }
 
+    /// The value stored under `key` while it is fresh, without calling a source, taking a
+    /// lease, waiting or starting a refresh: `None` on a miss, past freshness (stale windows
+    /// included), for a pass marker, and when the store fails or the breaker skips it. For
+    /// callers that must not reach the source, such as HTTP's `Cache-Control: only-if-cached`.
+    /// A value served is counted as a hit.
+    pub async fn get_fresh(&self, key: CacheKey) -> Option<Served> {
+        let looked = self.lookup(&key).await.ok()?;
+        let Found::Entry { value, meta, .. } = looked.found else {
+            return None;
+        };
+        let now = now_ms();
+        if !meta.is_fresh(now) {
+            return None;
+        }
+        let hot = self.inner.hot.get_or_init(HotMetrics::register);
+        hot.requests[status_index(Status::Hit)].increment(1);
+        Some(Served {
+            value,
+            meta: Some(meta),
+            status: Status::Hit,
+            at_ms: now,
+        })
+    }
+
     /// Invalidates `key` everywhere: bumps its fence and writes a tombstone, so a fill that
     /// started before this cannot write old content back.
     pub async fn invalidate(&self, key: impl AsRef<[u8]>) -> Result<(), BackendError> {

@@ -1941,6 +1941,54 @@ async fn a_request_asking_for_no_cache_is_served_from_the_cache_and_no_store_byp
     assert_eq!(origin.calls(), 2);
 }
 
+/// `Cache-Control: only-if-cached` (RFC 9111 section 5.2.1.7): the stored response while it is
+/// fresh (a 304 to a conditional request), else a 504; the origin is never called for it, not
+/// even for a stale copy's refresh. Before, such a request was filled like any other.
+#[tokio::test(start_paused = true)]
+async fn only_if_cached_is_a_stored_response_or_a_504_and_never_the_origin() {
+    let origin = Origin::new(ms(1), |_, n| {
+        let mut r = ok("max-age=60, stale-while-revalidate=600", format!("run {n}"));
+        r.headers_mut()
+            .insert(header::ETAG, "\"e\"".parse().unwrap());
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let only = |extra: Option<(&'static str, &'static str)>| {
+        let mut b =
+            Request::get("http://a.test/o").header("cache-control", "max-stale, only-if-cached");
+        if let Some((n, v)) = extra {
+            b = b.header(n, v);
+        }
+        b.body(Full::default()).unwrap()
+    };
+    let g = send(&svc, only(None)).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(g.cs(), "tower-stampede; detail=only-if-cached");
+    assert_eq!(origin.calls(), 0, "a miss does not reach the origin");
+    assert_eq!(&send(&svc, get("http://a.test/o")).await.body[..], b"run 1");
+    let g = send(&svc, only(None)).await;
+    assert_eq!((g.status, &g.body[..]), (StatusCode::OK, &b"run 1"[..]));
+    assert!(g.cs().contains("; hit"), "{}", g.cs());
+    let g = send(&svc, only(Some(("if-none-match", "\"e\"")))).await;
+    assert_eq!(g.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(origin.calls(), 1);
+    // Stale (inside stale-while-revalidate): a 504, and no refresh started.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let g = send(&svc, only(None)).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT, "{}", g.cs());
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(
+        origin.calls(),
+        1,
+        "no refresh for an only-if-cached request"
+    );
+    // Any other request refreshes it as before.
+    let g = send(&svc, get("http://a.test/o")).await;
+    assert!(g.cs().contains("stale-while-revalidate"), "{}", g.cs());
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(origin.calls(), 2);
+}
+
 /// `Host: a.test:80`, `Host: A.test` and an absolute `http://a.test:80/` target name one origin
 /// (RFC 3986 section 6.2.3): one entry, and a POST through any of them invalidates it. Another
 /// port is another origin.

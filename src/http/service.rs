@@ -77,8 +77,12 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let shared = self.shared.clone();
-        let (slot, conditional) = match classify(&req, &shared.opts) {
-            Route::Cache { slot, conditional } => (slot, conditional),
+        let (slot, conditional, only_if_cached) = match classify(&req, &shared.opts) {
+            Route::Cache {
+                slot,
+                conditional,
+                only_if_cached,
+            } => (slot, conditional, only_if_cached),
             Route::Bypass(detail) => {
                 return Box::pin(bypass(shared, self.inner.clone(), req, detail));
             }
@@ -92,6 +96,9 @@ where
             shared,
         });
         let key = CacheKey::from_digest(slot).with_selector(state.clone());
+        if only_if_cached {
+            return Box::pin(async move { Ok(from_cache_only(state, key).await) });
+        }
         let fill_state = state.clone();
         let fill = move |prev: Option<Prev>| {
             let inner = lock(&fill_state.inner).take();
@@ -124,6 +131,8 @@ enum Route {
     Cache {
         slot: Digest,
         conditional: bool,
+        /// `Cache-Control: only-if-cached`: a stored response or a 504, never the origin.
+        only_if_cached: bool,
     },
     Bypass(&'static str),
 }
@@ -175,6 +184,7 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
     Route::Cache {
         slot,
         conditional: scan.conditional,
+        only_if_cached: scan.only_if_cached,
     }
 }
 
@@ -185,6 +195,8 @@ struct HeadScan<'a> {
     authorization: bool,
     /// `Cache-Control: no-store`.
     no_store: bool,
+    /// `Cache-Control: only-if-cached`.
+    only_if_cached: bool,
     /// `Transfer-Encoding`, or a `Content-Length` other than 0.
     body: bool,
     /// Any `Cookie` (which ones matter is [`has_relevant_cookie`]'s to say).
@@ -207,7 +219,9 @@ impl<'a> HeadScan<'a> {
             } else if name == header::AUTHORIZATION {
                 s.authorization = true;
             } else if name == header::CACHE_CONTROL {
-                s.no_store |= has_no_store(v);
+                let (no_store, only_if_cached) = request_directives(v);
+                s.no_store |= no_store;
+                s.only_if_cached |= only_if_cached;
             } else if name == header::TRANSFER_ENCODING {
                 s.body = true;
             } else if name == header::CONTENT_LENGTH {
@@ -239,13 +253,50 @@ fn head_only<B>(req: &Request<B>) -> Request<()> {
     r
 }
 
-fn has_no_store(v: &HeaderValue) -> bool {
-    v.to_str()
-        .map(|s| {
-            s.split(',')
-                .any(|d| d.trim().eq_ignore_ascii_case("no-store"))
-        })
-        .unwrap_or(false)
+/// Whether a request's `Cache-Control` line holds `no-store`, and `only-if-cached`.
+fn request_directives(v: &HeaderValue) -> (bool, bool) {
+    let Ok(s) = v.to_str() else {
+        return (false, false);
+    };
+    s.split(',').fold((false, false), |(ns, oic), d| {
+        let d = d.trim();
+        (
+            ns || d.eq_ignore_ascii_case("no-store"),
+            oic || d.eq_ignore_ascii_case("only-if-cached"),
+        )
+    })
+}
+
+/// A request with `Cache-Control: only-if-cached` (RFC 9111 section 5.2.1.7): the stored
+/// response while it is fresh, else a 504. Nothing reaches the origin: no fill, no wait on
+/// another request's fill, no refresh.
+async fn from_cache_only<S, B>(
+    state: Arc<ReqState<S, B>>,
+    key: CacheKey,
+) -> Response<ResponseBody<B>>
+where
+    S: Send,
+    B: Send,
+{
+    let opts = &state.shared.opts;
+    if let Some(served) = state.shared.engine.get_fresh(key).await {
+        // An entry the layer cannot read is a miss here: refetching it would reach the origin.
+        if let Some(res) = respond(opts, served, &state) {
+            return res;
+        }
+    }
+    let mut res = plain_error(
+        opts,
+        StatusCode::GATEWAY_TIMEOUT,
+        None,
+        "only-if-cached",
+        "not in the cache, and only-if-cached\n",
+    );
+    // Not forwarded, so no `fwd` (RFC 9211 section 2.2).
+    if let Ok(cs) = HeaderValue::try_from(format!("{}; detail=only-if-cached", opts.name)) {
+        res.headers_mut().insert(CACHE_STATUS, cs);
+    }
+    res
 }
 
 fn has_relevant_cookie(h: &HeaderMap, policy: &CookiePolicy) -> bool {
@@ -1273,6 +1324,13 @@ mod tests {
             .1
         );
         assert!(!scan(&[("cache-control", "no-cache, no-store-x")]).1);
+        let only = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.append(header::CACHE_CONTROL, HeaderValue::from_static(v));
+            HeadScan::of(&h).only_if_cached
+        };
+        assert!(only("max-stale, Only-If-Cached"));
+        assert!(!only("only-if-cached-x, no-cache"));
         assert!(scan(&[("transfer-encoding", "chunked")]).2);
         // Every Content-Length counts, not only the first (the lookup this replaced read only
         // the first; hyper refuses conflicting values anyway).
