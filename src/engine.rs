@@ -614,6 +614,9 @@ impl Stampede {
     /// Invalidates a slot by digest (see [`invalidate`](Self::invalidate)).
     pub async fn invalidate_slot(&self, slot: &Digest) -> Result<(), BackendError> {
         self.memo_forget(slot);
+        // A failed fill's lease ends with the invalidation (the store's part): so does this
+        // instance's memory of it, or a purge would be answered with the old failure.
+        self.forget_failure(slot);
         // Long enough to outlive every fill that started before it, write included: the fence
         // only orders a write against what is stored, and once the tombstone is gone that
         // fill's older content would land.
@@ -1233,6 +1236,13 @@ impl Stampede {
                         return (Shared::Failed(f), None);
                     }
                     if failed {
+                        // A value may have landed since our lookup (a late write of an earlier
+                        // holder, which its fence let through): serve it rather than the error.
+                        if let Ok(l) = self.lookup(&key).await {
+                            if let Some(s) = self.settled(&l, &looked) {
+                                return (s, None);
+                            }
+                        }
                         self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
                         return (Shared::Failed(Failure::Elsewhere), None);
                     }

@@ -948,6 +948,37 @@ async fn an_instance_that_comes_after_a_failure_takes_its_fallback_at_once() {
     );
 }
 
+/// An invalidation (a purge once the origin is fixed) ends a failed fill's lease: the next
+/// caller on any instance, the failed one included, fills instead of taking the old failure's
+/// fallback until the lease would have ended.
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_ends_a_failed_lease_everywhere() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(5)).wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let r = a.get_or_fill("purged", failing(&calls, ms(10))).await;
+    assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
+    let r = b
+        .get_or_fill("purged", filler(&calls, ms(1), "b", minute()))
+        .await;
+    assert!(matches!(r, Err(Error::FailedElsewhere)), "{r:?}");
+    assert_eq!(calls.get(), 1);
+    b.invalidate("purged").await.unwrap();
+    let s = a
+        .get_or_fill("purged", filler(&calls, ms(1), "fixed", minute()))
+        .await
+        .unwrap();
+    assert_eq!((s.status, &s.value[..]), (Status::Stored, &b"fixed"[..]));
+    let s = b
+        .get_or_fill("purged", filler(&calls, ms(1), "b", minute()))
+        .await
+        .unwrap();
+    assert_eq!((s.status, &s.value[..]), (Status::Hit, &b"fixed"[..]));
+    assert_eq!(calls.get(), 2);
+}
+
 fn stored_fence(mem: &MemoryBackend, key: &str) -> (u64, Option<Vec<u8>>) {
     let rt = mem.clone();
     let d = Digest::of_key(key);

@@ -230,6 +230,36 @@ async fn a_failed_fill_reaches_every_instance_at_once() {
         .await;
 }
 
+/// `fail` racing extends of the same lease (one still in flight from a slow round, say): the
+/// lease's CAS changes under it, and the token decides again, so it still marks the lease, and
+/// no extend unmarks it. Before, after two lost races it reported the lease as not its own, and
+/// the engine then had every caller wait the lease out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_marks_the_lease_though_extends_race_it() {
+    let server = Server::memcached();
+    let b = Arc::new(connect(&server).await);
+    let ttl = Duration::from_secs(30);
+    for round in 0..100 {
+        let s = Digest::of_key(format!("race-{round}"));
+        let (t, _) = acquire(&*b, &s, ttl, 0).await;
+        let extends: Vec<_> = (0..3)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.extend(&s, t, ttl).await })
+            })
+            .collect();
+        let failed = b.fail(&s, t, ttl).await.unwrap();
+        for e in extends {
+            let _ = e.await.unwrap();
+        }
+        assert!(failed, "round {round}: fail gave up on its own lease");
+        match b.try_acquire(&s, ttl, 0).await.unwrap() {
+            Acquire::Held { failed: true, .. } => {}
+            other => panic!("round {round}: the mark was lost: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn keys_from_hostile_urls_work_end_to_end() {
     let server = Server::memcached();

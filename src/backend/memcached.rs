@@ -15,11 +15,11 @@
 //! |---|---|
 //! | `fetch` | `mg <e> v f`, shared by the fetches of that entry while it is in flight (with a variant, not shared: `mg <e> v f ; mg <v> v f`) |
 //! | `try_acquire` | `ms <l> 16 ME c T<s>` (the value is our token) `; mg <l> f t ; mg <e> f ; ma <f> v D1 N2592000 J<max(seen+1, clock)> T2592000`. Lost the add (`NS`): `Held` with the remaining time from `t`. Won (`HD c<cas>`): flags equal to the low 32 bits of `seen_fence` mean the entry is the one the caller saw; otherwise the header decides (then `mg <e> v f`); if it differs from `seen_fence`, give the lease back (then `md <l> C<cas>`) -> `Refreshed`; if the counter is not above the entry's fence, then `ma <f> v D<gap> N2592000 J<fence+1> T2592000` |
-//! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds; the new CAS is kept |
+//! | `extend` | `ms <l> 16 c T<s> C<cas>` with the CAS this process holds (without one, `mg <l> v c` first: our token, not marked failed); the new CAS is kept |
 //! | `fail` | `ms <l> 16 c F1 T<s> C<cas>`: the lease, flagged failed (client flags 1), which `try_acquire`'s `mg <l> f t` reports; the CAS is not kept, so an `extend` reads the lease and refuses a failed one |
 //! | `release` | `md <l> C<cas>` |
 //! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
-//! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race |
+//! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race; then `mg <l> f c`, and if the lease is marked failed, `md <l> C<cas>` |
 //! | `subscribe` | nothing: memcached has no pub/sub, waiters poll with backoff (and see a failed lease at their next poll) |
 //!
 //! Where the commands of one operation are several round trips, each step is guarded by CAS,
@@ -571,12 +571,15 @@ impl MemcachedBackend {
         let secs = expiry_secs(ttl);
         let client = &self.inner.client;
         let mut known = self.cas_of(slot, token);
-        for _ in 0..2 {
+        for _ in 0..CAS_ATTEMPTS {
             let (cas, bound) = match known.take() {
                 Some(c) => c,
                 None => match self.ours(&key, token, failed).await? {
                     Some(c) => c,
-                    None => break,
+                    None => {
+                        self.forget(slot, token);
+                        return Ok(false);
+                    }
                 },
             };
             let set = Cmd::Set {
@@ -605,13 +608,45 @@ impl MemcachedBackend {
                     self.forget(slot, token);
                     return Ok(true);
                 }
-                Some((Reply::NotFound, _)) => break,
+                Some((Reply::NotFound, _)) => {
+                    self.forget(slot, token);
+                    return Ok(false);
+                }
+                // Changed since the CAS was read (by an extend of ours still in flight, say):
+                // the token decides again.
                 Some((Reply::Exists, _)) | None => continue,
                 Some((other, _)) => return Err(unexpected("ms (extend)", &other)),
             }
         }
+        // Still ours at the last read, but changed under every rewrite: not a lease that ended.
         self.forget(slot, token);
-        Ok(false)
+        Err(BackendError::new(format!(
+            "memcached: the lease at {key} changed under {CAS_ATTEMPTS} rewrites in a row"
+        ))
+        .store_answered())
+    }
+
+    /// Ends `slot`'s lease if it is marked failed (after an invalidation: a purge must not be
+    /// answered with the failure of a fill from before it). A live lease is left to its fill,
+    /// whose write the tombstone fences. Best effort: a lease that changed since the read is
+    /// left alone.
+    async fn end_failed_lease(&self, slot: &Digest) -> BackendResult<()> {
+        let key = self.inner.prefix.lease(slot);
+        let (reply, conn) = self
+            .inner
+            .client
+            .one_on(get(&key, false, true, false))
+            .await?;
+        if let Reply::Item(it) = reply {
+            if it.flags == LEASE_FAILED {
+                let cas = need_cas(&it)?;
+                self.inner
+                    .client
+                    .one_before(del(&key, Some(cas)), conn + 1)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     // --- fences -------------------------------------------------------------------------------
@@ -1056,7 +1091,9 @@ impl MemcachedBackend {
         let entry = self.inner.prefix.entry(slot);
         // As for a write: also when the caller gives it up halfway.
         let _changed = OnDrop(|| self.changed(slot, &entry));
-        self.tombstone(slot, &entry, ttl).await
+        let fence = self.tombstone(slot, &entry, ttl).await?;
+        let _ = self.end_failed_lease(slot).await;
+        Ok(fence)
     }
 
     /// Bumps `slot`'s fence and writes a tombstone with it at `entry`.

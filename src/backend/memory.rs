@@ -477,6 +477,11 @@ impl Backend for MemoryBackend {
             expires: until(now, ttl),
         });
         s.variants.clear();
+        // A failed fill's lease ends with it: a purge is not answered with that failure. A live
+        // lease is left to its fill, whose write the tombstone fences.
+        if s.live_lease(now).is_some_and(|l| l.failed) {
+            s.lease = None;
+        }
         shard.account(slot);
         shard.evict_over(self.shared.shard_budget, now);
         drop(shard);

@@ -365,7 +365,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Invalidates a slot: bumps the fence counter past the stored entry's fence and writes a
     /// tombstone with that fence for `ttl`, so a fill that started before cannot write old
-    /// content back. Returns the tombstone's fence.
+    /// content back; and ends the lease if it is marked failed (see [`fail`](Self::fail)), so
+    /// the next caller fills instead of taking the old failure's fallback. Returns the
+    /// tombstone's fence.
     fn invalidate<'a>(
         &'a self,
         slot: &'a Digest,
@@ -378,7 +380,7 @@ pub trait Backend: Send + Sync + 'static {
     /// their fallback at once too, and the source still sees one call per lease. A failed lease
     /// stays failed: `extend` refuses it (`false`), `release` by its token ends it. Returns
     /// whether it marked the lease (`false`: the lease had ended, or another holder has it, and
-    /// nothing was published).
+    /// nothing was published). An `invalidate` ends a failed lease.
     fn fail<'a>(
         &'a self,
         slot: &'a Digest,

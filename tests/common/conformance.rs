@@ -77,20 +77,6 @@ async fn acquire(h: &Harness, s: &Digest, ttl: Duration, seen: u64) -> (Token, u
     }
 }
 
-/// Runs every check, one after another.
-pub async fn run_all(h: &Harness) {
-    lease_is_exclusive(h).await;
-    lease_expires(h).await;
-    release_and_extend_need_the_token(h).await;
-    a_failed_lease_is_reported_until_it_ends(h).await;
-    fences_grow_also_after_the_counter_is_deleted(h).await;
-    refreshed_after_a_concurrent_fill(h).await;
-    fenced_fill_refuses_older_and_accepts_same_token(h).await;
-    tombstone_blocks_an_older_fill(h).await;
-    put_get_ttl_and_variants(h).await;
-    signals_are_delivered(h).await;
-}
-
 pub async fn lease_is_exclusive(h: &Harness) {
     let s = slot("exclusive");
     let ttl = Duration::from_secs(10);
@@ -398,7 +384,34 @@ pub async fn a_failed_lease_is_reported_until_it_ends(h: &Harness) {
     // Its holder can still release it.
     assert!(h.backend.fail(&s, t2, ttl).await.unwrap());
     assert!(h.backend.release(&s, t2, Signal::Released).await.unwrap());
-    acquire(h, &s, ttl, 0).await;
+    let (t3, f3) = acquire(h, &s, ttl, 0).await;
+    // Or store a value, which releases it.
+    assert!(h.backend.fail(&s, t3, ttl).await.unwrap());
+    let stored = h
+        .backend
+        .write(write(s, t3, f3, b"late", Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(stored, WriteOutcome::Stored);
+    let (t4, _) = acquire(h, &s, ttl, f3).await;
+
+    // An invalidation leaves a live lease to its fill, and ends a failed one.
+    let tomb = h
+        .backend
+        .invalidate(&s, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        held(h.backend.try_acquire(&s, ttl, tomb).await.unwrap()),
+        Some(false)
+    );
+    assert!(h.backend.fail(&s, t4, ttl).await.unwrap());
+    let tomb = h
+        .backend
+        .invalidate(&s, Duration::from_secs(60))
+        .await
+        .unwrap();
+    acquire(h, &s, ttl, tomb).await;
 }
 
 pub async fn signals_are_delivered(h: &Harness) {
@@ -469,6 +482,7 @@ macro_rules! conformance_suite {
             lease_is_exclusive,
             lease_expires,
             release_and_extend_need_the_token,
+            a_failed_lease_is_reported_until_it_ends,
             fences_grow_also_after_the_counter_is_deleted,
             refreshed_after_a_concurrent_fill,
             fenced_fill_refuses_older_and_accepts_same_token,
@@ -506,7 +520,7 @@ where
     panic!("the backend never reconnected");
 }
 
-/// Not in [`run_all`]: it needs the server to lose everything (`lose`: a restart without
+/// Not in [`conformance_suite!`]: it needs the server to lose everything (`lose`: a restart without
 /// persistence), which only the backend's own tests can do. The entry and the fence counter
 /// go together; a holder that took its lease before and writes after a later holder (or an
 /// invalidation) must still be refused, and the later grants must be above its fence.
