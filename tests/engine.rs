@@ -162,6 +162,9 @@ struct Gate {
     late_acquire: Option<Duration>,
     /// Every `invalidate` answers this much later than the store wrote the tombstone.
     late_invalidate: Option<Duration>,
+    /// Every `fail` answers that the lease is not the caller's (it ended early: a restart, an
+    /// eviction), marking nothing.
+    fail_not_ours: AtomicBool,
 }
 
 impl Backend for Gate {
@@ -258,6 +261,9 @@ impl Backend for Gate {
         t: Token,
         ttl: Duration,
     ) -> BoxFuture<'a, BackendResult<bool>> {
+        if self.fail_not_ours.load(Ordering::SeqCst) {
+            return Box::pin(async { Ok(false) });
+        }
         self.inner.fail(s, t, ttl)
     }
     fn subscribe<'a>(
@@ -976,6 +982,41 @@ async fn an_invalidation_ends_a_failed_lease_everywhere() {
         .await
         .unwrap();
     assert_eq!((s.status, &s.value[..]), (Status::Hit, &b"fixed"[..]));
+    assert_eq!(calls.get(), 2);
+}
+
+/// A holder whose fill failed, and whose store says the lease is no longer its own (it ended
+/// early), does not make its instance's callers fail for the rest of that lease: another
+/// holder may be filling, and they wait on its fill.
+#[tokio::test(start_paused = true)]
+async fn a_failure_on_a_lease_the_store_no_longer_has_is_not_remembered() {
+    let gate = Arc::new(Gate {
+        fail_not_ours: AtomicBool::new(true),
+        ..Gate::default()
+    });
+    let e = Stampede::from_arc(gate.clone(), Config::default().lease(secs(5))).unwrap();
+    let calls = Counter::default();
+    let r = e.get_or_fill("lost", failing(&calls, ms(10))).await;
+    assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
+    let slot = Digest::of_key("lost");
+    let Acquire::Held { failed, .. } = gate.inner.try_acquire(&slot, secs(5), 0).await.unwrap()
+    else {
+        panic!("the holder keeps its lease");
+    };
+    assert!(!failed, "the gate marked nothing");
+    // The lease ends early in the store, as the gate said it had, and another instance takes
+    // it and fills.
+    gate.inner.evict(&slot);
+    let other = engine(&gate.inner, Config::default().lease(secs(5)));
+    let t = spawn_fill(&other, "lost", filler(&calls, ms(500), "new", minute()));
+    tokio::time::sleep(ms(10)).await;
+    // This instance's caller waits on that fill, not on the old failure.
+    let s = e
+        .get_or_fill("lost", filler(&calls, ms(1), "mine", minute()))
+        .await
+        .unwrap();
+    assert_eq!((s.status, &s.value[..]), (Status::Collapsed, &b"new"[..]));
+    assert_eq!(t.await.unwrap().unwrap().status, Status::Stored);
     assert_eq!(calls.get(), 2);
 }
 
