@@ -1020,6 +1020,36 @@ async fn a_failure_on_a_lease_the_store_no_longer_has_is_not_remembered() {
     assert_eq!(calls.get(), 2);
 }
 
+/// `get_fresh` serves a fresh value and nothing else: no fill, no lease, no refresh.
+#[tokio::test(start_paused = true)]
+async fn get_fresh_reads_a_fresh_value_and_never_fills() {
+    let mem = MemoryBackend::default();
+    let e = engine(&mem, Config::default());
+    let key = || tower_stampede::CacheKey::new("fresh");
+    assert!(e.get_fresh(key()).await.is_none(), "a miss");
+    let calls = Counter::default();
+    let ttl = Ttl::fresh(secs(1)).with_swr(secs(60));
+    e.get_or_fill("fresh", filler(&calls, ms(1), "v", ttl))
+        .await
+        .unwrap();
+    let s = e.get_fresh(key()).await.expect("fresh");
+    assert_eq!((s.status, &s.value[..]), (Status::Hit, &b"v"[..]));
+    tokio::time::advance(secs(2)).await;
+    assert!(e.get_fresh(key()).await.is_none(), "stale, if inside swr");
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(calls.get(), 1, "nothing refreshed it");
+    let slot = Digest::of_key("fresh");
+    assert!(
+        matches!(
+            mem.try_acquire(&slot, secs(5), stored_fence(&mem, "fresh").0)
+                .await
+                .unwrap(),
+            Acquire::Acquired { .. }
+        ),
+        "no lease was taken"
+    );
+}
+
 fn stored_fence(mem: &MemoryBackend, key: &str) -> (u64, Option<Vec<u8>>) {
     let rt = mem.clone();
     let d = Digest::of_key(key);
