@@ -259,7 +259,9 @@ struct Inner {
     memo_used: AtomicBool,
     /// Slots whose lease is held by a failed fill, until about when it expires. Read only when a
     /// lease is found held.
-    failed: Mutex<HashMap<Digest, (Instant, Failure)>>,
+    /// With each: whether the store has the lease marked failed (see [`Backend::fail`]); if it
+    /// does, the store's word wins, so an invalidation elsewhere that ended it ends it here.
+    failed: Mutex<HashMap<Digest, (Instant, Failure, bool)>>,
     /// Per-request metric handles, registered with the `metrics` recorder on the first call:
     /// looking a labelled counter up in the registry on every hit costs more than the hit.
     hot: std::sync::OnceLock<HotMetrics>,
@@ -1229,11 +1231,17 @@ impl Stampede {
                 }
                 Acquire::Held { remaining, failed } => {
                     metrics::counter!("stampede_lease_total", "outcome" => "held").increment(1);
-                    // The lease is held by a fill that failed (here, signalled, or marked in the
-                    // store by another instance): take the fallback now instead of waiting out
-                    // the lease.
-                    if let Some(f) = self.recent_failure(&key.slot) {
-                        return (Shared::Failed(f), None);
+                    // The lease is held by a fill that failed (marked so in the store, or only
+                    // known here): take the fallback now instead of waiting out the lease.
+                    match self.recent_failure(&key.slot) {
+                        // Our own fill's error, or one known before.
+                        Some((f, _)) if failed => return (Shared::Failed(f), None),
+                        // The store could not be told: only this instance knows.
+                        Some((f, false)) => return (Shared::Failed(f), None),
+                        // The store no longer has that lease marked: it ended (an invalidation
+                        // on another instance, say), and another holder is filling.
+                        Some((_, true)) => self.forget_failure(&key.slot),
+                        None => {}
                     }
                     if failed {
                         // A value may have landed since our lookup (a late write of an earlier
@@ -1243,7 +1251,7 @@ impl Stampede {
                                 return (s, None);
                             }
                         }
-                        self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
+                        self.remember_failure(&key.slot, remaining, &Failure::Elsewhere, true);
                         return (Shared::Failed(Failure::Elsewhere), None);
                     }
                     waited = true;
@@ -1296,7 +1304,12 @@ impl Stampede {
                             metrics::counter!("stampede_signals_total", "signal" => sig.as_str())
                                 .increment(1);
                             if sig == Signal::Failed {
-                                self.remember_failure(&key.slot, remaining, &Failure::Elsewhere);
+                                self.remember_failure(
+                                    &key.slot,
+                                    remaining,
+                                    &Failure::Elsewhere,
+                                    true,
+                                );
                                 return (Shared::Failed(Failure::Elsewhere), None);
                             }
                             // Uncacheable: to the source without the lease. (The holder may
@@ -1530,10 +1543,12 @@ impl Stampede {
         };
         // Marked for the rest of the lease as this instance counts it, which is no longer than
         // the store's. If the store says the lease is not ours after all (it ended early: a
-        // restart, an eviction), the slot is free: this instance's callers compete again.
-        let marked = self.bcall(self.inner.backend.fail(slot, token, left)).await;
-        if !matches!(marked, Ok(false)) {
-            self.remember_failure(slot, left, f);
+        // restart, an eviction), the slot is free: this instance's callers compete again. If
+        // the store could not be told, this instance still keeps to one call per lease.
+        match self.bcall(self.inner.backend.fail(slot, token, left)).await {
+            Ok(true) => self.remember_failure(slot, left, f, true),
+            Ok(false) => {}
+            Err(_) => self.remember_failure(slot, left, f, false),
         }
     }
 
@@ -1773,23 +1788,24 @@ impl Stampede {
         Ok(looked)
     }
 
-    /// Remembers that the lease on `slot` is held by a failed fill for about `for_`, so callers
-    /// of this process that find it held take their fallback at once.
-    fn remember_failure(&self, slot: &Digest, for_: Duration, f: &Failure) {
+    /// Remembers that the lease on `slot` is held by a failed fill for about `for_` (`stored`:
+    /// and that the store has it marked so), so callers of this process that find it held take
+    /// their fallback at once, with this failure.
+    fn remember_failure(&self, slot: &Digest, for_: Duration, f: &Failure, stored: bool) {
         let mut m = self.inner.failed.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MEMO_CAP {
             let now = Instant::now();
-            m.retain(|_, (until, _)| *until > now);
+            m.retain(|_, (until, _, _)| *until > now);
         }
         // A backend may report any remaining time: never longer than one lease of ours.
         let until = Instant::now() + for_.min(self.inner.cfg.lease);
-        m.insert(*slot, (until, f.clone()));
+        m.insert(*slot, (until, f.clone(), stored));
     }
 
-    fn recent_failure(&self, slot: &Digest) -> Option<Failure> {
+    fn recent_failure(&self, slot: &Digest) -> Option<(Failure, bool)> {
         let m = self.inner.failed.lock().unwrap_or_else(|e| e.into_inner());
         match m.get(slot) {
-            Some((until, f)) if *until > Instant::now() => Some(f.clone()),
+            Some((until, f, stored)) if *until > Instant::now() => Some((f.clone(), *stored)),
             _ => None,
         }
     }

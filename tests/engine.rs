@@ -165,6 +165,8 @@ struct Gate {
     /// Every `fail` answers that the lease is not the caller's (it ended early: a restart, an
     /// eviction), marking nothing.
     fail_not_ours: AtomicBool,
+    /// Every `fail` fails (the store unreachable at that moment), marking nothing.
+    fail_errors: AtomicBool,
 }
 
 impl Backend for Gate {
@@ -263,6 +265,9 @@ impl Backend for Gate {
     ) -> BoxFuture<'a, BackendResult<bool>> {
         if self.fail_not_ours.load(Ordering::SeqCst) {
             return Box::pin(async { Ok(false) });
+        }
+        if self.fail_errors.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(BackendError::new("fail refused by the test")) });
         }
         self.inner.fail(s, t, ttl)
     }
@@ -982,6 +987,53 @@ async fn an_invalidation_ends_a_failed_lease_everywhere() {
         .await
         .unwrap();
     assert_eq!((s.status, &s.value[..]), (Status::Hit, &b"fixed"[..]));
+    assert_eq!(calls.get(), 2);
+}
+
+/// A failed fill whose mark the store could not take still keeps this instance to one source
+/// call per lease: its callers take the fallback at once (the store shows the lease held, not
+/// failed).
+#[tokio::test(start_paused = true)]
+async fn a_failure_the_store_could_not_mark_is_still_kept_here() {
+    let gate = Arc::new(Gate {
+        fail_errors: AtomicBool::new(true),
+        ..Gate::default()
+    });
+    let e = Stampede::from_arc(gate, Config::default().lease(secs(5))).unwrap();
+    let calls = Counter::default();
+    let r = e.get_or_fill("unmarked", failing(&calls, ms(10))).await;
+    assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
+    let r = e
+        .get_or_fill("unmarked", filler(&calls, ms(1), "v", minute()))
+        .await;
+    assert!(
+        matches!(r, Err(Error::Fill(_))),
+        "the fill's own error, at once: {r:?}"
+    );
+    assert_eq!(calls.get(), 1);
+}
+
+/// An instance that remembers a failed fill (its own) does not answer with it once another
+/// instance's invalidation ended that lease and a new holder is filling: the store's word wins,
+/// and its callers wait on the new fill.
+#[tokio::test(start_paused = true)]
+async fn a_remembered_failure_gives_way_to_a_new_holder_after_an_invalidation_elsewhere() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(5)).wait_timeout(secs(10));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg);
+    let calls = Counter::default();
+    let r = a.get_or_fill("moved-on", failing(&calls, ms(10))).await;
+    assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
+    b.invalidate("moved-on").await.unwrap();
+    let t = spawn_fill(&b, "moved-on", filler(&calls, ms(500), "new", minute()));
+    tokio::time::sleep(ms(10)).await;
+    let s = a
+        .get_or_fill("moved-on", filler(&calls, ms(1), "a", minute()))
+        .await
+        .unwrap();
+    assert_eq!((s.status, &s.value[..]), (Status::Collapsed, &b"new"[..]));
+    assert_eq!(t.await.unwrap().unwrap().status, Status::Stored);
     assert_eq!(calls.get(), 2);
 }
 
