@@ -1026,10 +1026,21 @@ async fn a_remembered_failure_gives_way_to_a_new_holder_after_an_invalidation_el
     let r = a.get_or_fill("moved-on", failing(&calls, ms(10))).await;
     assert!(matches!(r, Err(Error::Fill(_))), "{r:?}");
     b.invalidate("moved-on").await.unwrap();
-    let t = spawn_fill(&b, "moved-on", filler(&calls, ms(500), "new", minute()));
+    waits_on_a_new_holders_fill(&a, &b, "moved-on", &calls).await;
+}
+
+/// While `other` fills `key` (taking its lease), a caller on `e` is served that fill
+/// (`Collapsed`), not a failure `e` remembers; `calls` counts the one failed fill before.
+async fn waits_on_a_new_holders_fill(
+    e: &Stampede,
+    other: &Stampede,
+    key: &'static str,
+    calls: &Counter,
+) {
+    let t = spawn_fill(other, key, filler(calls, ms(500), "new", minute()));
     tokio::time::sleep(ms(10)).await;
-    let s = a
-        .get_or_fill("moved-on", filler(&calls, ms(1), "a", minute()))
+    let s = e
+        .get_or_fill(key, filler(calls, ms(1), "mine", minute()))
         .await
         .unwrap();
     assert_eq!((s.status, &s.value[..]), (Status::Collapsed, &b"new"[..]));
@@ -1060,16 +1071,7 @@ async fn a_failure_on_a_lease_the_store_no_longer_has_is_not_remembered() {
     // it and fills.
     gate.inner.evict(&slot);
     let other = engine(&gate.inner, Config::default().lease(secs(5)));
-    let t = spawn_fill(&other, "lost", filler(&calls, ms(500), "new", minute()));
-    tokio::time::sleep(ms(10)).await;
-    // This instance's caller waits on that fill, not on the old failure.
-    let s = e
-        .get_or_fill("lost", filler(&calls, ms(1), "mine", minute()))
-        .await
-        .unwrap();
-    assert_eq!((s.status, &s.value[..]), (Status::Collapsed, &b"new"[..]));
-    assert_eq!(t.await.unwrap().unwrap().status, Status::Stored);
-    assert_eq!(calls.get(), 2);
+    waits_on_a_new_holders_fill(&e, &other, "lost", &calls).await;
 }
 
 /// `get_fresh` serves a fresh value and nothing else: no fill, no lease, no refresh.
