@@ -518,6 +518,9 @@ fn status(code: StatusCode, msg: &'static str) -> Response<Body> {
     *r.status_mut() = code;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    // Made here, not the upstream's: the layer's Cache-Status names no fwd-status for it.
+    r.extensions_mut()
+        .insert(tower_stampede::http::NotForwarded);
     r
 }
 

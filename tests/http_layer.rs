@@ -526,6 +526,34 @@ async fn an_origin_500_serves_the_stale_copy_inside_stale_if_error() {
     assert!(g.cs().contains("fwd-status=500"), "{}", g.cs());
 }
 
+/// A 5xx the inner service made itself (marked `NotForwarded`: a proxy's own 502 when its
+/// upstream is unreachable) is relayed with no `fwd-status`, which names the next hop's status
+/// (RFC 9211 section 2.3); an origin's own 5xx keeps it.
+#[tokio::test(start_paused = true)]
+async fn a_5xx_the_inner_service_made_itself_names_no_fwd_status() {
+    let origin = Origin::new(ms(1), |req, _| {
+        let mut r = ok("", "unreachable");
+        *r.status_mut() = StatusCode::BAD_GATEWAY;
+        if req.uri().path() == "/own" {
+            r.extensions_mut()
+                .insert(tower_stampede::http::NotForwarded);
+        }
+        r
+    });
+    let svc = StampedeLayer::in_memory().layer(origin.service());
+    let g = send(&svc, get("http://a.test/own")).await;
+    assert_eq!(
+        (g.status, &g.body[..]),
+        (StatusCode::BAD_GATEWAY, &b"unreachable"[..])
+    );
+    assert_eq!(g.cs(), "tower-stampede; fwd=uri-miss; detail=origin-error");
+    let g = send(&svc, get("http://a.test/origin")).await;
+    assert_eq!(
+        g.cs(),
+        "tower-stampede; fwd=uri-miss; fwd-status=502; detail=origin-error"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn conditional_requests_are_answered_from_the_entry() {
     let origin = Origin::new(ms(1), |_, _| {

@@ -439,9 +439,14 @@ async fn an_unreachable_or_broken_upstream_is_a_502_and_a_hanging_one_a_504() {
     // Nothing listens on this port.
     let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let dead = Proxy::start(closed, &[]);
-    let (s, _, body) = send(&c, http::Method::GET, dead.url("/x")).await;
+    let (s, h, body) = send(&c, http::Method::GET, dead.url("/x")).await;
     assert_eq!(s, StatusCode::BAD_GATEWAY, "{body:?}");
     assert_eq!(body, "upstream unreachable\n");
+    // The proxy's own page: no upstream status to name (RFC 9211 section 2.3).
+    assert_eq!(
+        cache_status(&h),
+        "tower-stampede; fwd=uri-miss; detail=origin-error"
+    );
 
     // Connected, but what comes back is not HTTP, or a head hyper refuses, or nothing.
     let bad = common::raw_server(|mut s| async move {

@@ -35,4 +35,4 @@ mod stored;
 pub use body::ResponseBody;
 pub use cache_status::CACHE_STATUS;
 pub use layer::{CookiePolicy, KeyFn, StampedeLayer};
-pub use service::{ResponseFuture, StampedeService};
+pub use service::{NotForwarded, ResponseFuture, StampedeService};

@@ -565,6 +565,14 @@ fn own_fill_headers(h: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Put in the extensions of a response the inner service made itself, with no answer from the
+/// origin behind it: a proxy's own 502 when the upstream is unreachable, its 504 when the
+/// upstream timed out. The layer treats it as any other response of its status, but its
+/// `Cache-Status` names no `fwd-status`, which RFC 9211 section 2.3 keeps for the status the
+/// next hop returned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotForwarded;
+
 /// An origin 5xx, carried as the fill's error so the engine applies stale-if-error and signals
 /// `failed`. The response itself goes only to the request whose own fill received it (it may be
 /// private); the others get a generic page with its status and its `Retry-After`.
@@ -1207,8 +1215,9 @@ fn error_response<B>(
             if let Some(up) = err.downcast_ref::<UpstreamFailure>() {
                 // Our own fill got the origin's error: relay it whole.
                 if let Some(res) = lock(side).own.take() {
-                    let code = up.status.as_u16();
-                    let cs = cache_status::error(&opts.name, Some(code), "origin-error");
+                    let forwarded = res.extensions().get::<NotForwarded>().is_none();
+                    let code = forwarded.then_some(up.status.as_u16());
+                    let cs = cache_status::error(&opts.name, code, "origin-error");
                     return finish_own(res, cs, req);
                 }
                 // Others (waiting on that fill, or arriving while its lease runs) get its status
