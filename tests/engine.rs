@@ -1013,6 +1013,29 @@ async fn a_failure_the_store_could_not_mark_is_still_kept_here() {
     assert_eq!(calls.get(), 1);
 }
 
+/// A purge while a fill runs ends that fill's lease: when the old fill then fails, it cannot
+/// mark the lease failed, and the next caller on any instance fills from the (fixed) source.
+/// Found by black-box testing: before, the late failure held every instance for a lease.
+#[tokio::test(start_paused = true)]
+async fn a_fill_that_fails_after_a_purge_does_not_fail_the_callers_after_it() {
+    let mem = MemoryBackend::default();
+    let cfg = Config::default().lease(secs(10)).wait_timeout(secs(15));
+    let a = engine(&mem, cfg.clone());
+    let b = engine(&mem, cfg.clone());
+    let c = engine(&mem, cfg);
+    let calls = Counter::default();
+    let old = spawn_fill(&a, "purged-mid-fill", failing(&calls, secs(2)));
+    tokio::time::sleep(ms(500)).await;
+    b.invalidate("purged-mid-fill").await.unwrap();
+    assert!(matches!(old.await.unwrap(), Err(Error::Fill(_))));
+    let s = c
+        .get_or_fill("purged-mid-fill", filler(&calls, ms(1), "fixed", minute()))
+        .await
+        .unwrap();
+    assert_eq!((s.status, &s.value[..]), (Status::Stored, &b"fixed"[..]));
+    assert_eq!(calls.get(), 2);
+}
+
 /// An instance that remembers a failed fill (its own) does not answer with it once another
 /// instance's invalidation ended that lease and a new holder is filling: the store's word wins,
 /// and its callers wait on the new fill.

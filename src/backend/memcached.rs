@@ -19,7 +19,7 @@
 //! | `fail` | `ms <l> 16 c F1 T<s> C<cas>`: the lease, flagged failed (client flags 1), which `try_acquire`'s `mg <l> f t` reports; the CAS is not kept, so an `extend` reads the lease and refuses a failed one |
 //! | `release` | `md <l> C<cas>` |
 //! | `write` | `mg <e> v f c` (`; mg <v> v f c`): the headers decide; then the variant, if any, `ms <v> <len> c F<fence> T<s> C<cas>` (or `ME` when absent); then the entry the same way; every `EX`/`NS`/`NF` re-reads and re-checks that key; then, if asked, `md <l> C<cas>` |
-//! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race; then `mg <l> f c`, and if the lease is marked failed, `md <l> C<cas>` |
+//! | `invalidate` | `mg <e> v f c ; ma <f> v D1 N2592000 J<clock> T2592000`; then the tombstone `ms <e> 60 c F<fence> T<s> C<cas>` (or `ME`), all again on a lost race; then `md <l>` (the lease ends, live or failed) |
 //! | `subscribe` | nothing: memcached has no pub/sub, waiters poll with backoff (and see a failed lease at their next poll) |
 //!
 //! Where the commands of one operation are several round trips, each step is guarded by CAS,
@@ -626,27 +626,12 @@ impl MemcachedBackend {
         .store_answered())
     }
 
-    /// Ends `slot`'s lease if it is marked failed (after an invalidation: a purge must not be
-    /// answered with the failure of a fill from before it). A live lease is left to its fill,
-    /// whose write the tombstone fences. Best effort: a lease that changed since the read is
-    /// left alone.
-    async fn end_failed_lease(&self, slot: &Digest) -> BackendResult<()> {
+    /// Ends `slot`'s lease, whoever holds it (after an invalidation: the next caller fills
+    /// anew, and a fill from before it can neither mark the lease failed nor hold callers up;
+    /// its write the tombstone fences). Best effort.
+    async fn end_lease(&self, slot: &Digest) -> BackendResult<()> {
         let key = self.inner.prefix.lease(slot);
-        let (reply, conn) = self
-            .inner
-            .client
-            .one_on(get(&key, false, true, false))
-            .await?;
-        if let Reply::Item(it) = reply {
-            if it.flags == LEASE_FAILED {
-                let cas = need_cas(&it)?;
-                self.inner
-                    .client
-                    .one_before(del(&key, Some(cas)), conn + 1)
-                    .await?;
-            }
-        }
-        Ok(())
+        self.cmd(del(&key, None)).await.map(|_| ())
     }
 
     // --- fences -------------------------------------------------------------------------------
@@ -1092,7 +1077,7 @@ impl MemcachedBackend {
         // As for a write: also when the caller gives it up halfway.
         let _changed = OnDrop(|| self.changed(slot, &entry));
         let fence = self.tombstone(slot, &entry, ttl).await?;
-        let _ = self.end_failed_lease(slot).await;
+        let _ = self.end_lease(slot).await;
         Ok(fence)
     }
 

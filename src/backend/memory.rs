@@ -477,14 +477,15 @@ impl Backend for MemoryBackend {
             expires: until(now, ttl),
         });
         s.variants.clear();
-        // A failed fill's lease ends with it: a purge is not answered with that failure. A live
-        // lease is left to its fill, whose write the tombstone fences.
-        if s.live_lease(now).is_some_and(|l| l.failed) {
-            s.lease = None;
-        }
+        // The lease ends with it, live or failed: the next caller fills anew, and a fill from
+        // before can neither mark it failed nor hold callers up (its write the tombstone fences).
+        let ended = s.lease.take().is_some_and(|l| now < l.expires);
         shard.account(slot);
         shard.evict_over(self.shared.shard_budget, now);
         drop(shard);
+        if ended {
+            self.publish(slot, Signal::Released);
+        }
         Box::pin(std::future::ready(Ok(fence)))
     }
 

@@ -365,9 +365,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Invalidates a slot: bumps the fence counter past the stored entry's fence and writes a
     /// tombstone with that fence for `ttl`, so a fill that started before cannot write old
-    /// content back; and ends the lease if it is marked failed (see [`fail`](Self::fail)), so
-    /// the next caller fills instead of taking the old failure's fallback. Returns the
-    /// tombstone's fence.
+    /// content back; and ends the lease, live or marked failed (see [`fail`](Self::fail)), so
+    /// the next caller fills anew, and a fill from before can neither mark it failed nor hold
+    /// callers up (publishing `Released` where there are signals). Returns the tombstone's
+    /// fence.
     fn invalidate<'a>(
         &'a self,
         slot: &'a Digest,

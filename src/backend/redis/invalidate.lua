@@ -1,8 +1,9 @@
--- invalidate. KEYS: entry, fence counter, lease. ARGV: tombstone ttl ms, counter ttl ms.
+-- invalidate. KEYS: entry, fence counter, lease. ARGV: tombstone ttl ms, counter ttl ms, channel,
+-- signal.
 -- Bumps the fence past the counter, the stored entry and the server's clock, writes a tombstone
 -- (kind 'T', no token, epoch = fence so older variants stop counting) and returns its fence.
--- A lease marked failed (fail.lua) ends with it: a purge is not answered with the failure of a
--- fill from before it. A live lease is left to its fill, whose write the tombstone fences.
+-- The lease ends with it, live or failed (fail.lua): the next caller fills anew, and a fill from
+-- before can neither mark it failed nor hold callers up; its write the tombstone fences.
 local stored = header(get(KEYS[1])) or ZERO20
 local fence = next_fence(KEYS[2], stored)
 if not fence then
@@ -11,8 +12,7 @@ end
 local f20 = digits(fence, 20)
 redis.call('SET', KEYS[2], digits(fence, 1), 'PX', ARGV[2])
 redis.call('SET', KEYS[1], MAGIC .. 'T' .. f20 .. '0000000000000000' .. f20, 'PX', ARGV[1])
-local lease = get(KEYS[3])
-if lease and string.sub(lease, -1) == '!' then
-  redis.call('DEL', KEYS[3])
+if redis.call('DEL', KEYS[3]) == 1 then
+  redis.call('{{PUBLISH}}', ARGV[3], ARGV[4])
 end
 return fence

@@ -11,7 +11,7 @@
 //! | [`try_acquire`](Backend::try_acquire) | 1 | `acquire.lua`: lease `SET NX PX` + fence grant + `Refreshed` check |
 //! | [`extend`](Backend::extend) / [`release`](Backend::release) | 1 | token-checked `PEXPIRE` / `DEL` (+ publish) |
 //! | [`write`](Backend::write) | 1 | `write.lua`: fenced `SET PX` (+ variant), release, publish |
-//! | [`invalidate`](Backend::invalidate) | 1 | `invalidate.lua`: fence bump + tombstone; a lease marked failed ends |
+//! | [`invalidate`](Backend::invalidate) | 1 | `invalidate.lua`: fence bump + tombstone; the lease ends (live or failed) |
 //! | [`fail`](Backend::fail) | 1 | `fail.lua`: token-checked rewrite of the lease as failed (its token and `!`, `SET PX`) + publish |
 //!
 //! **Connections.** The hit path never checks a connection out of the pool (a deadpool checkout
@@ -1238,6 +1238,8 @@ impl Backend for RedisBackend {
                     &[
                         ttl_ms(ttl).to_string().as_bytes(),
                         inner.fence_ttl_ms.to_string().as_bytes(),
+                        inner.prefix.channel(slot).as_bytes(),
+                        Signal::Released.as_str().as_bytes(),
                     ],
                 )
                 .await;
