@@ -2010,6 +2010,27 @@ async fn only_if_cached_is_a_stored_response_or_a_504_and_never_the_origin() {
         1,
         "no refresh for an only-if-cached request"
     );
+    // A request the cache would not serve (no-store, Authorization) and that asks for
+    // only-if-cached is a 504 too, never the origin; obs-text on the line hides nothing.
+    for (n, v) in [
+        ("cache-control", "no-store, only-if-cached"),
+        ("authorization", "Basic eA=="),
+    ] {
+        let req = Request::get("http://a.test/o")
+            .header("cache-control", "only-if-cached")
+            .header(n, v)
+            .body(Full::default())
+            .unwrap();
+        let g = send(&svc, req).await;
+        assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT, "{n}: {}", g.cs());
+    }
+    let obs = http::HeaderValue::from_bytes(b"only-if-cached, x=\"caf\xe9\"").unwrap();
+    let req = Request::get("http://a.test/never")
+        .header("cache-control", obs)
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(send(&svc, req).await.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(origin.calls(), 1);
     // Any other request refreshes it as before.
     let g = send(&svc, get("http://a.test/o")).await;
     assert!(g.cs().contains("stale-while-revalidate"), "{}", g.cs());

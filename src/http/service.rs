@@ -83,6 +83,15 @@ where
                 conditional,
                 only_if_cached,
             } => (slot, conditional, only_if_cached),
+            // A GET or HEAD never served from the cache (no-store, Authorization, a body...):
+            // nothing it may answer with, and it must not reach the origin either.
+            Route::Bypass(_)
+                if (req.method() == Method::GET || req.method() == Method::HEAD)
+                    && asks_only_if_cached(req.headers()) =>
+            {
+                let res = not_cached(&shared.opts);
+                return Box::pin(std::future::ready(Ok(res)));
+            }
             Route::Bypass(detail) => {
                 return Box::pin(bypass(shared, self.inner.clone(), req, detail));
             }
@@ -253,18 +262,41 @@ fn head_only<B>(req: &Request<B>) -> Request<()> {
     r
 }
 
-/// Whether a request's `Cache-Control` line holds `no-store`, and `only-if-cached`.
+/// Whether a request's `Cache-Control` line holds `no-store`, and `only-if-cached` (read as
+/// bytes: obs-text elsewhere on the line does not hide them).
 fn request_directives(v: &HeaderValue) -> (bool, bool) {
-    let Ok(s) = v.to_str() else {
-        return (false, false);
-    };
-    s.split(',').fold((false, false), |(ns, oic), d| {
-        let d = d.trim();
-        (
-            ns || d.eq_ignore_ascii_case("no-store"),
-            oic || d.eq_ignore_ascii_case("only-if-cached"),
-        )
-    })
+    v.as_bytes()
+        .split(|&b| b == b',')
+        .fold((false, false), |(ns, oic), d| {
+            let d = d.trim_ascii();
+            (
+                ns || d.eq_ignore_ascii_case(b"no-store"),
+                oic || d.eq_ignore_ascii_case(b"only-if-cached"),
+            )
+        })
+}
+
+/// Whether any of the request's `Cache-Control` lines holds `only-if-cached`.
+fn asks_only_if_cached(h: &HeaderMap) -> bool {
+    h.get_all(header::CACHE_CONTROL)
+        .iter()
+        .any(|v| request_directives(v).1)
+}
+
+/// The answer to an `only-if-cached` request the cache has nothing for (RFC 9111 section
+/// 5.2.1.7): a 504, with no `fwd` (RFC 9211 section 2.2): nothing was forwarded.
+fn not_cached<B>(opts: &Options) -> Response<ResponseBody<B>> {
+    let mut res = plain_error(
+        opts,
+        StatusCode::GATEWAY_TIMEOUT,
+        None,
+        "only-if-cached",
+        "not in the cache, and only-if-cached\n",
+    );
+    if let Ok(cs) = HeaderValue::try_from(format!("{}; detail=only-if-cached", opts.name)) {
+        res.headers_mut().insert(CACHE_STATUS, cs);
+    }
+    res
 }
 
 /// A request with `Cache-Control: only-if-cached` (RFC 9111 section 5.2.1.7): the stored
@@ -285,18 +317,7 @@ where
             return res;
         }
     }
-    let mut res = plain_error(
-        opts,
-        StatusCode::GATEWAY_TIMEOUT,
-        None,
-        "only-if-cached",
-        "not in the cache, and only-if-cached\n",
-    );
-    // Not forwarded, so no `fwd` (RFC 9211 section 2.2).
-    if let Ok(cs) = HeaderValue::try_from(format!("{}; detail=only-if-cached", opts.name)) {
-        res.headers_mut().insert(CACHE_STATUS, cs);
-    }
-    res
+    not_cached(opts)
 }
 
 fn has_relevant_cookie(h: &HeaderMap, policy: &CookiePolicy) -> bool {
