@@ -1234,13 +1234,12 @@ impl Stampede {
                     // The lease is held by a fill that failed (marked so in the store, or only
                     // known here): take the fallback now instead of waiting out the lease.
                     match self.recent_failure(&key.slot) {
-                        // Our own fill's error, or one known before.
-                        Some((f, _)) if failed => return (Shared::Failed(f), None),
-                        // The store could not be told: only this instance knows.
-                        Some((f, false)) => return (Shared::Failed(f), None),
+                        // Our own fill's error or one known before, or one the store could
+                        // not be told of (only this instance knows).
+                        Some((f, stored)) if failed || !stored => return (Shared::Failed(f), None),
                         // The store no longer has that lease marked: it ended (an invalidation
                         // on another instance, say), and another holder is filling.
-                        Some((_, true)) => self.forget_failure(&key.slot),
+                        Some(_) => self.forget_failure(&key.slot),
                         None => {}
                     }
                     if failed {

@@ -353,6 +353,12 @@ pub(crate) fn error(name: &str, fwd_status: Option<u16>, detail: &str) -> Header
         .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
 }
 
+/// `<name>; detail=<detail>`, for an answer of ours that forwarded nothing (so no `fwd`).
+pub(crate) fn not_forwarded(name: &str, detail: &str) -> HeaderValue {
+    HeaderValue::try_from(format!("{name}; detail={detail}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("tower-stampede"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

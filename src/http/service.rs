@@ -83,12 +83,7 @@ where
                 conditional,
                 only_if_cached,
             } => (slot, conditional, only_if_cached),
-            // A GET or HEAD never served from the cache (no-store, Authorization, a body...):
-            // nothing it may answer with, and it must not reach the origin either.
-            Route::Bypass(_)
-                if (req.method() == Method::GET || req.method() == Method::HEAD)
-                    && asks_only_if_cached(req.headers()) =>
-            {
+            Route::NotCached => {
                 let res = not_cached(&shared.opts);
                 return Box::pin(std::future::ready(Ok(res)));
             }
@@ -144,6 +139,9 @@ enum Route {
         only_if_cached: bool,
     },
     Bypass(&'static str),
+    /// A GET or HEAD never served from the cache (no-store, Authorization, a body...) that asks
+    /// for `only-if-cached`: nothing it may be answered with, and it must not reach the origin.
+    NotCached,
 }
 
 fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
@@ -153,6 +151,13 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
     }
     let h = req.headers();
     let scan = HeadScan::of(h);
+    let bypass = |detail| {
+        if scan.only_if_cached {
+            Route::NotCached
+        } else {
+            Route::Bypass(detail)
+        }
+    };
     // More than one Host, or an absolute-form target naming another authority than Host: which
     // host the response is for depends on who reads which (RFC 9112 section 3.2 makes the first
     // a 400, section 3.2.2 has a proxy replace Host). Never keyed on a guess: a request that
@@ -162,22 +167,22 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
             .host
             .is_some_and(|h| !host_matches_target(req.uri(), h))
     {
-        return Route::Bypass("host");
+        return bypass("host");
     }
     if scan.authorization {
         // Never served from or stored in the shared cache (RFC 9111 section 3.5, read
         // conservatively): and never a pass marker, so it cannot switch the URL's cache off.
-        return Route::Bypass("authorization");
+        return bypass("authorization");
     }
     if scan.no_store {
-        return Route::Bypass("no-store");
+        return bypass("no-store");
     }
     // A GET with a body is not a cacheable request shape (and its body is not in the key).
     if scan.body {
-        return Route::Bypass("request-body");
+        return bypass("request-body");
     }
     if scan.cookie && opts.defaults.ttl.is_some() && has_relevant_cookie(h, &opts.cookies) {
-        return Route::Bypass("cookie");
+        return bypass("cookie");
     }
     // Build the slot from the request head without consuming it.
     let slot = match &opts.key_fn {
@@ -185,7 +190,7 @@ fn classify<B>(req: &Request<B>, opts: &Options) -> Route {
             let (parts, ()) = head_only(req).into_parts();
             match f(&parts) {
                 Some(k) => user_slot(&k),
-                None => return Route::Bypass("key"),
+                None => return bypass("key"),
             }
         }
         None => url_slot(req.uri(), scan.host),
@@ -276,27 +281,14 @@ fn request_directives(v: &HeaderValue) -> (bool, bool) {
         })
 }
 
-/// Whether any of the request's `Cache-Control` lines holds `only-if-cached`.
-fn asks_only_if_cached(h: &HeaderMap) -> bool {
-    h.get_all(header::CACHE_CONTROL)
-        .iter()
-        .any(|v| request_directives(v).1)
-}
-
 /// The answer to an `only-if-cached` request the cache has nothing for (RFC 9111 section
 /// 5.2.1.7): a 504, with no `fwd` (RFC 9211 section 2.2): nothing was forwarded.
 fn not_cached<B>(opts: &Options) -> Response<ResponseBody<B>> {
-    let mut res = plain_error(
-        opts,
+    plain_error(
         StatusCode::GATEWAY_TIMEOUT,
-        None,
-        "only-if-cached",
+        cache_status::not_forwarded(&opts.name, "only-if-cached"),
         "not in the cache, and only-if-cached\n",
-    );
-    if let Ok(cs) = HeaderValue::try_from(format!("{}; detail=only-if-cached", opts.name)) {
-        res.headers_mut().insert(CACHE_STATUS, cs);
-    }
-    res
+    )
 }
 
 /// A request with `Cache-Control: only-if-cached` (RFC 9111 section 5.2.1.7): the stored
@@ -1135,13 +1127,8 @@ where
             }
         }
     }
-    plain_error(
-        opts,
-        StatusCode::BAD_GATEWAY,
-        None,
-        "unreadable-entry",
-        body,
-    )
+    let cs = cache_status::error(&opts.name, None, "unreadable-entry");
+    plain_error(StatusCode::BAD_GATEWAY, cs, body)
 }
 
 /// Does the client's conditional request match the stored response (RFC 9110 section 13)?
@@ -1214,10 +1201,10 @@ fn entity_tags(list: &str) -> impl Iterator<Item = &str> {
 fn same_representation(stored: Option<&HeaderValue>, new: Option<&HeaderValue>) -> bool {
     let Some(new) = new else { return true };
     let Some(stored) = stored else { return false };
-    let opaque = |t: &HeaderValue| {
+    fn opaque(t: &HeaderValue) -> &[u8] {
         let t = t.as_bytes().trim_ascii();
-        t.strip_prefix(b"W/").unwrap_or(t).to_vec()
-    };
+        t.strip_prefix(b"W/").unwrap_or(t)
+    }
     opaque(new) == opaque(stored)
 }
 
@@ -1244,8 +1231,8 @@ fn error_response<B>(
                 // Others (waiting on that fill, or arriving while its lease runs) get its status
                 // and Retry-After on a generic page (the error page may be private), and no
                 // `fwd-status`: their own request was not forwarded (RFC 9211 section 2.3).
-                let mut res =
-                    plain_error(opts, up.status, None, "origin-error", "the origin failed\n");
+                let cs = cache_status::error(&opts.name, None, "origin-error");
+                let mut res = plain_error(up.status, cs, "the origin failed\n");
                 if let Some(ra) = &up.retry_after {
                     res.headers_mut().insert(header::RETRY_AFTER, ra.clone());
                 }
@@ -1271,14 +1258,13 @@ fn error_response<B>(
         Error::FillPanicked => (StatusCode::BAD_GATEWAY, "fill-failed", "the fill failed\n"),
     };
     tracing::debug!(error = %e, "serving an error response");
-    plain_error(opts, status, None, detail, body)
+    plain_error(status, cache_status::error(&opts.name, None, detail), body)
 }
 
+/// A generic text page of ours with `status` and Cache-Status `cs`.
 fn plain_error<B>(
-    opts: &Options,
     status: StatusCode,
-    fwd_status: Option<u16>,
-    detail: &str,
+    cs: HeaderValue,
     body: &'static str,
 ) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));
@@ -1289,10 +1275,7 @@ fn plain_error<B>(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    h.insert(
-        CACHE_STATUS,
-        cache_status::error(&opts.name, fwd_status, detail),
-    );
+    h.insert(CACHE_STATUS, cs);
     res
 }
 
